@@ -1,0 +1,1 @@
+//! The guest backend trait (filled in by the KVM backend work).

@@ -1,0 +1,29 @@
+//! The `ferry` command line: argument definitions and dispatch.
+
+use clap::{Parser, Subcommand};
+
+pub mod bench;
+
+/// ferry: live migration of KVM virtual machines and their disks.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Measure ferry's building blocks on this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Bench(cmd) => bench::run(cmd),
+    }
+}

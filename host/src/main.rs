@@ -1,0 +1,14 @@
+//! The `ferry` binary: parses the command line and hands over to `ferry_host`.
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    ferry_host::cli::run(ferry_host::cli::Cli::parse())
+}
