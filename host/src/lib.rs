@@ -6,3 +6,4 @@
 //! library, so every command is usable from Rust too.
 
 pub mod cli;
+pub mod kvm;

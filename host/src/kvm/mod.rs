@@ -1,0 +1,411 @@
+//! The KVM guest backend: real VMs with dirty tracking, pause/resume and
+//! complete state save/restore.
+//!
+//! - [`image`]: the built-in test guest (real mode → long mode → ring 3).
+//! - [`vcpu`]: one thread per vCPU, paused by flag + signal kick.
+//! - [`state`]: versioned save/restore of vCPU and VM device state.
+//! - [`KvmVm`]: memory (vm-memory mmap with a dirty bitmap for the VMM's own
+//!   writes), the in-kernel irqchip and PIT, vCPUs, and the dirty log.
+
+pub mod image;
+pub mod state;
+pub mod vcpu;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use image::GuestParams;
+use state::{STATE_VERSION, VmState};
+use vcpu::{GuestProgress, VcpuHandle, VcpuStatus};
+
+/// Guest memory with a bitmap of the VMM's own writes.
+pub type Memory = GuestMemoryMmap<AtomicBitmap>;
+
+/// Page size of guest memory and of the dirty log.
+pub const PAGE_BYTES: u64 = 4096;
+
+/// Why a KVM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// /dev/kvm cannot be opened.
+    #[error("/dev/kvm is not usable: {0}")]
+    Unavailable(String),
+    /// An ioctl failed.
+    #[error("{0} failed: {1}")]
+    Ioctl(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory could not be mapped.
+    #[error("map {bytes} bytes of guest memory: {reason}")]
+    Memory {
+        /// Size asked for.
+        bytes: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The guest image could not be built or loaded.
+    #[error("guest image: {0}")]
+    Image(String),
+    /// A vCPU thread could not be started.
+    #[error("start vCPU thread")]
+    Thread(#[source] std::io::Error),
+    /// The kick signal handler could not be installed.
+    #[error("install vCPU kick signal handler: errno {0}")]
+    Signal(i32),
+    /// The vCPU thread is gone.
+    #[error("vCPU {0} thread is gone")]
+    VcpuGone(u64),
+    /// A vCPU did not pause in time.
+    #[error("vCPU {0} did not pause within 5 s")]
+    PauseTimeout(u64),
+    /// The operation needs paused vCPUs.
+    #[error("the VM must be paused for this")]
+    NotPaused,
+    /// Saved state does not fit this VM or build.
+    #[error("bad VM state: {0}")]
+    BadState(String),
+    /// A guest address outside guest memory.
+    #[error("guest address {0:#x} is outside guest memory")]
+    OutOfRange(u64),
+}
+
+/// Checks that /dev/kvm can be opened; the error says why not.
+pub fn available() -> Result<(), KvmError> {
+    Kvm::new()
+        .map(drop)
+        .map_err(|e| KvmError::Unavailable(e.to_string()))
+}
+
+/// A KVM virtual machine.
+pub struct KvmVm {
+    vm: VmFd,
+    memory: Memory,
+    memory_bytes: u64,
+    vcpus: Vec<VcpuHandle>,
+    progress: Arc<GuestProgress>,
+    dirty_logging: bool,
+}
+
+impl std::fmt::Debug for KvmVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVm")
+            .field("memory_bytes", &self.memory_bytes)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const SLOT: u32 = 0;
+
+impl KvmVm {
+    /// A VM with `memory_bytes` of zeroed memory and `vcpus` paused vCPUs
+    /// with the host's supported CPUID. Nothing runs until [`KvmVm::resume`].
+    pub fn create(memory_bytes: u64, vcpus: u8) -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(e.to_string()))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| KvmError::Ioctl("KVM_CREATE_VM", e))?;
+        let size = usize::try_from(memory_bytes).map_err(|_| KvmError::Memory {
+            bytes: memory_bytes,
+            reason: "too large for this host".into(),
+        })?;
+        let memory =
+            Memory::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| KvmError::Memory {
+                bytes: memory_bytes,
+                reason: e.to_string(),
+            })?;
+        let this_vm = Self {
+            vm,
+            memory,
+            memory_bytes,
+            vcpus: Vec::new(),
+            progress: Arc::new(GuestProgress::default()),
+            dirty_logging: false,
+        };
+        this_vm.set_memory_region(0)?;
+        this_vm
+            .vm
+            .set_tss_address(0xfffb_d000)
+            .map_err(|e| KvmError::Ioctl("KVM_SET_TSS_ADDR", e))?;
+        this_vm
+            .vm
+            .create_irq_chip()
+            .map_err(|e| KvmError::Ioctl("KVM_CREATE_IRQCHIP", e))?;
+        this_vm
+            .vm
+            .create_pit2(kvm_pit_config::default())
+            .map_err(|e| KvmError::Ioctl("KVM_CREATE_PIT2", e))?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| KvmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let msr_indices = Arc::new(
+            kvm.get_msr_index_list()
+                .map_err(|e| KvmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?
+                .as_slice()
+                .to_vec(),
+        );
+        let mut this_vm = this_vm;
+        for id in 0..u64::from(vcpus.max(1)) {
+            let fd = this_vm
+                .vm
+                .create_vcpu(id)
+                .map_err(|e| KvmError::Ioctl("KVM_CREATE_VCPU", e))?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| KvmError::Ioctl("KVM_SET_CPUID2", e))?;
+            if id == 0 {
+                // Real mode at 0000:7c00, as a BIOS hands over to a boot sector.
+                let mut sregs = fd
+                    .get_sregs()
+                    .map_err(|e| KvmError::Ioctl("KVM_GET_SREGS", e))?;
+                sregs.cs.base = 0;
+                sregs.cs.selector = 0;
+                fd.set_sregs(&sregs)
+                    .map_err(|e| KvmError::Ioctl("KVM_SET_SREGS", e))?;
+                let mut regs = fd
+                    .get_regs()
+                    .map_err(|e| KvmError::Ioctl("KVM_GET_REGS", e))?;
+                regs.rip = image::LOAD_ADDR;
+                regs.rflags = 2;
+                regs.rsp = 0x7000;
+                fd.set_regs(&regs)
+                    .map_err(|e| KvmError::Ioctl("KVM_SET_REGS", e))?;
+            }
+            this_vm.vcpus.push(VcpuHandle::spawn(
+                id,
+                fd,
+                msr_indices.clone(),
+                this_vm.progress.clone(),
+            )?);
+        }
+        Ok(this_vm)
+    }
+
+    /// A VM running the built-in test guest with `params` (paused until
+    /// [`KvmVm::resume`]).
+    pub fn with_test_guest(params: &GuestParams, vcpus: u8) -> Result<Self, KvmError> {
+        params.check().map_err(|e| KvmError::Image(e.to_string()))?;
+        let image = image::build(params).map_err(|e| KvmError::Image(e.to_string()))?;
+        let vm = Self::create(params.memory_bytes, vcpus)?;
+        vm.load(image::LOAD_ADDR, &image)?;
+        Ok(vm)
+    }
+
+    /// Loads a flat binary (any boot-sector style image) at `addr`.
+    pub fn load(&self, addr: u64, image: &[u8]) -> Result<(), KvmError> {
+        self.memory
+            .write_slice(image, GuestAddress(addr))
+            .map_err(|e| KvmError::Image(format!("load at {addr:#x}: {e}")))
+    }
+
+    fn set_memory_region(&self, flags: u32) -> Result<(), KvmError> {
+        let host = self
+            .memory
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| KvmError::OutOfRange(0))?;
+        let region = kvm_userspace_memory_region {
+            slot: SLOT,
+            flags,
+            guest_phys_addr: 0,
+            memory_size: self.memory_bytes,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region covers exactly the mapping `self.memory` owns,
+        // which lives as long as the VM (both are fields of `self`, and the
+        // VM fd is declared first so it is closed first).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| KvmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    /// Guest memory size.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
+    }
+
+    /// Guest memory (reads and writes through it are bounds-checked; writes
+    /// are recorded in the VMM dirty bitmap).
+    pub fn memory(&self) -> &Memory {
+        &self.memory
+    }
+
+    /// What the guest has reported on its ports.
+    pub fn progress(&self) -> &GuestProgress {
+        &self.progress
+    }
+
+    /// Reads a u64 from guest memory.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, KvmError> {
+        self.memory
+            .read_obj::<u64>(GuestAddress(addr))
+            .map_err(|_| KvmError::OutOfRange(addr))
+    }
+
+    /// The test guest's pass counter, from its status block.
+    pub fn guest_pass(&self) -> Result<u64, KvmError> {
+        self.read_u64(image::STATUS_ADDR + image::STATUS_PASS)
+    }
+
+    /// The CPU exception the test guest reported, if any.
+    pub fn guest_exception(&self) -> Result<Option<u64>, KvmError> {
+        let v = self.read_u64(image::STATUS_ADDR + image::STATUS_EXCEPTION)?;
+        Ok(v.checked_sub(1))
+    }
+
+    /// Status of each vCPU thread.
+    pub fn vcpu_status(&self) -> Vec<VcpuStatus> {
+        self.vcpus.iter().map(VcpuHandle::status).collect()
+    }
+
+    /// Lets every vCPU run.
+    pub fn resume(&self) -> Result<(), KvmError> {
+        self.vcpus.iter().try_for_each(VcpuHandle::resume)
+    }
+
+    /// Pauses every vCPU; returns how long that took.
+    pub fn pause(&self) -> Result<Duration, KvmError> {
+        let start = Instant::now();
+        self.vcpus.iter().try_for_each(VcpuHandle::pause)?;
+        Ok(start.elapsed())
+    }
+
+    /// Throttles every vCPU to `100 - percent` % of its time.
+    pub fn set_throttle(&self, percent: u8) {
+        for v in &self.vcpus {
+            v.set_throttle(percent);
+        }
+    }
+
+    /// Starts KVM dirty logging; pages written from now on are reported.
+    pub fn start_dirty_log(&mut self) -> Result<(), KvmError> {
+        if !self.dirty_logging {
+            self.set_memory_region(KVM_MEM_LOG_DIRTY_PAGES)?;
+            self.dirty_logging = true;
+            self.vmm_bitmap().reset();
+        }
+        Ok(())
+    }
+
+    /// Stops dirty logging.
+    pub fn stop_dirty_log(&mut self) -> Result<(), KvmError> {
+        if self.dirty_logging {
+            self.set_memory_region(0)?;
+            self.dirty_logging = false;
+        }
+        Ok(())
+    }
+
+    fn vmm_bitmap(&self) -> &AtomicBitmap {
+        let region: &vm_memory::MmapRegion<AtomicBitmap> = self
+            .memory
+            .iter()
+            .next()
+            .expect("guest memory has one region");
+        region.bitmap()
+    }
+
+    /// Pages dirtied since the last call (or since logging started): the
+    /// KVM dirty log ORed with the VMM's own writes. One bit per page,
+    /// 64 pages per word. Clears both.
+    pub fn take_dirty_bitmap(&mut self) -> Result<Vec<u64>, KvmError> {
+        if !self.dirty_logging {
+            return Err(KvmError::BadState("dirty logging is off".into()));
+        }
+        let size = usize::try_from(self.memory_bytes).expect("checked at create");
+        let mut bitmap = self
+            .vm
+            .get_dirty_log(SLOT, size)
+            .map_err(|e| KvmError::Ioctl("KVM_GET_DIRTY_LOG", e))?;
+        let vmm = self.vmm_bitmap().get_and_reset();
+        for (word, extra) in bitmap.iter_mut().zip(vmm) {
+            *word |= extra;
+        }
+        Ok(bitmap)
+    }
+
+    fn require_paused(&self) -> Result<(), KvmError> {
+        if self.vcpus.iter().any(|v| v.status() == VcpuStatus::Running) {
+            return Err(KvmError::NotPaused);
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with all of guest memory as one slice; the VM must be
+    /// paused, so nothing writes it meanwhile.
+    pub fn with_memory_slice<T>(&self, f: impl FnOnce(&[u8]) -> T) -> Result<T, KvmError> {
+        self.require_paused()?;
+        let host = self
+            .memory
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| KvmError::OutOfRange(0))?;
+        let len = usize::try_from(self.memory_bytes).expect("checked at create");
+        // SAFETY: the mapping is `len` bytes long and lives as long as
+        // `self`; every vCPU is paused and `&self` excludes VMM writers
+        // through this type, so the bytes do not change while borrowed.
+        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+        Ok(f(bytes))
+    }
+
+    /// A 64-bit xxh3 hash of all guest memory (the VM must be paused).
+    pub fn memory_hash(&self) -> Result<u64, KvmError> {
+        self.with_memory_slice(xxhash_rust::xxh3::xxh3_64)
+    }
+
+    /// Copies all guest memory from `other` (both must be paused and the
+    /// same size). Used to seed a restored VM in tests and tools.
+    pub fn copy_memory_from(&self, other: &KvmVm) -> Result<(), KvmError> {
+        if other.memory_bytes != self.memory_bytes {
+            return Err(KvmError::BadState("memory sizes differ".into()));
+        }
+        self.require_paused()?;
+        other.with_memory_slice(|src| {
+            self.memory
+                .write_slice(src, GuestAddress(0))
+                .map_err(|_| KvmError::OutOfRange(0))
+        })?
+    }
+
+    /// Saves the complete state; the VM must be paused.
+    pub fn save_state(&self) -> Result<VmState, KvmError> {
+        self.require_paused()?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save)
+            .collect::<Result<Vec<_>, _>>()?;
+        let devices = state::save_devices(&self.vm)?;
+        Ok(VmState {
+            version: STATE_VERSION,
+            memory_bytes: self.memory_bytes,
+            vcpus,
+            pic_master: devices.pic_master,
+            pic_slave: devices.pic_slave,
+            ioapic: devices.ioapic,
+            pit: devices.pit,
+            clock: devices.clock,
+        })
+    }
+
+    /// Restores a complete state into this (paused) VM.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), KvmError> {
+        self.require_paused()?;
+        if state.memory_bytes != self.memory_bytes || state.vcpus.len() != self.vcpus.len() {
+            return Err(KvmError::BadState(format!(
+                "state of a {}-byte, {}-vCPU VM does not fit this {}-byte, {}-vCPU VM",
+                state.memory_bytes,
+                state.vcpus.len(),
+                self.memory_bytes,
+                self.vcpus.len()
+            )));
+        }
+        state::restore_devices(&self.vm, state)?;
+        for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
+            v.restore(s.clone())?;
+        }
+        let pass = self.guest_pass()?;
+        self.progress.pass.store(pass, Ordering::Relaxed);
+        Ok(())
+    }
+}
