@@ -6,7 +6,25 @@
 //! runs a real KVM guest over QUIC in `ferry-host` and thousands of seeded
 //! fault schedules in `ferry-sim`.
 //!
-//! Contents so far: [`guest`], the `GuestBackend` trait that guest
-//! implementations (KVM in `ferry-host`, the synthetic guest here) satisfy.
+//! Contents so far:
+//! - [`guest`]: the `GuestBackend` trait guests satisfy (KVM in
+//!   `ferry-host`, [`synthetic::SyntheticGuest`] here), the dirty bitmap, and
+//!   the conformance suite both backends pass;
+//! - [`synthetic`]: a guest in plain memory with a seeded dirtying workload.
+//!
+//! ```
+//! use ferry_actors::guest::GuestBackend;
+//! use ferry_actors::synthetic::{SyntheticGuest, SyntheticParams};
+//!
+//! let mut guest = SyntheticGuest::booted(SyntheticParams {
+//!     memory_bytes: 4 << 20,
+//!     wss_bytes: 1 << 20,
+//!     seed: 7,
+//! });
+//! guest.start_dirty_log().unwrap();
+//! guest.step(100);
+//! assert_eq!(guest.take_dirty().unwrap().count(), 100);
+//! ```
 
 pub mod guest;
+pub mod synthetic;

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -10,5 +10,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    ferry_host::cli::run(ferry_host::cli::Cli::parse())
+    if let Err(e) = ferry_host::cli::run(ferry_host::cli::Cli::parse()) {
+        // One line with the whole cause chain; no backtrace for operators.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

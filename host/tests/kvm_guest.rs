@@ -42,7 +42,7 @@ fn booted(memory_mib: u64, wss_mib: u64) -> KvmVm {
     let vm = KvmVm::with_test_guest(&GuestParams::new(memory_mib, wss_mib), 1).expect("create VM");
     vm.resume().expect("resume");
     wait_for(&vm, "the fill", Duration::from_secs(60), |vm| {
-        vm.progress()
+        vm.port_reports()
             .filled
             .load(std::sync::atomic::Ordering::Relaxed)
     });
@@ -223,4 +223,29 @@ fn state_of_another_shape_is_refused() {
         vm.save_state().is_err(),
         "state is only read from a paused VM"
     );
+}
+
+#[test]
+fn throttle_slows_the_guest() {
+    if !kvm_or_skip("throttle_slows_the_guest") {
+        return;
+    }
+    let mut vm = booted(64, 8);
+    let rate = |vm: &KvmVm| {
+        let start = vm.guest_pass().expect("pass");
+        std::thread::sleep(Duration::from_millis(300));
+        vm.guest_pass().expect("pass") - start
+    };
+    let free = rate(&vm);
+    vm.set_throttle(80);
+    let throttled = rate(&vm);
+    vm.set_throttle(0);
+    let again = rate(&vm);
+    println!("passes per 300 ms: free {free}, 80% throttled {throttled}, unthrottled {again}");
+    assert!(free >= 5, "the guest runs at all");
+    assert!(
+        throttled * 2 < free,
+        "an 80% throttle at least halves the rate"
+    );
+    assert!(again * 2 > free, "lifting the throttle restores the rate");
 }

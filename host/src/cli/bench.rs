@@ -9,6 +9,8 @@ use ferry_transport::quic::{LOOPBACK_MTU_BYTES, QuicTuning};
 pub enum BenchCommand {
     /// Page batches over QUIC (mutual TLS) between two endpoints on loopback.
     Transport(TransportArgs),
+    /// KVM building blocks: fill, dirty log, pause, state save/restore.
+    Kvm(super::bench_kvm::KvmArgs),
 }
 
 /// Options of `ferry bench transport`.
@@ -41,6 +43,7 @@ pub struct TransportArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Transport(args) => transport(&args),
+        BenchCommand::Kvm(args) => super::bench_kvm::run(&args),
     }
 }
 

@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod bench_kvm;
+pub mod vm;
 
 /// ferry: live migration of KVM virtual machines and their disks.
 #[derive(Debug, Parser)]
@@ -19,11 +21,15 @@ pub enum Command {
     /// Measure ferry's building blocks on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run and inspect guests on this host's KVM.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd),
     }
 }

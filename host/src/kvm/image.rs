@@ -107,7 +107,7 @@ pub struct GuestParams {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParamsError {
     /// Memory too small or too large.
-    #[error("guest memory of {0} bytes: must be a multiple of 2 MiB between 2 MiB and 64 GiB")]
+    #[error("guest memory of {} KiB: must be a multiple of 2 MiB, from 2 MiB to 64 GiB", .0 / 1024)]
     Memory(u64),
     /// Working set outside the filled memory.
     #[error(

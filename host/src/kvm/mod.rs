@@ -7,6 +7,7 @@
 //! - [`KvmVm`]: memory (vm-memory mmap with a dirty bitmap for the VMM's own
 //!   writes), the in-kernel irqchip and PIT, vCPUs, and the dirty log.
 
+mod backend;
 pub mod image;
 pub mod state;
 pub mod vcpu;
@@ -85,9 +86,10 @@ pub struct KvmVm {
     vm: VmFd,
     memory: Memory,
     memory_bytes: u64,
-    vcpus: Vec<VcpuHandle>,
+    vcpus: Arc<Vec<VcpuHandle>>,
     progress: Arc<GuestProgress>,
     dirty_logging: bool,
+    ticker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for KvmVm {
@@ -122,9 +124,10 @@ impl KvmVm {
             vm,
             memory,
             memory_bytes,
-            vcpus: Vec::new(),
+            vcpus: Arc::new(Vec::new()),
             progress: Arc::new(GuestProgress::default()),
             dirty_logging: false,
+            ticker: None,
         };
         this_vm.set_memory_region(0)?;
         this_vm
@@ -149,6 +152,7 @@ impl KvmVm {
                 .to_vec(),
         );
         let mut this_vm = this_vm;
+        let mut handles = Vec::new();
         for id in 0..u64::from(vcpus.max(1)) {
             let fd = this_vm
                 .vm
@@ -174,13 +178,14 @@ impl KvmVm {
                 fd.set_regs(&regs)
                     .map_err(|e| KvmError::Ioctl("KVM_SET_REGS", e))?;
             }
-            this_vm.vcpus.push(VcpuHandle::spawn(
+            handles.push(VcpuHandle::spawn(
                 id,
                 fd,
                 msr_indices.clone(),
                 this_vm.progress.clone(),
             )?);
         }
+        this_vm.vcpus = Arc::new(handles);
         Ok(this_vm)
     }
 
@@ -220,6 +225,27 @@ impl KvmVm {
             .map_err(|e| KvmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))
     }
 
+    /// Faults in every page of guest memory now (`MADV_POPULATE_WRITE`), so
+    /// a migration destination does not pay for first touch while pages
+    /// arrive (first touch of cold memory is slow on these machines).
+    pub fn populate(&self) -> Result<(), KvmError> {
+        let host = self
+            .memory
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| KvmError::OutOfRange(0))?;
+        let len = usize::try_from(self.memory_bytes).expect("checked at create");
+        // SAFETY: the range is exactly the guest memory mapping; populating
+        // only faults pages in and does not change their contents.
+        let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            return Err(KvmError::Memory {
+                bytes: self.memory_bytes,
+                reason: format!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error()),
+            });
+        }
+        Ok(())
+    }
+
     /// Guest memory size.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_bytes
@@ -232,7 +258,7 @@ impl KvmVm {
     }
 
     /// What the guest has reported on its ports.
-    pub fn progress(&self) -> &GuestProgress {
+    pub fn port_reports(&self) -> &GuestProgress {
         &self.progress
     }
 
@@ -271,11 +297,37 @@ impl KvmVm {
         Ok(start.elapsed())
     }
 
-    /// Throttles every vCPU to `100 - percent` % of its time.
-    pub fn set_throttle(&self, percent: u8) {
-        for v in &self.vcpus {
+    /// Throttles every vCPU to `100 - percent` % of its time. A ticker
+    /// thread kicks the vCPUs out of `KVM_RUN` every few milliseconds so the
+    /// throttle bites even when the guest makes no exits of its own.
+    pub fn set_throttle(&mut self, percent: u8) {
+        for v in self.vcpus.iter() {
             v.set_throttle(percent);
         }
+        if percent > 0 && self.ticker.as_ref().is_none_or(|t| t.is_finished()) {
+            let vcpus = Arc::downgrade(&self.vcpus);
+            self.ticker = std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_millis(2));
+                        let Some(vcpus) = vcpus.upgrade() else { return };
+                        if vcpus.iter().all(|v| v.throttle() == 0) {
+                            return;
+                        }
+                        vcpus
+                            .iter()
+                            .filter(|v| v.status() == VcpuStatus::Running)
+                            .for_each(VcpuHandle::kick);
+                    }
+                })
+                .ok();
+        }
+    }
+
+    /// The current throttle of vCPU 0.
+    pub fn throttle(&self) -> u8 {
+        self.vcpus.first().map_or(0, VcpuHandle::throttle)
     }
 
     /// Starts KVM dirty logging; pages written from now on are reported.

@@ -1,0 +1,102 @@
+//! [`GuestBackend`] for KVM VMs: the trait `ferry-actors` migrates through.
+
+use ferry_actors::guest::{DirtyBitmap, GuestBackend, GuestError, GuestProgress, PAGE_BYTES};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::state::VmState;
+use super::vcpu::VcpuStatus;
+use super::{KvmError, KvmVm};
+
+fn backend(op: &'static str) -> impl FnOnce(KvmError) -> GuestError {
+    move |e| match e {
+        KvmError::NotPaused => GuestError::NotPaused,
+        KvmError::OutOfRange(addr) => GuestError::OutOfRange(addr / PAGE_BYTES),
+        KvmError::BadState(reason) => GuestError::BadState(reason),
+        other => GuestError::Backend {
+            op,
+            reason: other.to_string(),
+        },
+    }
+}
+
+impl KvmVm {
+    fn page_addr(&self, gfn: u64) -> Result<GuestAddress, GuestError> {
+        if gfn >= self.memory_bytes() / PAGE_BYTES {
+            return Err(GuestError::OutOfRange(gfn));
+        }
+        Ok(GuestAddress(gfn * PAGE_BYTES))
+    }
+}
+
+impl GuestBackend for KvmVm {
+    fn memory_bytes(&self) -> u64 {
+        KvmVm::memory_bytes(self)
+    }
+
+    fn read_page(&self, gfn: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+        let addr = self.page_addr(gfn)?;
+        self.memory()
+            .read_slice(dst, addr)
+            .map_err(|_| GuestError::OutOfRange(gfn))
+    }
+
+    fn write_page(&mut self, gfn: u64, src: &[u8]) -> Result<(), GuestError> {
+        let addr = self.page_addr(gfn)?;
+        self.memory()
+            .write_slice(src, addr)
+            .map_err(|_| GuestError::OutOfRange(gfn))
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), GuestError> {
+        KvmVm::start_dirty_log(self).map_err(backend("start dirty log"))
+    }
+
+    fn take_dirty(&mut self) -> Result<DirtyBitmap, GuestError> {
+        if !self.dirty_logging {
+            return Err(GuestError::NotLogging);
+        }
+        let words = self
+            .take_dirty_bitmap()
+            .map_err(backend("read dirty log"))?;
+        Ok(DirtyBitmap::from_words(words, self.pages()))
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), GuestError> {
+        KvmVm::stop_dirty_log(self).map_err(backend("stop dirty log"))
+    }
+
+    fn pause(&mut self) -> Result<(), GuestError> {
+        KvmVm::pause(self).map(drop).map_err(backend("pause"))
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        KvmVm::resume(self).map_err(backend("resume"))
+    }
+
+    fn is_running(&self) -> bool {
+        self.vcpu_status().contains(&VcpuStatus::Running)
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        Ok(KvmVm::save_state(self)
+            .map_err(backend("save state"))?
+            .to_bytes())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
+        let state = VmState::from_bytes(state).map_err(backend("decode state"))?;
+        KvmVm::restore_state(self, &state).map_err(backend("restore state"))
+    }
+
+    fn set_throttle(&mut self, percent: u8) -> Result<(), GuestError> {
+        KvmVm::set_throttle(self, percent);
+        Ok(())
+    }
+
+    fn progress(&self) -> Result<GuestProgress, GuestError> {
+        Ok(GuestProgress {
+            pass: self.guest_pass().map_err(backend("read status"))?,
+            exception: self.guest_exception().map_err(backend("read status"))?,
+        })
+    }
+}
