@@ -60,6 +60,11 @@ pub struct RunArgs {
     /// Stop after this many seconds (default: run until interrupted).
     #[arg(long)]
     pub seconds: Option<u64>,
+    /// Run this flat binary instead of the built-in guest (loaded at 0x7c00,
+    /// entered in real mode at 0000:7c00; `--memory` sets the VM's memory,
+    /// and progress is read from the built-in guest's status block).
+    #[arg(long)]
+    pub image: Option<std::path::PathBuf>,
 }
 
 /// Options of `ferry vm image`.
@@ -98,7 +103,22 @@ fn run_guest(args: &RunArgs) -> anyhow::Result<()> {
     kvm::available().context("ferry vm run needs KVM")?;
     let params = args.guest.params()?;
     let started = Instant::now();
-    let vm = KvmVm::with_test_guest(&params, args.vcpus)?;
+    let vm = match &args.image {
+        None => KvmVm::with_test_guest(&params, args.vcpus)?,
+        Some(path) => {
+            let image = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+            let room = params.memory_bytes - image::LOAD_ADDR;
+            anyhow::ensure!(
+                !image.is_empty() && (image.len() as u64) <= room,
+                "{}: {} bytes does not fit between 0x7c00 and the end of guest memory",
+                path.display(),
+                image.len()
+            );
+            let vm = KvmVm::create(params.memory_bytes, args.vcpus)?;
+            vm.load(image::LOAD_ADDR, &image)?;
+            vm
+        }
+    };
     vm.resume()?;
     println!(
         "guest: {} MiB memory, {} MiB working set, {} vCPU(s); filling memory...",
