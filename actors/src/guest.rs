@@ -10,8 +10,8 @@
 
 pub mod conformance;
 
-/// Bytes per guest page.
-pub const PAGE_BYTES: u64 = 4096;
+/// Bytes per guest page: the wire's page size, as a guest-address quantity.
+pub const PAGE_BYTES: u64 = ferry_transport::PAGE_BYTES as u64;
 
 /// Why a guest operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -29,7 +29,7 @@ use vcpu::{GuestProgress, VcpuHandle, VcpuStatus};
 pub type Memory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Page size of guest memory and of the dirty log.
-pub const PAGE_BYTES: u64 = 4096;
+pub use ferry_actors::guest::PAGE_BYTES;
 
 /// Why a KVM operation failed.
 #[derive(Debug, thiserror::Error)]
