@@ -225,6 +225,41 @@ impl BatchBuilder {
         self.push(gfn, page);
     }
 
+    /// Adds page `gfn` by letting `fill` write it straight into the batch
+    /// buffer (so a page read from guest memory is copied once), then
+    /// flags it zero, dropping its data, if `fill` wrote only zeroes.
+    /// Returns whether the page was zero; on `fill`'s error nothing is added.
+    ///
+    /// # Panics
+    /// On an extent builder or a full batch.
+    pub fn push_page_with<E>(
+        &mut self,
+        gfn: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        assert_eq!(
+            self.kind,
+            BatchKind::Pages,
+            "push_page_with on an extent batch"
+        );
+        assert!(self.has_room_for(PAGE_BYTES), "batch is full");
+        if self.data.capacity() == 0 {
+            self.data = self.pool.take();
+        }
+        let at = self.data.len();
+        self.data.resize(at + PAGE_BYTES, 0);
+        if let Err(e) = fill(&mut self.data[at..]) {
+            self.data.truncate(at);
+            return Err(e);
+        }
+        let zero = is_zero(&self.data[at..]);
+        if zero {
+            self.data.truncate(at);
+        }
+        self.push_entry(gfn, PAGE_BYTES, zero);
+        Ok(zero)
+    }
+
     /// Adds a disk extent, sent as a zero flag if it is all zeroes.
     ///
     /// # Panics
@@ -498,6 +533,32 @@ mod tests {
                 .all(|b| *b == 0)
         );
         assert!(memory[3 * PAGE_BYTES..].iter().all(|b| *b == 9));
+    }
+
+    #[test]
+    fn filled_pages_encode_like_pushed_pages() {
+        let mut pushed = BatchBuilder::new(BatchKind::Pages);
+        let mut filled = BatchBuilder::new(BatchKind::Pages);
+        for (gfn, fill) in [(0u64, 3u8), (1, 0), (7, 9)] {
+            pushed.push_page(gfn, &page(fill));
+            let zero = filled
+                .push_page_with(gfn, |dst| {
+                    dst.fill(fill);
+                    Ok::<_, ()>(())
+                })
+                .expect("fill");
+            assert_eq!(zero, fill == 0);
+        }
+        let failed = filled.push_page_with(8, |dst| {
+            dst.fill(1);
+            Err("guest gone")
+        });
+        assert_eq!(failed, Err("guest gone"));
+        assert_eq!(filled.len(), 3, "a failed fill adds nothing");
+        assert_eq!(
+            pushed.finish().to_contiguous(),
+            filled.finish().to_contiguous()
+        );
     }
 
     #[test]
