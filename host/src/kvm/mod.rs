@@ -83,10 +83,12 @@ pub fn available() -> Result<(), KvmError> {
 
 /// A KVM virtual machine.
 pub struct KvmVm {
+    // Fields drop in order: vCPU threads stop and close their fds first,
+    // then the VM fd, and only then is guest memory unmapped.
+    vcpus: Arc<Vec<VcpuHandle>>,
     vm: VmFd,
     memory: Memory,
     memory_bytes: u64,
-    vcpus: Arc<Vec<VcpuHandle>>,
     progress: Arc<GuestProgress>,
     dirty_logging: bool,
     ticker: Option<std::thread::JoinHandle<()>>,
@@ -219,8 +221,8 @@ impl KvmVm {
             userspace_addr: host as u64,
         };
         // SAFETY: the region covers exactly the mapping `self.memory` owns,
-        // which lives as long as the VM (both are fields of `self`, and the
-        // VM fd is declared first so it is closed first).
+        // which outlives the VM: both are fields of `self`, and the vCPUs
+        // and VM fd are declared (so dropped) before the memory.
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(|e| KvmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))
     }
