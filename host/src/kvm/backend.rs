@@ -10,6 +10,7 @@ use super::{KvmError, KvmVm};
 fn backend(op: &'static str) -> impl FnOnce(KvmError) -> GuestError {
     move |e| match e {
         KvmError::NotPaused => GuestError::NotPaused,
+        KvmError::NotLogging => GuestError::NotLogging,
         KvmError::OutOfRange(addr) => GuestError::OutOfRange(addr / PAGE_BYTES),
         KvmError::BadState(reason) => GuestError::BadState(reason),
         other => GuestError::Backend {
@@ -52,9 +53,6 @@ impl GuestBackend for KvmVm {
     }
 
     fn take_dirty(&mut self) -> Result<DirtyBitmap, GuestError> {
-        if !self.dirty_logging {
-            return Err(GuestError::NotLogging);
-        }
         let words = self
             .take_dirty_bitmap()
             .map_err(backend("read dirty log"))?;

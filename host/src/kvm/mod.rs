@@ -69,6 +69,9 @@ pub enum KvmError {
     /// Saved state does not fit this VM or build.
     #[error("bad VM state: {0}")]
     BadState(String),
+    /// The dirty log was read while logging is off.
+    #[error("dirty logging is off")]
+    NotLogging,
     /// A guest address outside guest memory.
     #[error("guest address {0:#x} is outside guest memory")]
     OutOfRange(u64),
@@ -365,7 +368,7 @@ impl KvmVm {
     /// 64 pages per word. Clears both.
     pub fn take_dirty_bitmap(&mut self) -> Result<Vec<u64>, KvmError> {
         if !self.dirty_logging {
-            return Err(KvmError::BadState("dirty logging is off".into()));
+            return Err(KvmError::NotLogging);
         }
         let size = usize::try_from(self.memory_bytes).expect("checked at create");
         let mut bitmap = self
