@@ -10,6 +10,10 @@
 
 pub mod conformance;
 
+use std::time::Duration;
+
+use crate::ram::GuestRam;
+
 /// Bytes per guest page: the wire's page size, as a guest-address quantity.
 pub const PAGE_BYTES: u64 = ferry_transport::PAGE_BYTES as u64;
 
@@ -198,6 +202,14 @@ pub trait GuestBackend: Send {
 
     /// The workload's own progress report.
     fn progress(&self) -> Result<GuestProgress, GuestError>;
+
+    /// A shared view of guest memory for the bulk copy tasks.
+    fn ram(&self) -> GuestRam;
+
+    /// Lets a guest that has no vCPU threads of its own (the synthetic one)
+    /// do `elapsed` worth of work if it is running. Guests whose vCPUs run
+    /// by themselves do nothing here.
+    fn run_for(&mut self, elapsed: Duration);
 }
 
 #[cfg(test)]

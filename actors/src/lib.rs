@@ -20,6 +20,7 @@
 //!     memory_bytes: 4 << 20,
 //!     wss_bytes: 1 << 20,
 //!     seed: 7,
+//!     writes_per_sec: 150_000,
 //! });
 //! guest.start_dirty_log().unwrap();
 //! guest.step(100);
@@ -27,4 +28,6 @@
 //! ```
 
 pub mod guest;
+pub mod migration;
+pub mod ram;
 pub mod synthetic;

@@ -6,14 +6,15 @@
 //! pseudo-random data, then rewrites one qword in each working-set page per
 //! pass, counting passes in a status word at guest-physical `0x900`.
 
+use std::time::Duration;
+
 use crate::guest::{DirtyBitmap, GuestBackend, GuestError, GuestProgress, PAGE_BYTES};
+use crate::ram::GuestRam;
 
 /// First byte of the fill (below it: the status block, as in the KVM guest).
 pub const FILL_START: u64 = 1 << 20;
-const STATUS_PASS: usize = 0x900;
+const STATUS_PASS: u64 = 0x900;
 const STATE_MAGIC: &[u8; 4] = b"SYN1";
-#[allow(clippy::cast_possible_truncation)] // 4096 fits every usize
-const PAGE_LEN: usize = PAGE_BYTES as usize;
 
 /// Shape and workload of a synthetic guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,13 +25,20 @@ pub struct SyntheticParams {
     pub wss_bytes: u64,
     /// Seed of the fill and of the workload.
     pub seed: u64,
+    /// Page writes per second of [`GuestBackend::run_for`] (about what the
+    /// KVM test guest manages with dirty logging on).
+    pub writes_per_sec: u64,
 }
 
+/// Page writes per second a synthetic guest does by default.
+pub const WRITES_PER_SEC_DEFAULT: u64 = 150_000;
+
 /// The synthetic guest.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SyntheticGuest {
     params: SyntheticParams,
-    memory: Vec<u8>,
+    memory: GuestRam,
+    run_debt_us: u64,
     running: bool,
     logging: bool,
     dirty: DirtyBitmap,
@@ -39,22 +47,15 @@ pub struct SyntheticGuest {
     throttle_debt: u64,
 }
 
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 impl SyntheticGuest {
     /// A blank, paused guest of `params.memory_bytes` (all zero).
     pub fn blank(params: SyntheticParams) -> Self {
         assert!(params.memory_bytes >= 2 << 20 && params.memory_bytes.is_multiple_of(PAGE_BYTES));
         assert!(FILL_START + params.wss_bytes <= params.memory_bytes);
-        let len = usize::try_from(params.memory_bytes).expect("memory fits");
         Self {
             params,
-            memory: vec![0; len],
+            memory: GuestRam::allocate(params.memory_bytes),
+            run_debt_us: 0,
             running: false,
             logging: false,
             dirty: DirtyBitmap::new(params.memory_bytes / PAGE_BYTES),
@@ -67,11 +68,8 @@ impl SyntheticGuest {
     /// A running guest whose memory is already filled.
     pub fn booted(params: SyntheticParams) -> Self {
         let mut g = Self::blank(params);
-        let mut state = params.seed | 1;
-        let start = usize::try_from(FILL_START).expect("small");
-        for word in g.memory[start..].chunks_exact_mut(8) {
-            word.copy_from_slice(&xorshift(&mut state).to_le_bytes());
-        }
+        g.memory
+            .fill_random(FILL_START, params.memory_bytes, params.seed);
         g.running = true;
         g
     }
@@ -81,10 +79,9 @@ impl SyntheticGuest {
     }
 
     fn pass(&self) -> u64 {
-        let b: [u8; 8] = self.memory[STATUS_PASS..STATUS_PASS + 8]
-            .try_into()
-            .expect("8 bytes");
-        u64::from_le_bytes(b)
+        self.memory
+            .read_u64(STATUS_PASS)
+            .expect("status inside memory")
     }
 
     fn mark(&mut self, gfn: u64) {
@@ -111,9 +108,10 @@ impl SyntheticGuest {
         for _ in 0..writes {
             let gfn = FILL_START / PAGE_BYTES + self.cursor;
             let offset = (self.pass() % 512) * 8;
-            let at = usize::try_from(gfn * PAGE_BYTES + offset).expect("inside memory");
             let value = self.pass() ^ self.params.seed;
-            self.memory[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            self.memory
+                .write_u64(gfn * PAGE_BYTES + offset, value)
+                .expect("working set inside memory");
             self.mark(gfn);
             self.cursor += 1;
             if self.cursor == wss {
@@ -125,21 +123,15 @@ impl SyntheticGuest {
 
     fn finish_pass(&mut self) {
         let next = self.pass() + 1;
-        self.memory[STATUS_PASS..STATUS_PASS + 8].copy_from_slice(&next.to_le_bytes());
+        self.memory
+            .write_u64(STATUS_PASS, next)
+            .expect("status inside memory");
         self.mark(0);
     }
 
     /// Page writes per full pass.
     pub fn writes_per_pass(&self) -> u64 {
         self.wss_pages().max(1)
-    }
-
-    fn range(&self, gfn: u64) -> Result<std::ops::Range<usize>, GuestError> {
-        if gfn >= self.pages() {
-            return Err(GuestError::OutOfRange(gfn));
-        }
-        let start = usize::try_from(gfn * PAGE_BYTES).map_err(|_| GuestError::OutOfRange(gfn))?;
-        Ok(start..start + PAGE_LEN)
     }
 }
 
@@ -149,13 +141,11 @@ impl GuestBackend for SyntheticGuest {
     }
 
     fn read_page(&self, gfn: u64, dst: &mut [u8]) -> Result<(), GuestError> {
-        dst.copy_from_slice(&self.memory[self.range(gfn)?]);
-        Ok(())
+        self.memory.read_page(gfn, dst)
     }
 
     fn write_page(&mut self, gfn: u64, src: &[u8]) -> Result<(), GuestError> {
-        let r = self.range(gfn)?;
-        self.memory[r].copy_from_slice(src);
+        self.memory.write_page(gfn, src)?;
         self.mark(gfn);
         Ok(())
     }
@@ -230,6 +220,19 @@ impl GuestBackend for SyntheticGuest {
         Ok(())
     }
 
+    fn ram(&self) -> GuestRam {
+        self.memory.clone()
+    }
+
+    fn run_for(&mut self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let work = micros
+            .saturating_mul(self.params.writes_per_sec)
+            .saturating_add(self.run_debt_us);
+        self.run_debt_us = work % 1_000_000;
+        self.step(work / 1_000_000);
+    }
+
     fn progress(&self) -> Result<GuestProgress, GuestError> {
         Ok(GuestProgress {
             pass: self.pass(),
@@ -249,6 +252,7 @@ mod tests {
         memory_bytes: 4 << 20,
         wss_bytes: 64 * PAGE_BYTES,
         seed: 42,
+        writes_per_sec: WRITES_PER_SEC_DEFAULT,
     };
 
     impl Harness for Synthetic {

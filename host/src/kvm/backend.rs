@@ -1,7 +1,11 @@
 //! [`GuestBackend`] for KVM VMs: the trait `ferry-actors` migrates through.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use ferry_actors::guest::{DirtyBitmap, GuestBackend, GuestError, GuestProgress, PAGE_BYTES};
-use vm_memory::{Bytes, GuestAddress};
+use ferry_actors::ram::GuestRam;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::state::VmState;
 use super::vcpu::VcpuStatus;
@@ -89,6 +93,22 @@ impl GuestBackend for KvmVm {
     fn set_throttle(&mut self, percent: u8) -> Result<(), GuestError> {
         KvmVm::set_throttle(self, percent);
         Ok(())
+    }
+
+    fn ram(&self) -> GuestRam {
+        let host = self
+            .memory()
+            .get_host_address(GuestAddress(0))
+            .expect("guest memory starts at address 0");
+        // SAFETY: the mapping covers `memory_bytes` from guest address 0 (one
+        // region, made in `KvmVm::create`), and the clone of the memory
+        // handed over as owner holds the mapping's `Arc`s, so it stays
+        // mapped while the view lives, even past the VM.
+        unsafe { GuestRam::from_raw(host, self.memory_bytes(), Arc::new(self.memory().clone())) }
+    }
+
+    fn run_for(&mut self, _elapsed: Duration) {
+        // The vCPU threads run the guest on their own.
     }
 
     fn progress(&self) -> Result<GuestProgress, GuestError> {

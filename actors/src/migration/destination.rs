@@ -1,0 +1,357 @@
+//! The destination side of a migration, as a sans-IO state machine.
+//!
+//! Admission (capacity, CPU features) happens before the machine exists:
+//! see [`super::admission`]. The machine starts by creating the paused
+//! shadow VM.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::wire::{DestMsg, Mac, Offer, SourceMsg};
+
+/// Silence from the source for this long before the commit discards the
+/// shadow.
+pub const IDLE_MAX: Duration = Duration::from_secs(30);
+
+/// What the pump must do for the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestAction {
+    /// Send a message on the control stream.
+    Send(DestMsg),
+    /// Create the paused shadow VM (and prepare its memory in the
+    /// background), then call [`DestMachine::handle_shadow_created`].
+    CreateShadow,
+    /// Apply vCPU and device state to the shadow, then call
+    /// [`DestMachine::handle_restored`].
+    RestoreState(Vec<u8>),
+    /// Hash shadow memory, then call [`DestMachine::handle_memory_hash`].
+    HashMemory,
+    /// Take the VM over with this generation (it is ours from now on).
+    Adopt {
+        /// The VM's new ownership generation.
+        generation: u64,
+    },
+    /// Run the vCPUs, then call [`DestMachine::handle_resumed`].
+    Resume,
+    /// Tell the virtual network that `mac` lives here now.
+    AnnounceMac(Mac),
+    /// Drop the shadow VM and its memory.
+    DiscardShadow,
+    /// Close the lanes and the control stream.
+    Close,
+}
+
+/// How the destination's part ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestOutcome {
+    /// The VM is ours (running unless cold).
+    Adopted,
+    /// The shadow was discarded; the VM stays with the source.
+    Discarded(String),
+    /// Ours, but resuming failed.
+    ResumeFailed(String),
+}
+
+#[derive(Debug)]
+enum State {
+    Creating,
+    Receiving { switchover: Option<(u32, Vec<u8>)> },
+    Restoring,
+    Hashing,
+    AwaitingCommit,
+    Resuming,
+    Done,
+}
+
+/// The destination of one migration.
+///
+/// Polling order is the source's: after each `handle_*`, drain
+/// [`Self::poll_action`] (feeding results back), then [`Self::poll_event`],
+/// then re-arm the timer from [`Self::poll_timeout`].
+#[derive(Debug)]
+pub struct DestMachine {
+    offer: Offer,
+    lanes: u32,
+    state: State,
+    actions: VecDeque<DestAction>,
+    events: VecDeque<DestOutcome>,
+    lane_next_round: Vec<u32>,
+    round_totals: Vec<(u64, u64)>,
+    rounds_complete: u32,
+    last_heard: Instant,
+    committed: bool,
+    shadow: bool,
+}
+
+impl DestMachine {
+    /// An admitted offer; `lanes` is how many bulk streams we take.
+    pub fn new(now: Instant, offer: Offer, lanes: u32) -> Self {
+        assert!(lanes > 0, "at least one lane");
+        let mut m = Self {
+            offer,
+            lanes,
+            state: State::Creating,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            lane_next_round: vec![0; lanes as usize],
+            round_totals: Vec::new(),
+            rounds_complete: 0,
+            last_heard: now,
+            committed: false,
+            shadow: false,
+        };
+        m.actions.push_back(DestAction::CreateShadow);
+        m
+    }
+
+    /// Lanes in use.
+    pub fn lanes(&self) -> u32 {
+        self.lanes
+    }
+
+    /// The offer being served.
+    pub fn offer(&self) -> &Offer {
+        &self.offer
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<DestAction> {
+        self.actions.pop_front()
+    }
+
+    /// How the migration ended, once.
+    pub fn poll_event(&mut self) -> Option<DestOutcome> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Done => None,
+            _ if self.committed => None,
+            _ => Some(self.last_heard + IDLE_MAX),
+        }
+    }
+
+    /// Whether it is over.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// The shadow VM exists (`Ok`) or could not be made.
+    pub fn handle_shadow_created(&mut self, now: Instant, result: Result<(), String>) {
+        assert!(matches!(self.state, State::Creating), "{:?}", self.state);
+        self.last_heard = now;
+        match result {
+            Ok(()) => {
+                self.shadow = true;
+                self.state = State::Receiving { switchover: None };
+                self.actions
+                    .push_back(DestAction::Send(DestMsg::Accepted { lanes: self.lanes }));
+            }
+            Err(why) => {
+                self.actions.push_back(DestAction::Send(DestMsg::Refused(
+                    super::wire::Refusal::ShadowFailed(why.clone()),
+                )));
+                self.end(DestOutcome::Discarded(why));
+            }
+        }
+    }
+
+    /// Lane `lane` finished round `round` with `pages` pages in `bytes`
+    /// wire bytes.
+    pub fn handle_lane_mark(
+        &mut self,
+        now: Instant,
+        lane: u32,
+        round: u32,
+        pages: u64,
+        bytes: u64,
+    ) {
+        self.last_heard = now;
+        if !matches!(self.state, State::Receiving { .. }) {
+            return self.fail(format!(
+                "lane {lane} sent round {round} after the last round"
+            ));
+        }
+        let Some(next) = self.lane_next_round.get(lane as usize).copied() else {
+            return self.fail(format!("lane {lane} of {}", self.lanes));
+        };
+        if round != next {
+            return self.fail(format!("lane {lane} sent round {round}, expected {next}"));
+        }
+        self.lane_next_round[lane as usize] += 1;
+        let index = round as usize;
+        if self.round_totals.len() <= index {
+            self.round_totals.resize(index + 1, (0, 0));
+        }
+        self.round_totals[index].0 += pages;
+        self.round_totals[index].1 += bytes;
+        let all_done = *self.lane_next_round.iter().min().expect("lanes");
+        while self.rounds_complete < all_done {
+            let (pages, bytes) = self.round_totals[self.rounds_complete as usize];
+            self.actions
+                .push_back(DestAction::Send(DestMsg::RoundReceived {
+                    round: self.rounds_complete,
+                    pages,
+                    bytes,
+                }));
+            self.rounds_complete += 1;
+        }
+        self.try_restore();
+    }
+
+    /// A message from the source.
+    pub fn handle_message(&mut self, now: Instant, msg: SourceMsg) {
+        self.last_heard = now;
+        match (&mut self.state, msg) {
+            (State::Done, _) => {}
+            (_, SourceMsg::Abort { reason }) if !self.committed => {
+                self.fail_quietly(format!("source aborted: {reason}"));
+            }
+            (State::Receiving { switchover }, SourceMsg::Switchover { final_round, state })
+                if switchover.is_none() =>
+            {
+                if final_round < self.rounds_complete.saturating_sub(1) {
+                    return self.fail(format!(
+                        "final round {final_round} is older than round {} already received",
+                        self.rounds_complete
+                    ));
+                }
+                *switchover = Some((final_round, state));
+                self.try_restore();
+            }
+            (State::AwaitingCommit, SourceMsg::Commit { generation }) => {
+                self.committed = true;
+                self.actions.push_back(DestAction::Adopt { generation });
+                if self.offer.cold {
+                    self.actions
+                        .push_back(DestAction::Send(DestMsg::Resumed { running: false }));
+                    self.actions.push_back(DestAction::Close);
+                    self.end(DestOutcome::Adopted);
+                } else {
+                    self.state = State::Resuming;
+                    self.actions.push_back(DestAction::Resume);
+                }
+            }
+            (_, other) => self.fail(format!("unexpected message from the source: {other:?}")),
+        }
+    }
+
+    fn try_restore(&mut self) {
+        let State::Receiving {
+            switchover: Some((final_round, _)),
+        } = &self.state
+        else {
+            return;
+        };
+        if self.rounds_complete <= *final_round {
+            return;
+        }
+        let State::Receiving {
+            switchover: Some((_, state)),
+        } = std::mem::replace(&mut self.state, State::Restoring)
+        else {
+            unreachable!("matched above")
+        };
+        self.actions.push_back(DestAction::RestoreState(state));
+    }
+
+    /// State applied (or not).
+    pub fn handle_restored(&mut self, now: Instant, result: Result<(), String>) {
+        assert!(matches!(self.state, State::Restoring), "{:?}", self.state);
+        self.last_heard = now;
+        if let Err(why) = result {
+            return self.fail(format!("restoring state: {why}"));
+        }
+        if self.offer.verify_memory {
+            self.state = State::Hashing;
+            self.actions.push_back(DestAction::HashMemory);
+        } else {
+            self.state = State::AwaitingCommit;
+            self.actions
+                .push_back(DestAction::Send(DestMsg::Ready { memory_hash: None }));
+        }
+    }
+
+    /// Memory hashed.
+    pub fn handle_memory_hash(&mut self, now: Instant, hash: u64) {
+        assert!(matches!(self.state, State::Hashing), "{:?}", self.state);
+        self.last_heard = now;
+        self.state = State::AwaitingCommit;
+        self.actions.push_back(DestAction::Send(DestMsg::Ready {
+            memory_hash: Some(hash),
+        }));
+    }
+
+    /// The vCPUs run (or failed to).
+    pub fn handle_resumed(&mut self, _now: Instant, result: Result<(), String>) {
+        assert!(matches!(self.state, State::Resuming), "{:?}", self.state);
+        match result {
+            Ok(()) => {
+                self.actions
+                    .push_back(DestAction::AnnounceMac(self.offer.vm.mac));
+                self.actions
+                    .push_back(DestAction::Send(DestMsg::Resumed { running: true }));
+                self.actions.push_back(DestAction::Close);
+                self.end(DestOutcome::Adopted);
+            }
+            Err(why) => {
+                self.actions.push_back(DestAction::Send(DestMsg::Aborted {
+                    reason: format!("resume failed: {why}"),
+                }));
+                self.actions.push_back(DestAction::Close);
+                self.end(DestOutcome::ResumeFailed(why));
+            }
+        }
+    }
+
+    /// The link or a local operation failed.
+    pub fn handle_failure(&mut self, _now: Instant, reason: String) {
+        if self.committed {
+            // The VM is ours; a lost link after the commit changes nothing,
+            // the resume goes on.
+            return;
+        }
+        self.fail_quietly(reason);
+    }
+
+    /// The timer fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(due) = self.poll_timeout()
+            && now >= due
+        {
+            self.fail(format!(
+                "no word from the source for {} s",
+                IDLE_MAX.as_secs()
+            ));
+        }
+    }
+
+    /// Gives up, telling the source.
+    fn fail(&mut self, reason: String) {
+        if self.committed || matches!(self.state, State::Done) {
+            return;
+        }
+        self.actions.push_back(DestAction::Send(DestMsg::Aborted {
+            reason: reason.clone(),
+        }));
+        self.fail_quietly(reason);
+    }
+
+    fn fail_quietly(&mut self, reason: String) {
+        if matches!(self.state, State::Done) {
+            return;
+        }
+        if self.shadow {
+            self.actions.push_back(DestAction::DiscardShadow);
+        }
+        self.actions.push_back(DestAction::Close);
+        self.end(DestOutcome::Discarded(reason));
+    }
+
+    fn end(&mut self, outcome: DestOutcome) {
+        self.state = State::Done;
+        self.events.push_back(outcome);
+    }
+}

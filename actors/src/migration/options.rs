@@ -1,0 +1,155 @@
+//! Per-migration options and the convergence policy.
+
+use std::time::Duration;
+
+/// How a live migration behaves; every field has a sensible default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationOptions {
+    /// Switch over once the predicted downtime is at most this.
+    pub downtime_max: Duration,
+    /// Give up (VM keeps running on the source) after this long in pre-copy.
+    pub precopy_time_max: Duration,
+    /// Give up if the switchover (pause to destination ready) takes longer.
+    pub switchover_time_max: Duration,
+    /// Throttle the guest when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// First throttle step, in percent of vCPU time.
+    pub throttle_initial_percent: u8,
+    /// Each further step adds this much.
+    pub throttle_step_percent: u8,
+    /// Never throttle harder than this.
+    pub throttle_max_percent: u8,
+    /// A round "shrank" when it had fewer than this fraction of the previous
+    /// round's pages.
+    pub shrink_ratio: f64,
+    /// Pre-copy rounds at most (round 0 included).
+    pub rounds_max: u32,
+    /// Bulk streams.
+    pub lanes: u32,
+    /// Time the destination needs to restore state and resume the vCPUs,
+    /// added to the prediction.
+    pub resume_cost: Duration,
+    /// Hash destination memory before resuming and compare with the source.
+    pub verify_memory: bool,
+    /// A stopped VM: copy memory and state, no rounds, no resume.
+    pub cold: bool,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            downtime_max: Duration::from_millis(50),
+            precopy_time_max: Duration::from_secs(120),
+            switchover_time_max: Duration::from_secs(10),
+            auto_converge: true,
+            throttle_initial_percent: 20,
+            throttle_step_percent: 10,
+            throttle_max_percent: 99,
+            shrink_ratio: 0.8,
+            rounds_max: 1000,
+            lanes: 4,
+            resume_cost: Duration::from_millis(1),
+            verify_memory: false,
+            cold: false,
+        }
+    }
+}
+
+impl MigrationOptions {
+    /// Checks the options make sense.
+    pub fn check(&self) -> Result<(), String> {
+        if self.lanes == 0 || self.lanes > 64 {
+            return Err(format!("lanes must be 1 to 64, not {}", self.lanes));
+        }
+        if self.throttle_max_percent > 99
+            || self.throttle_initial_percent > self.throttle_max_percent
+        {
+            return Err("throttle percentages must satisfy initial <= max <= 99".into());
+        }
+        if !(0.0..=1.0).contains(&self.shrink_ratio) {
+            return Err("shrink_ratio must lie in 0..=1".into());
+        }
+        if self.rounds_max == 0 {
+            return Err("rounds_max must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Downtime predicted for switching over with `dirty_bytes` left to send
+/// at `bandwidth_bytes_per_s`, plus `state_bytes` of device state and the
+/// resume cost.
+pub fn predicted_downtime(
+    dirty_bytes: u64,
+    state_bytes: u64,
+    bandwidth_bytes_per_s: f64,
+    resume_cost: Duration,
+) -> Duration {
+    let bandwidth = bandwidth_bytes_per_s.max(1.0);
+    #[allow(clippy::cast_precision_loss)] // a prediction, not an account
+    let transfer = (dirty_bytes + state_bytes) as f64 / bandwidth;
+    Duration::from_secs_f64(transfer.min(1e6)) + resume_cost
+}
+
+/// The throttle after a round that left `dirty_pages` where the round
+/// before left `previous_dirty_pages`, starting from `current` percent.
+pub fn next_throttle(
+    options: &MigrationOptions,
+    current: u8,
+    dirty_pages: u64,
+    previous_dirty_pages: Option<u64>,
+) -> u8 {
+    if !options.auto_converge {
+        return current;
+    }
+    let Some(previous) = previous_dirty_pages else {
+        return current;
+    };
+    #[allow(clippy::cast_precision_loss)] // a ratio of page counts
+    let shrinking = (dirty_pages as f64) < options.shrink_ratio * previous as f64;
+    if shrinking {
+        return current;
+    }
+    let next = if current == 0 {
+        options.throttle_initial_percent
+    } else {
+        current.saturating_add(options.throttle_step_percent)
+    };
+    next.min(options.throttle_max_percent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prediction_adds_transfer_state_and_resume() {
+        let d = predicted_downtime(1 << 20, 0, f64::from(1 << 30), Duration::from_millis(1));
+        assert!(d > Duration::from_micros(1900) && d < Duration::from_micros(2100));
+    }
+
+    #[test]
+    fn throttle_steps_only_when_rounds_stop_shrinking() {
+        let o = MigrationOptions::default();
+        assert_eq!(next_throttle(&o, 0, 100, None), 0);
+        assert_eq!(next_throttle(&o, 0, 50, Some(100)), 0);
+        assert_eq!(next_throttle(&o, 0, 90, Some(100)), 20);
+        assert_eq!(next_throttle(&o, 20, 100, Some(100)), 30);
+        assert_eq!(next_throttle(&o, 95, 100, Some(100)), 99);
+        let off = MigrationOptions {
+            auto_converge: false,
+            ..o
+        };
+        assert_eq!(next_throttle(&off, 0, 100, Some(100)), 0);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert!(MigrationOptions::default().check().is_ok());
+        let bad = MigrationOptions {
+            lanes: 0,
+            ..MigrationOptions::default()
+        };
+        assert!(bad.check().is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! What a migration tells its caller: progress while it runs, a report at
+//! the end.
+
+// rkyv derives resolver twins of the enums whose fields carry no docs;
+// every item written here is documented.
+#![allow(missing_docs)]
+
+use serde::Serialize;
+
+/// One pre-copy round as the source saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RoundReport {
+    /// Round number (0 copies all memory).
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Wire bytes the destination received.
+    pub bytes: u64,
+    /// Send to acknowledgement, in milliseconds.
+    pub duration_ms: f64,
+    /// Pages dirtied while the round was in flight.
+    pub dirty_after: u64,
+    /// Throttle while the round ran, in percent.
+    pub throttle_percent: u8,
+}
+
+/// How a migration ended.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub enum Outcome {
+    /// The VM runs on the destination (or sits there stopped, if cold).
+    Completed,
+    /// Called off before the source released the VM: it runs on the source.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+    /// Failed after the source released the VM: the source keeps it paused
+    /// and does not resume it on its own (the destination may own it).
+    InDoubt {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The end-of-migration report.
+#[derive(Debug, Clone, PartialEq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct MigrationReport {
+    /// The migration's id on the source.
+    pub migration_id: u64,
+    /// The VM.
+    pub vm: String,
+    /// Source host.
+    pub from: String,
+    /// Destination host.
+    pub to: String,
+    /// Cold migration (stopped VM).
+    pub cold: bool,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Offer to the end, in milliseconds.
+    pub total_ms: f64,
+    /// vCPUs paused on the source until running on the destination.
+    pub downtime_ms: f64,
+    /// What the source predicted for the downtime when it switched over.
+    pub predicted_downtime_ms: f64,
+    /// Wire bytes received by the destination.
+    pub bytes_sent: u64,
+    /// Pages sent, over all rounds.
+    pub pages_sent: u64,
+    /// Rounds, the final (paused) one included.
+    pub rounds: u32,
+    /// Per-round figures.
+    pub round_log: Vec<RoundReport>,
+    /// Mean throughput over the rounds, in MB/s.
+    pub throughput_mb_s: f64,
+    /// Highest throttle applied, in percent.
+    pub throttle_max_percent: u8,
+    /// Encoded vCPU and device state, in bytes.
+    pub state_bytes: u64,
+    /// Destination memory equalled source memory at the pause (`None`: not
+    /// checked).
+    pub memory_verified: Option<bool>,
+}
+
+impl MigrationReport {
+    /// Whether the VM now runs (or sits, if cold) on the destination.
+    pub fn completed(&self) -> bool {
+        self.outcome == Outcome::Completed
+    }
+
+    /// Megabytes sent.
+    #[allow(clippy::cast_precision_loss)] // for display
+    pub fn mb_sent(&self) -> f64 {
+        self.bytes_sent as f64 / 1e6
+    }
+
+    /// A few lines for people.
+    pub fn to_text(&self) -> String {
+        let outcome = match &self.outcome {
+            Outcome::Completed => "completed".to_owned(),
+            Outcome::Aborted { reason } => format!("aborted, VM still on {}: {reason}", self.from),
+            Outcome::InDoubt { reason } => format!("in doubt: {reason}"),
+        };
+        let verified = match self.memory_verified {
+            Some(true) => "memory verified",
+            Some(false) => "MEMORY MISMATCH",
+            None => "memory not verified",
+        };
+        format!(
+            "{vm}: {from} -> {to} {outcome}\n  total {total:.1} ms, downtime {down:.2} ms (predicted {pred:.2} ms)\n  {rounds} rounds, {pages} pages, {mb:.1} MB at {rate:.0} MB/s, throttle max {thr}%, {verified}",
+            vm = self.vm,
+            from = self.from,
+            to = self.to,
+            total = self.total_ms,
+            down = self.downtime_ms,
+            pred = self.predicted_downtime_ms,
+            rounds = self.rounds,
+            pages = self.pages_sent,
+            mb = self.mb_sent(),
+            rate = self.throughput_mb_s,
+            thr = self.throttle_max_percent,
+        )
+    }
+}
+
+/// Where a migration stands, for progress bars.
+#[derive(Debug, Clone, PartialEq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Progress {
+    /// Phase name (`offer`, `precopy`, `switchover`, `resume`).
+    pub phase: String,
+    /// Current round.
+    pub round: u32,
+    /// Pages still to send (the dirty set).
+    pub pages_left: u64,
+    /// Pages of guest memory.
+    pub pages_total: u64,
+    /// Measured bandwidth, bytes per second.
+    pub rate_bytes_per_s: f64,
+    /// Predicted downtime if switching over now, in milliseconds.
+    pub predicted_downtime_ms: f64,
+    /// Current throttle, in percent.
+    pub throttle_percent: u8,
+}

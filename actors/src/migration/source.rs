@@ -1,0 +1,604 @@
+//! The source side of a migration, as a sans-IO state machine.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::options::{MigrationOptions, next_throttle, predicted_downtime};
+use super::report::{MigrationReport, Outcome, Progress, RoundReport};
+use super::wire::{DestMsg, Offer, SourceMsg, VmConfig};
+use crate::guest::{DirtyBitmap, PAGE_BYTES};
+
+/// Device state assumed before it is measured (a KVM VM saves about 11 KiB).
+const STATE_BYTES_ESTIMATE: u64 = 16 << 10;
+
+/// What the pump must do for the source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceAction {
+    /// Send a message on the control stream.
+    Send(SourceMsg),
+    /// Start dirty tracking.
+    StartDirtyLog,
+    /// Send `pages` on the lanes as round `round`, then a lane mark on each.
+    /// With `skip_zero`, zero pages are not sent at all (round 0: the
+    /// destination's memory starts zeroed).
+    SendRound {
+        /// Round number.
+        round: u32,
+        /// Pages to send.
+        pages: Arc<DirtyBitmap>,
+        /// Leave zero pages out.
+        skip_zero: bool,
+    },
+    /// Take the dirty set, then call [`SourceMachine::handle_dirty`].
+    CollectDirty,
+    /// Throttle the vCPUs to this percent.
+    SetThrottle(u8),
+    /// Pause the vCPUs, then call [`SourceMachine::handle_paused`].
+    Pause,
+    /// Save vCPU and device state, then call [`SourceMachine::handle_state_saved`].
+    SaveState,
+    /// Hash guest memory (the vCPUs are paused for good), then call
+    /// [`SourceMachine::handle_memory_hash`].
+    HashMemory,
+    /// Stop dirty tracking.
+    StopDirtyLog,
+    /// Give up ownership (bump the generation, release locks), then call
+    /// [`SourceMachine::handle_released`].
+    ReleaseOwnership {
+        /// The VM's generation from now on.
+        generation: u64,
+    },
+    /// The migration failed before the release: run the VM here again.
+    ResumeLocal,
+    /// The destination runs the VM: free it here.
+    FreeVm,
+    /// Close the lanes and the control stream.
+    Close,
+}
+
+/// What the source reports to its caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// Where the migration stands.
+    Progress(Progress),
+    /// It ended; nothing more follows.
+    Finished(MigrationReport),
+}
+
+#[derive(Debug)]
+enum State {
+    /// Offer sent, waiting for the answer.
+    Offered,
+    /// Round `round` is on the wire.
+    Copying { round: u32 },
+    /// Round `round` arrived; waiting for the dirty set.
+    Collecting { round: u32 },
+    /// Pause requested; `pending` pages still to send.
+    Pausing {
+        pending: DirtyBitmap,
+        predicted: Duration,
+    },
+    /// Paused; waiting for the last dirty set.
+    FinalCollect {
+        pending: DirtyBitmap,
+        paused_at: Instant,
+    },
+    /// Final round, state and (maybe) hash on their way; waiting for Ready.
+    Switching {
+        paused_at: Instant,
+        final_round: u32,
+        ready: bool,
+    },
+    /// Ownership being released.
+    Releasing { paused_at: Instant },
+    /// Released and committed; waiting for the destination to resume.
+    Committed { paused_at: Instant },
+    /// Over.
+    Done,
+}
+
+/// The source of one migration.
+///
+/// Polling order after every `handle_*` call (or [`Self::start`]): drain
+/// [`Self::poll_action`] and carry each action out in order, feeding its
+/// result back through the matching `handle_*` (which may queue more
+/// actions), then drain [`Self::poll_event`], then re-arm the timer from
+/// [`Self::poll_timeout`].
+#[derive(Debug)]
+pub struct SourceMachine {
+    offer: Offer,
+    from: String,
+    to: String,
+    options: MigrationOptions,
+    pages_total: u64,
+    state: State,
+    actions: VecDeque<SourceAction>,
+    events: VecDeque<SourceEvent>,
+    started_at: Option<Instant>,
+    deadline: Option<Instant>,
+    round_started_at: Option<Instant>,
+    round_pages: u64,
+    rounds: Vec<RoundReport>,
+    throttle: u8,
+    throttle_max: u8,
+    logging: bool,
+    paused: bool,
+    predicted: Duration,
+    state_bytes: u64,
+    source_hash: Option<u64>,
+    dest_hash: Option<u64>,
+}
+
+impl SourceMachine {
+    /// A migration of `vm` (generation `generation`) from host `from` to `to`.
+    ///
+    /// # Panics
+    /// If `options` fail [`MigrationOptions::check`] (callers check first).
+    pub fn new(
+        migration_id: u64,
+        vm: VmConfig,
+        generation: u64,
+        from: String,
+        to: String,
+        options: MigrationOptions,
+    ) -> Self {
+        options.check().expect("options checked by the caller");
+        let pages_total = vm.memory_bytes / PAGE_BYTES;
+        let offer = Offer {
+            migration_id,
+            vm,
+            generation,
+            cold: options.cold,
+            lanes: options.lanes,
+            verify_memory: options.verify_memory,
+        };
+        Self {
+            offer,
+            from,
+            to,
+            options,
+            pages_total,
+            state: State::Offered,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            started_at: None,
+            deadline: None,
+            round_started_at: None,
+            round_pages: 0,
+            rounds: Vec::new(),
+            throttle: 0,
+            throttle_max: 0,
+            logging: false,
+            paused: false,
+            predicted: Duration::ZERO,
+            state_bytes: 0,
+            source_hash: None,
+            dest_hash: None,
+        }
+    }
+
+    /// Sends the offer.
+    pub fn start(&mut self, now: Instant) {
+        assert!(self.started_at.is_none(), "started twice");
+        self.started_at = Some(now);
+        self.deadline = Some(now + self.options.precopy_time_max);
+        self.actions
+            .push_back(SourceAction::Send(SourceMsg::Offer(self.offer.clone())));
+        self.progress("offer", 0, self.pages_total);
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<SourceAction> {
+        self.actions.pop_front()
+    }
+
+    /// The next thing to report.
+    pub fn poll_event(&mut self) -> Option<SourceEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Done => None,
+            _ => self.deadline,
+        }
+    }
+
+    /// Whether the migration is over.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// A message from the destination.
+    pub fn handle_message(&mut self, now: Instant, msg: DestMsg) {
+        match (std::mem::replace(&mut self.state, State::Done), msg) {
+            (State::Done, _) => {}
+            (State::Offered, DestMsg::Accepted { lanes }) => {
+                if lanes == 0 || lanes > self.options.lanes {
+                    self.state = State::Offered;
+                    return self.fail(now, format!("destination asked for {lanes} lanes"));
+                }
+                if !self.offer.cold {
+                    self.actions.push_back(SourceAction::StartDirtyLog);
+                    self.logging = true;
+                }
+                self.send_round(now, 0, DirtyBitmap::all(self.pages_total), true);
+            }
+            (State::Offered, DestMsg::Refused(refusal)) => {
+                self.state = State::Offered;
+                self.fail(now, format!("refused by {}: {refusal}", self.to));
+            }
+            (
+                State::Copying { round },
+                DestMsg::RoundReceived {
+                    round: r,
+                    pages,
+                    bytes,
+                },
+            ) if r == round => {
+                self.record_round(now, round, pages, bytes);
+                if self.offer.cold {
+                    self.paused = true;
+                    self.state = State::Switching {
+                        paused_at: now,
+                        final_round: round,
+                        ready: false,
+                    };
+                    self.deadline = Some(now + self.options.switchover_time_max);
+                    self.actions.push_back(SourceAction::SaveState);
+                } else {
+                    self.state = State::Collecting { round };
+                    self.actions.push_back(SourceAction::CollectDirty);
+                }
+            }
+            (
+                State::Switching {
+                    paused_at,
+                    final_round,
+                    ready: false,
+                },
+                DestMsg::RoundReceived {
+                    round,
+                    pages,
+                    bytes,
+                },
+            ) if round == final_round && !self.offer.cold => {
+                self.record_round(now, round, pages, bytes);
+                self.state = State::Switching {
+                    paused_at,
+                    final_round,
+                    ready: false,
+                };
+            }
+            (
+                State::Switching {
+                    paused_at,
+                    ready: false,
+                    ..
+                },
+                DestMsg::Ready { memory_hash },
+            ) => {
+                self.dest_hash = memory_hash;
+                self.state = State::Releasing { paused_at };
+                self.actions.push_back(SourceAction::ReleaseOwnership {
+                    generation: self.offer.generation + 1,
+                });
+                self.progress("resume", self.rounds_done(), 0);
+            }
+            (State::Committed { paused_at }, DestMsg::Resumed { .. }) => {
+                self.actions.push_back(SourceAction::FreeVm);
+                self.actions.push_back(SourceAction::Close);
+                self.finish(now, Outcome::Completed, now - paused_at);
+            }
+            (state, DestMsg::Aborted { reason }) => {
+                self.state = state;
+                self.fail(now, format!("{} gave up: {reason}", self.to));
+            }
+            (state, other) => {
+                self.state = state;
+                self.fail(
+                    now,
+                    format!("unexpected message from {}: {other:?}", self.to),
+                );
+            }
+        }
+    }
+
+    /// The dirty set the pump collected after [`SourceAction::CollectDirty`].
+    pub fn handle_dirty(&mut self, now: Instant, dirty: DirtyBitmap) {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Collecting { round } => {
+                let count = dirty.count();
+                let previous = round
+                    .checked_sub(1)
+                    .and_then(|r| self.rounds.get(r as usize))
+                    .map(|r| r.dirty_after);
+                if let Some(r) = self.rounds.last_mut() {
+                    r.dirty_after = count;
+                }
+                let predicted = predicted_downtime(
+                    count * PAGE_BYTES,
+                    self.state_bytes_estimate(),
+                    self.bandwidth(),
+                    self.options.resume_cost,
+                );
+                self.predicted = predicted;
+                if predicted <= self.options.downtime_max {
+                    self.state = State::Pausing {
+                        pending: dirty,
+                        predicted,
+                    };
+                    self.actions.push_back(SourceAction::Pause);
+                    self.progress("switchover", round + 1, count);
+                    return;
+                }
+                if round + 1 >= self.options.rounds_max {
+                    self.state = State::Collecting { round };
+                    return self.fail(
+                        now,
+                        format!(
+                            "did not converge in {} rounds (predicted downtime {:.1} ms, budget {} ms)",
+                            round + 1,
+                            predicted.as_secs_f64() * 1e3,
+                            self.options.downtime_max.as_millis()
+                        ),
+                    );
+                }
+                let throttle = next_throttle(&self.options, self.throttle, count, previous);
+                if throttle != self.throttle {
+                    self.throttle = throttle;
+                    self.throttle_max = self.throttle_max.max(throttle);
+                    self.actions.push_back(SourceAction::SetThrottle(throttle));
+                }
+                self.send_round(now, round + 1, dirty, false);
+            }
+            State::FinalCollect {
+                mut pending,
+                paused_at,
+            } => {
+                pending.union_with(&dirty);
+                let final_round = self.rounds_done();
+                self.state = State::Switching {
+                    paused_at,
+                    final_round,
+                    ready: false,
+                };
+                self.deadline = Some(paused_at + self.options.switchover_time_max);
+                self.logging = false;
+                self.actions.push_back(SourceAction::StopDirtyLog);
+                self.send_round(now, final_round, pending, false);
+                // send_round moved the state to Copying; the switchover
+                // waits for the final round's acknowledgement instead.
+                self.state = State::Switching {
+                    paused_at,
+                    final_round,
+                    ready: false,
+                };
+                self.actions.push_back(SourceAction::SaveState);
+                if self.offer.verify_memory {
+                    self.actions.push_back(SourceAction::HashMemory);
+                }
+            }
+            other => {
+                panic!("dirty set delivered in state {other:?}");
+            }
+        }
+    }
+
+    /// The vCPUs are paused.
+    pub fn handle_paused(&mut self, now: Instant) {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Pausing { pending, predicted } => {
+                self.paused = true;
+                self.predicted = predicted;
+                self.state = State::FinalCollect {
+                    pending,
+                    paused_at: now,
+                };
+                self.actions.push_back(SourceAction::CollectDirty);
+            }
+            other => panic!("paused in state {other:?}"),
+        }
+    }
+
+    /// State saved after [`SourceAction::SaveState`].
+    pub fn handle_state_saved(&mut self, _now: Instant, state: Vec<u8>) {
+        assert!(
+            matches!(self.state, State::Switching { .. }),
+            "state saved in {:?}",
+            self.state
+        );
+        let State::Switching { final_round, .. } = self.state else {
+            unreachable!()
+        };
+        self.state_bytes = state.len() as u64;
+        self.actions
+            .push_back(SourceAction::Send(SourceMsg::Switchover {
+                final_round,
+                state,
+            }));
+        if self.offer.cold && self.offer.verify_memory {
+            self.actions.push_back(SourceAction::HashMemory);
+        }
+    }
+
+    /// The source's memory hash after [`SourceAction::HashMemory`].
+    pub fn handle_memory_hash(&mut self, _now: Instant, hash: u64) {
+        self.source_hash = Some(hash);
+    }
+
+    /// Ownership is released: from here on the source never resumes the VM.
+    pub fn handle_released(&mut self, _now: Instant) {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Releasing { paused_at } => {
+                self.state = State::Committed { paused_at };
+                self.actions
+                    .push_back(SourceAction::Send(SourceMsg::Commit {
+                        generation: self.offer.generation + 1,
+                    }));
+            }
+            other => panic!("released in state {other:?}"),
+        }
+    }
+
+    /// A local operation or the link failed.
+    pub fn handle_failure(&mut self, now: Instant, reason: String) {
+        self.fail(now, reason);
+    }
+
+    /// The timer from [`Self::poll_timeout`] fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(deadline) = self.deadline else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        let reason = match self.state {
+            State::Done => return,
+            State::Offered => format!("{} did not answer the offer", self.to),
+            State::Copying { .. } | State::Collecting { .. } => format!(
+                "did not converge within {} s (predicted downtime {:.1} ms, budget {} ms)",
+                self.options.precopy_time_max.as_secs(),
+                self.predicted.as_secs_f64() * 1e3,
+                self.options.downtime_max.as_millis()
+            ),
+            _ => format!(
+                "switchover took longer than {} ms",
+                self.options.switchover_time_max.as_millis()
+            ),
+        };
+        self.fail(now, reason);
+    }
+
+    fn send_round(&mut self, now: Instant, round: u32, pages: DirtyBitmap, skip_zero: bool) {
+        self.round_started_at = Some(now);
+        self.round_pages = pages.count();
+        self.progress("precopy", round, self.round_pages);
+        self.actions.push_back(SourceAction::SendRound {
+            round,
+            pages: Arc::new(pages),
+            skip_zero,
+        });
+        self.state = State::Copying { round };
+    }
+
+    fn record_round(&mut self, now: Instant, round: u32, pages: u64, bytes: u64) {
+        let started = self.round_started_at.expect("round started");
+        assert_eq!(round as usize, self.rounds.len(), "rounds arrive in order");
+        self.rounds.push(RoundReport {
+            round,
+            pages,
+            bytes,
+            duration_ms: (now - started).as_secs_f64() * 1e3,
+            dirty_after: 0,
+            throttle_percent: self.throttle,
+        });
+    }
+
+    /// Rounds acknowledged so far (bounded by `rounds_max`, a `u32`).
+    fn rounds_done(&self) -> u32 {
+        u32::try_from(self.rounds.len()).expect("rounds are bounded by rounds_max")
+    }
+
+    /// Bytes per second over all rounds so far.
+    fn bandwidth(&self) -> f64 {
+        let bytes: u64 = self.rounds.iter().map(|r| r.bytes).sum();
+        let ms: f64 = self.rounds.iter().map(|r| r.duration_ms).sum();
+        #[allow(clippy::cast_precision_loss)]
+        let rate = bytes as f64 / (ms / 1e3).max(1e-6);
+        rate
+    }
+
+    fn state_bytes_estimate(&self) -> u64 {
+        if self.state_bytes > 0 {
+            self.state_bytes
+        } else {
+            STATE_BYTES_ESTIMATE
+        }
+    }
+
+    fn progress(&mut self, phase: &str, round: u32, pages_left: u64) {
+        self.events.push_back(SourceEvent::Progress(Progress {
+            phase: phase.to_owned(),
+            round,
+            pages_left,
+            pages_total: self.pages_total,
+            rate_bytes_per_s: self.bandwidth(),
+            predicted_downtime_ms: self.predicted.as_secs_f64() * 1e3,
+            throttle_percent: self.throttle,
+        }));
+    }
+
+    fn fail(&mut self, now: Instant, reason: String) {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Done => {}
+            State::Committed { paused_at } => {
+                // Ownership is gone: never resume here on our own.
+                self.actions.push_back(SourceAction::Close);
+                self.finish(now, Outcome::InDoubt { reason }, now - paused_at);
+            }
+            state => {
+                let paused_at = match state {
+                    State::FinalCollect { paused_at, .. }
+                    | State::Switching { paused_at, .. }
+                    | State::Releasing { paused_at } => Some(paused_at),
+                    _ => None,
+                };
+                self.actions.push_back(SourceAction::Send(SourceMsg::Abort {
+                    reason: reason.clone(),
+                }));
+                if self.logging {
+                    self.logging = false;
+                    self.actions.push_back(SourceAction::StopDirtyLog);
+                }
+                if self.throttle > 0 {
+                    self.throttle = 0;
+                    self.actions.push_back(SourceAction::SetThrottle(0));
+                }
+                if self.paused && !self.offer.cold {
+                    self.actions.push_back(SourceAction::ResumeLocal);
+                }
+                self.actions.push_back(SourceAction::Close);
+                let downtime = paused_at.map_or(Duration::ZERO, |p| now - p);
+                self.finish(now, Outcome::Aborted { reason }, downtime);
+            }
+        }
+    }
+
+    fn finish(&mut self, now: Instant, outcome: Outcome, downtime: Duration) {
+        self.state = State::Done;
+        let started = self.started_at.unwrap_or(now);
+        let bytes: u64 = self.rounds.iter().map(|r| r.bytes).sum();
+        let memory_verified = match (self.source_hash, self.dest_hash) {
+            (Some(a), Some(b)) if outcome == Outcome::Completed => Some(a == b),
+            _ => None,
+        };
+        let report = MigrationReport {
+            migration_id: self.offer.migration_id,
+            vm: self.offer.vm.name.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            cold: self.offer.cold,
+            outcome,
+            total_ms: (now - started).as_secs_f64() * 1e3,
+            downtime_ms: if self.offer.cold {
+                0.0
+            } else {
+                downtime.as_secs_f64() * 1e3
+            },
+            predicted_downtime_ms: self.predicted.as_secs_f64() * 1e3,
+            bytes_sent: bytes,
+            pages_sent: self.rounds.iter().map(|r| r.pages).sum(),
+            rounds: self.rounds_done(),
+            round_log: self.rounds.clone(),
+            throughput_mb_s: self.bandwidth() / 1e6,
+            throttle_max_percent: self.throttle_max,
+            state_bytes: self.state_bytes,
+            memory_verified,
+        };
+        self.events.push_back(SourceEvent::Finished(report));
+    }
+}

@@ -1,0 +1,423 @@
+//! Protocol tests: both state machines driven against each other in memory
+//! with virtual time, a bandwidth model and synthetic guests, table-driven
+//! through [`run`].
+
+#![allow(clippy::cast_possible_truncation)] // small test sizes
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::guest::{GuestBackend, PAGE_BYTES};
+use crate::synthetic::{FILL_START, SyntheticGuest, SyntheticParams};
+
+const MEMORY_BYTES: u64 = 32 << 20;
+const LANES: u32 = 3;
+
+#[derive(Debug, Clone)]
+struct Case {
+    wss_bytes: u64,
+    writes_per_sec: u64,
+    bandwidth_bytes_per_s: f64,
+    options: MigrationOptions,
+    features: Vec<&'static str>,
+    /// The link breaks when this many control messages have passed.
+    cut_after_messages: Option<usize>,
+    stopped: bool,
+}
+
+impl Default for Case {
+    fn default() -> Self {
+        Self {
+            wss_bytes: 0,
+            writes_per_sec: 100_000,
+            bandwidth_bytes_per_s: 1e9,
+            options: MigrationOptions {
+                lanes: LANES,
+                verify_memory: true,
+                ..MigrationOptions::default()
+            },
+            features: vec!["sse2"],
+            cut_after_messages: None,
+            stopped: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Ending {
+    report: MigrationReport,
+    dest: DestOutcome,
+    source_running: bool,
+    source_freed: bool,
+    dest_running: bool,
+    memory_equal_at_pause: Option<bool>,
+}
+
+enum Msg {
+    ToDest(SourceMsg),
+    ToSource(DestMsg),
+}
+
+fn run(case: Case) -> Ending {
+    let params = SyntheticParams {
+        memory_bytes: MEMORY_BYTES,
+        wss_bytes: case.wss_bytes,
+        seed: 9,
+        writes_per_sec: case.writes_per_sec,
+    };
+    let mut src_guest = SyntheticGuest::booted(params);
+    if case.stopped {
+        src_guest.pause().expect("stop");
+    }
+    let config = VmConfig {
+        name: "web-1".into(),
+        memory_bytes: MEMORY_BYTES,
+        vcpus: 1,
+        cpu_features: case.features.iter().map(|s| (*s).to_owned()).collect(),
+        mac: [0x52, 0x54, 0, 0, 0, 1],
+        kind: GuestKind::Synthetic {
+            wss_bytes: case.wss_bytes,
+            seed: 9,
+            writes_per_sec: case.writes_per_sec,
+        },
+    };
+    let capacity = Capacity {
+        memory_bytes: 1 << 30,
+        vcpus: 4,
+        cpu_features: BTreeSet::from(["sse2".to_owned(), "avx2".to_owned()]),
+        kvm: false,
+    };
+    let mut now = Instant::now();
+    let mut options = case.options.clone();
+    options.cold = case.stopped;
+    let mut src = SourceMachine::new(1, config, 1, "a".into(), "b".into(), options);
+    let mut dst: Option<DestMachine> = None;
+    let mut dst_guest: Option<SyntheticGuest> = None;
+    let mut wire: VecDeque<Msg> = VecDeque::new();
+    let mut messages = 0usize;
+    let mut cut = false;
+    let mut report = None;
+    let mut dest_outcome = None;
+    let mut source_freed = false;
+    let mut hash_at_pause = None;
+    let latency = Duration::from_micros(50);
+    src.start(now);
+
+    for _ in 0..1_000_000 {
+        while let Some(action) = src.poll_action() {
+            match action {
+                SourceAction::Send(m) => wire.push_back(Msg::ToDest(m)),
+                SourceAction::StartDirtyLog => src_guest.start_dirty_log().expect("log"),
+                SourceAction::StopDirtyLog => src_guest.stop_dirty_log().expect("log"),
+                SourceAction::SendRound {
+                    round,
+                    pages,
+                    skip_zero,
+                } => {
+                    let mut per_lane = vec![(0u64, 0u64); LANES as usize];
+                    let mut buf = vec![0u8; PAGE_BYTES as usize];
+                    let ram = dst_guest.as_ref().map(GuestBackend::ram);
+                    for gfn in pages.iter() {
+                        src_guest.read_page(gfn, &mut buf).expect("read");
+                        let zero = buf.iter().all(|b| *b == 0);
+                        if zero && skip_zero {
+                            continue;
+                        }
+                        if !cut && let Some(ram) = &ram {
+                            ram.write_page(gfn, &buf).expect("write");
+                        }
+                        let lane = &mut per_lane[(gfn % u64::from(LANES)) as usize];
+                        lane.0 += 1;
+                        lane.1 += 16 + if zero { 0 } else { PAGE_BYTES };
+                    }
+                    let bytes: u64 = per_lane.iter().map(|l| l.1).sum();
+                    #[allow(clippy::cast_precision_loss)]
+                    let dt = Duration::from_secs_f64(bytes as f64 / case.bandwidth_bytes_per_s);
+                    src_guest.run_for(dt);
+                    now += dt + latency;
+                    if !cut && let Some(d) = dst.as_mut() {
+                        for (lane, (pages, bytes)) in per_lane.into_iter().enumerate() {
+                            d.handle_lane_mark(now, lane as u32, round, pages, bytes);
+                        }
+                    }
+                }
+                SourceAction::CollectDirty => {
+                    let dirty = src_guest.take_dirty().expect("dirty");
+                    src.handle_dirty(now, dirty);
+                }
+                SourceAction::SetThrottle(p) => src_guest.set_throttle(p).expect("throttle"),
+                SourceAction::Pause => {
+                    src_guest.pause().expect("pause");
+                    src.handle_paused(now);
+                }
+                SourceAction::SaveState => {
+                    hash_at_pause = Some(src_guest.ram().hash());
+                    let state = src_guest.save_state().expect("save");
+                    src.handle_state_saved(now, state);
+                }
+                SourceAction::HashMemory => src.handle_memory_hash(now, src_guest.ram().hash()),
+                SourceAction::ReleaseOwnership { .. } => src.handle_released(now),
+                SourceAction::ResumeLocal => src_guest.resume().expect("resume"),
+                SourceAction::FreeVm => source_freed = true,
+                SourceAction::Close => {}
+            }
+        }
+        while let Some(e) = src.poll_event() {
+            if let SourceEvent::Finished(r) = e {
+                report = Some(r);
+            }
+        }
+        if let Some(d) = dst.as_mut() {
+            while let Some(action) = d.poll_action() {
+                match action {
+                    DestAction::Send(m) => wire.push_back(Msg::ToSource(m)),
+                    DestAction::CreateShadow => {
+                        dst_guest = Some(SyntheticGuest::blank(params));
+                        d.handle_shadow_created(now, Ok(()));
+                    }
+                    DestAction::RestoreState(state) => {
+                        let g = dst_guest.as_mut().expect("shadow");
+                        let r = g.restore_state(&state).map_err(|e| e.to_string());
+                        d.handle_restored(now, r);
+                    }
+                    DestAction::HashMemory => {
+                        let h = dst_guest.as_ref().expect("shadow").ram().hash();
+                        d.handle_memory_hash(now, h);
+                    }
+                    DestAction::Resume => {
+                        dst_guest
+                            .as_mut()
+                            .expect("shadow")
+                            .resume()
+                            .expect("resume");
+                        d.handle_resumed(now, Ok(()));
+                    }
+                    DestAction::DiscardShadow => dst_guest = None,
+                    DestAction::Adopt { .. } | DestAction::AnnounceMac(_) | DestAction::Close => {}
+                }
+            }
+            while let Some(o) = d.poll_event() {
+                dest_outcome = Some(o);
+            }
+        }
+        if report.is_some() && (dest_outcome.is_some() || dst.is_none()) && wire.is_empty() {
+            break;
+        }
+        let due = [
+            src.poll_timeout(),
+            dst.as_ref().and_then(DestMachine::poll_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if due.is_some_and(|due| due <= now) {
+            src.handle_timeout(now);
+            if let Some(d) = dst.as_mut() {
+                d.handle_timeout(now);
+            }
+            continue;
+        }
+        if let Some(msg) = wire.pop_front() {
+            now += latency;
+            messages += 1;
+            if cut {
+                continue;
+            }
+            if case.cut_after_messages == Some(messages) {
+                cut = true;
+                wire.clear();
+                src.handle_failure(now, "connection lost".into());
+                if let Some(d) = dst.as_mut() {
+                    d.handle_failure(now, "connection lost".into());
+                }
+                continue;
+            }
+            match msg {
+                Msg::ToDest(SourceMsg::Offer(offer)) => {
+                    match admit(&offer, &capacity, Usage::default(), false) {
+                        Ok(()) => dst = Some(DestMachine::new(now, offer, LANES)),
+                        Err(refusal) => wire.push_back(Msg::ToSource(DestMsg::Refused(refusal))),
+                    }
+                }
+                Msg::ToDest(m) => {
+                    if let Some(d) = dst.as_mut() {
+                        d.handle_message(now, m);
+                    }
+                }
+                Msg::ToSource(m) => src.handle_message(now, m),
+            }
+        } else {
+            // Nothing in flight: time passes until a timer fires.
+            let due = due.expect("something is waiting");
+            let dt = due.saturating_duration_since(now);
+            src_guest.run_for(dt);
+            now = now.max(due);
+            src.handle_timeout(now);
+            if let Some(d) = dst.as_mut() {
+                d.handle_timeout(now);
+            }
+        }
+    }
+    let report = report.expect("the source always reports");
+    let memory_equal_at_pause = match (&dst_guest, hash_at_pause) {
+        (Some(g), Some(h)) if report.completed() && !case.stopped => Some(g.ram().hash() == h),
+        _ => None,
+    };
+    Ending {
+        dest: dest_outcome.unwrap_or(DestOutcome::Discarded("never admitted".into())),
+        source_running: src_guest.is_running(),
+        source_freed,
+        dest_running: dst_guest.as_ref().is_some_and(GuestBackend::is_running),
+        memory_equal_at_pause,
+        report,
+    }
+}
+
+fn assert_one_owner(e: &Ending) {
+    assert!(
+        !(e.source_running && e.dest_running),
+        "the VM runs on both hosts: {e:?}"
+    );
+}
+
+#[test]
+fn idle_guest_moves_in_two_rounds_with_verified_memory() {
+    let e = run(Case::default());
+    assert!(e.report.completed(), "{e:?}");
+    assert_eq!(e.dest, DestOutcome::Adopted);
+    assert!(e.dest_running && !e.source_running && e.source_freed);
+    assert_eq!(e.report.memory_verified, Some(true));
+    assert_eq!(e.memory_equal_at_pause, Some(true));
+    // Round 0 skips the zero pages below the fill.
+    let filled = (MEMORY_BYTES - FILL_START) / PAGE_BYTES;
+    assert!(
+        e.report.round_log[0].pages >= filled,
+        "{:?}",
+        e.report.round_log
+    );
+    assert!(e.report.round_log[0].pages < MEMORY_BYTES / PAGE_BYTES);
+    assert!(e.report.rounds <= 3, "{}", e.report.rounds);
+    assert!(e.report.downtime_ms < 50.0, "{}", e.report.downtime_ms);
+}
+
+#[test]
+fn busy_guest_converges_within_the_budget() {
+    let mut options = Case::default().options;
+    options.downtime_max = Duration::from_millis(3);
+    let e = run(Case {
+        wss_bytes: 8 << 20,
+        writes_per_sec: 200_000,
+        options,
+        ..Case::default()
+    });
+    assert!(e.report.completed(), "{:?}", e.report);
+    assert_eq!(e.memory_equal_at_pause, Some(true));
+    assert!(e.report.rounds > 2, "a dirtying guest needs several rounds");
+    assert!(e.report.predicted_downtime_ms <= 3.0);
+}
+
+#[test]
+fn guest_outrunning_the_link_is_throttled_until_it_converges() {
+    let e = run(Case {
+        wss_bytes: 16 << 20,
+        writes_per_sec: 2_000_000,
+        bandwidth_bytes_per_s: 100e6,
+        ..Case::default()
+    });
+    assert!(e.report.completed(), "{:?}", e.report);
+    assert!(e.report.throttle_max_percent > 0, "{:?}", e.report);
+    assert_eq!(e.memory_equal_at_pause, Some(true));
+}
+
+#[test]
+fn non_convergence_aborts_and_leaves_the_vm_running_on_the_source() {
+    let mut options = Case::default().options;
+    options.auto_converge = false;
+    options.precopy_time_max = Duration::from_secs(2);
+    let e = run(Case {
+        wss_bytes: 16 << 20,
+        writes_per_sec: 2_000_000,
+        bandwidth_bytes_per_s: 100e6,
+        options,
+        ..Case::default()
+    });
+    let Outcome::Aborted { reason } = &e.report.outcome else {
+        panic!("{:?}", e.report)
+    };
+    assert!(reason.contains("did not converge"), "{reason}");
+    assert!(e.source_running && !e.source_freed);
+    assert!(matches!(e.dest, DestOutcome::Discarded(_)));
+    assert!(!e.dest_running);
+}
+
+#[test]
+fn missing_cpu_feature_is_refused_by_name() {
+    let e = run(Case {
+        features: vec!["sse2", "avx512f"],
+        ..Case::default()
+    });
+    let Outcome::Aborted { reason } = &e.report.outcome else {
+        panic!("{:?}", e.report)
+    };
+    assert!(reason.contains("missing CPU features: avx512f"), "{reason}");
+    assert!(e.source_running);
+    assert_one_owner(&e);
+}
+
+#[test]
+fn broken_link_before_the_release_resumes_on_the_source() {
+    // Cut at every point up to the commit: offer, accept, rounds,
+    // switchover, ready.
+    for cut in 1..=6 {
+        let e = run(Case {
+            wss_bytes: 4 << 20,
+            cut_after_messages: Some(cut),
+            ..Case::default()
+        });
+        assert!(
+            matches!(e.report.outcome, Outcome::Aborted { .. }),
+            "cut {cut}: {:?}",
+            e.report
+        );
+        assert!(e.source_running, "cut {cut}: the VM must run on the source");
+        assert!(!e.dest_running, "cut {cut}");
+        assert_one_owner(&e);
+    }
+}
+
+#[test]
+fn broken_link_after_the_release_leaves_the_source_paused() {
+    // Count the messages of a clean run (offer, accepted, one
+    // acknowledgement per round, switchover, ready, commit, resumed), then
+    // lose the last one: the commit went through, the answer did not.
+    let clean = run(Case::default());
+    assert!(clean.report.completed());
+    let messages = 2 + clean.report.rounds as usize + 4;
+    let e = run(Case {
+        cut_after_messages: Some(messages),
+        ..Case::default()
+    });
+    assert!(
+        matches!(e.report.outcome, Outcome::InDoubt { .. }),
+        "{:?}",
+        e.report
+    );
+    assert!(
+        !e.source_running,
+        "after the release the source never resumes"
+    );
+    assert!(e.dest_running, "the destination owns and runs the VM");
+}
+
+#[test]
+fn cold_migration_moves_a_stopped_vm_without_rounds() {
+    let e = run(Case {
+        stopped: true,
+        ..Case::default()
+    });
+    assert!(e.report.completed(), "{:?}", e.report);
+    assert_eq!(e.report.rounds, 1);
+    assert_eq!(e.report.memory_verified, Some(true));
+    assert!(!e.dest_running && !e.source_running && e.source_freed);
+}

@@ -1,0 +1,220 @@
+//! What source and destination say to each other, as rkyv control messages.
+//!
+//! A migration uses one control stream ([`SourceMsg`] one way,
+//! [`DestMsg`] the other) and `lanes` bulk streams that carry page batches
+//! and a [`LaneMark`] after each round's pages. Every stream a node opens
+//! starts with a [`StreamIntro`] saying what it is for.
+
+// rkyv derives resolver twins of the enums whose fields carry no docs;
+// every item written here is documented.
+#![allow(missing_docs)]
+
+use serde::Serialize;
+
+/// Ethernet address of a VM's NIC.
+pub type Mac = [u8; 6];
+
+/// Formats a MAC the usual way (`52:54:00:12:34:56`).
+pub fn mac_string(mac: &Mac) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Which backend runs a guest, and what it needs to recreate one.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub enum GuestKind {
+    /// A KVM guest (vCPU and device state travel in the switchover).
+    Kvm,
+    /// The in-memory synthetic guest, with its workload.
+    Synthetic {
+        /// Working set in bytes.
+        wss_bytes: u64,
+        /// Workload seed.
+        seed: u64,
+        /// Page writes per second.
+        writes_per_sec: u64,
+    },
+}
+
+/// A VM's definition: what any host needs to run it.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct VmConfig {
+    /// Cluster-unique name.
+    pub name: String,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// CPU features the guest may use; a destination must offer them all.
+    pub cpu_features: Vec<String>,
+    /// NIC address, announced by whichever host runs the VM.
+    pub mac: Mac,
+    /// Backend and workload.
+    pub kind: GuestKind,
+}
+
+/// The first message on every stream a node opens to another.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum StreamIntro {
+    /// A migration's control stream; an [`Offer`] follows.
+    Migration,
+    /// Bulk stream `lane` of `lanes` of migration `migration_id`.
+    Lane {
+        /// The migration.
+        migration_id: u64,
+        /// This stream's lane.
+        lane: u32,
+    },
+    /// A client's request stream.
+    Client,
+}
+
+/// The source's opening proposal.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Offer {
+    /// Chosen by the source, unique on it.
+    pub migration_id: u64,
+    /// The VM.
+    pub vm: VmConfig,
+    /// Ownership generation the VM has on the source.
+    pub generation: u64,
+    /// A stopped VM: memory and state only, no rounds, not resumed.
+    pub cold: bool,
+    /// Bulk streams the source would like to use.
+    pub lanes: u32,
+    /// Hash destination memory before resuming, for the report.
+    pub verify_memory: bool,
+}
+
+/// Why a destination said no.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub enum Refusal {
+    /// The host lacks CPU features the VM uses.
+    MissingCpuFeatures(Vec<String>),
+    /// Not enough free memory.
+    NoMemory {
+        /// Bytes the VM needs.
+        needed_bytes: u64,
+        /// Bytes free.
+        free_bytes: u64,
+    },
+    /// Not enough free vCPUs.
+    NoVcpus {
+        /// vCPUs the VM needs.
+        needed: u32,
+        /// vCPUs free.
+        free: u32,
+    },
+    /// A VM of that name already lives there.
+    AlreadyExists(String),
+    /// The host cannot run this kind of guest.
+    UnsupportedGuest(String),
+    /// The shadow VM could not be created.
+    ShadowFailed(String),
+    /// The offer itself is malformed.
+    BadOffer(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::MissingCpuFeatures(list) => {
+                write!(f, "missing CPU features: {}", list.join(", "))
+            }
+            Self::NoMemory {
+                needed_bytes,
+                free_bytes,
+            } => write!(
+                f,
+                "not enough memory: needs {} MiB, {} MiB free",
+                needed_bytes >> 20,
+                free_bytes >> 20
+            ),
+            Self::NoVcpus { needed, free } => {
+                write!(f, "not enough vCPUs: needs {needed}, {free} free")
+            }
+            Self::AlreadyExists(name) => write!(f, "a VM named {name} already exists there"),
+            Self::UnsupportedGuest(why) => write!(f, "unsupported guest: {why}"),
+            Self::ShadowFailed(why) => write!(f, "could not create the shadow VM: {why}"),
+            Self::BadOffer(why) => write!(f, "bad offer: {why}"),
+        }
+    }
+}
+
+/// Source to destination, on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum SourceMsg {
+    /// Opens the migration.
+    Offer(Offer),
+    /// The vCPUs are paused: `final_round` holds the last pages, `state`
+    /// the vCPU and device state.
+    Switchover {
+        /// The round whose pages complete memory.
+        final_round: u32,
+        /// Backend-encoded vCPU and device state.
+        state: Vec<u8>,
+    },
+    /// The source released the VM: run it (`generation` is its new one).
+    Commit {
+        /// The VM's ownership generation from now on.
+        generation: u64,
+    },
+    /// The migration is off; drop the shadow.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Destination to source, on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum DestMsg {
+    /// The shadow VM is ready; send pages on `lanes` bulk streams.
+    Accepted {
+        /// Bulk streams to open.
+        lanes: u32,
+    },
+    /// No migration.
+    Refused(Refusal),
+    /// Every lane delivered round `round`.
+    RoundReceived {
+        /// The round.
+        round: u32,
+        /// Pages written (data and zero).
+        pages: u64,
+        /// Wire bytes received for the round.
+        bytes: u64,
+    },
+    /// State restored; waiting for the commit.
+    Ready {
+        /// Hash of destination memory, if the offer asked for it.
+        memory_hash: Option<u64>,
+    },
+    /// The VM runs here now (or is stopped here, for a cold migration).
+    Resumed {
+        /// Whether the vCPUs run.
+        running: bool,
+    },
+    /// The destination gave up (before the commit).
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Sent on a bulk stream after a round's pages on that lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct LaneMark {
+    /// The round just completed on this lane.
+    pub round: u32,
+    /// Pages the lane sent in it.
+    pub pages: u64,
+}

@@ -1,0 +1,289 @@
+//! A shared view of guest memory for the bulk copy tasks.
+//!
+//! Migrations copy pages on several streams at once, each on its own task,
+//! while the vCPUs keep running on the source. The [`GuestBackend`] is
+//! owned by the VM actor, so the copy tasks cannot borrow it; they hold a
+//! [`GuestRam`] instead: the address and length of the memory mapping plus
+//! a reference that keeps the mapping alive.
+//!
+//! Reading a page while a vCPU writes it is what every VMM does: the copy
+//! may be torn, and the dirty log records the write, so the page is sent
+//! again. Writes (the destination side) go through [`PageLane`]s, which
+//! split the pages by frame number so no two lanes touch the same page.
+//!
+//! [`GuestBackend`]: crate::guest::GuestBackend
+
+use std::any::Any;
+use std::sync::Arc;
+
+use ferry_transport::batch::BatchSink;
+
+use crate::guest::{GuestError, PAGE_BYTES};
+
+#[allow(clippy::cast_possible_truncation)] // 4096 fits every usize
+const PAGE_LEN: usize = PAGE_BYTES as usize;
+
+/// Guest memory as one contiguous mapping.
+#[derive(Clone)]
+pub struct GuestRam {
+    base: *mut u8,
+    bytes: u64,
+    _owner: Arc<dyn Any + Send + Sync>,
+}
+
+// SAFETY: the mapping is process memory kept alive by `_owner`; every
+// access goes through raw-pointer copies whose concurrency rules are
+// documented on the methods (racy reads are re-sent via the dirty log,
+// writes are split into disjoint lanes).
+unsafe impl Send for GuestRam {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for GuestRam {}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuestRam {
+    /// A view of `bytes` bytes at `base`, kept alive by `owner`.
+    ///
+    /// # Safety
+    /// `base..base + bytes` must be a readable and writable mapping that
+    /// stays mapped for as long as `owner` lives, and `bytes` must be a
+    /// multiple of the page size.
+    pub unsafe fn from_raw(base: *mut u8, bytes: u64, owner: Arc<dyn Any + Send + Sync>) -> Self {
+        assert!(bytes.is_multiple_of(PAGE_BYTES), "memory is whole pages");
+        Self {
+            base,
+            bytes,
+            _owner: owner,
+        }
+    }
+
+    /// Fresh zeroed memory owned by the view itself (synthetic guests).
+    pub fn allocate(bytes: u64) -> Self {
+        let block = Arc::new(OwnedBlock::zeroed(bytes));
+        let base = block.ptr;
+        // SAFETY: the block owns exactly `bytes` bytes at `base` and the view
+        // keeps the block alive.
+        unsafe { Self::from_raw(base, bytes, block) }
+    }
+
+    /// Bytes of memory.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Pages of memory.
+    pub fn pages(&self) -> u64 {
+        self.bytes / PAGE_BYTES
+    }
+
+    fn page_ptr(&self, gfn: u64) -> Result<*mut u8, GuestError> {
+        if gfn >= self.pages() {
+            return Err(GuestError::OutOfRange(gfn));
+        }
+        let offset = usize::try_from(gfn * PAGE_BYTES).map_err(|_| GuestError::OutOfRange(gfn))?;
+        // SAFETY: `offset` is inside the mapping (checked above).
+        Ok(unsafe { self.base.add(offset) })
+    }
+
+    /// Copies page `gfn` into `dst`. A vCPU writing the page meanwhile may
+    /// leave the copy torn; the dirty log then has the page for the next round.
+    pub fn read_page(&self, gfn: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+        assert_eq!(dst.len(), PAGE_LEN, "page buffer of {} bytes", dst.len());
+        let src = self.page_ptr(gfn)?;
+        // SAFETY: `src` points at a whole page inside the live mapping, and
+        // `dst` is a distinct buffer of one page.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_LEN) };
+        Ok(())
+    }
+
+    /// Reads eight bytes at byte address `addr` (status words).
+    pub fn read_u64(&self, addr: u64) -> Result<u64, GuestError> {
+        let page = self.page_ptr(addr / PAGE_BYTES)?;
+        let within = usize::try_from(addr % PAGE_BYTES).expect("below a page");
+        if within + 8 > PAGE_LEN {
+            return Err(GuestError::OutOfRange(addr / PAGE_BYTES + 1));
+        }
+        let mut bytes = [0u8; 8];
+        // SAFETY: the eight bytes lie inside one page of the live mapping.
+        unsafe { std::ptr::copy_nonoverlapping(page.add(within), bytes.as_mut_ptr(), 8) };
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// Writes `value` at byte address `addr` as a guest vCPU would (the
+    /// synthetic guest's stores).
+    pub fn write_u64(&self, addr: u64, value: u64) -> Result<(), GuestError> {
+        let page = self.page_ptr(addr / PAGE_BYTES)?;
+        let within = usize::try_from(addr % PAGE_BYTES).expect("below a page");
+        if within + 8 > PAGE_LEN {
+            return Err(GuestError::OutOfRange(addr / PAGE_BYTES + 1));
+        }
+        // SAFETY: the eight bytes lie inside one page of the live mapping.
+        unsafe { std::ptr::copy_nonoverlapping(value.to_le_bytes().as_ptr(), page.add(within), 8) };
+        Ok(())
+    }
+
+    /// Writes page `gfn` from `src`.
+    pub fn write_page(&self, gfn: u64, src: &[u8]) -> Result<(), GuestError> {
+        assert_eq!(src.len(), PAGE_LEN, "page of {} bytes", src.len());
+        let dst = self.page_ptr(gfn)?;
+        // SAFETY: `dst` is a whole page inside the live mapping; `src` is a
+        // distinct buffer of one page.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_LEN) };
+        Ok(())
+    }
+
+    /// Fills bytes `from..to` with the output of a xorshift generator
+    /// seeded with `seed` (the synthetic guest's boot fill).
+    pub fn fill_random(&self, from: u64, to: u64, seed: u64) {
+        assert!(from <= to && to <= self.bytes && from.is_multiple_of(8));
+        let mut state = seed | 1;
+        let mut addr = from;
+        while addr + 8 <= to {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            self.write_u64(addr, state).expect("inside memory");
+            addr += 8;
+        }
+    }
+
+    /// xxh3 of the whole memory, hashed in page order. Take it only while
+    /// the vCPUs are paused, or it describes no instant of the guest.
+    pub fn hash(&self) -> u64 {
+        let len = usize::try_from(self.bytes).expect("mapped, so it fits");
+        // SAFETY: the mapping is live for `self`'s lifetime; the caller keeps
+        // writers away (paused vCPUs, no lanes writing) while it is read.
+        let all = unsafe { std::slice::from_raw_parts(self.base.cast_const(), len) };
+        xxhash_rust::xxh3::xxh3_64(all)
+    }
+
+    /// The writer for pages whose frame number is `lane` modulo `lanes`.
+    ///
+    /// # Safety
+    /// No two live lanes of the same memory may share a `lane` index for the
+    /// same `lanes`, and nothing else may write the memory while lanes
+    /// live (the destination's shadow VM stays paused while pages arrive).
+    pub unsafe fn lane(&self, lane: u32, lanes: u32) -> PageLane {
+        assert!(lane < lanes, "lane {lane} of {lanes}");
+        PageLane {
+            ram: self.clone(),
+            lane,
+            lanes,
+            pages: 0,
+        }
+    }
+}
+
+/// One of several disjoint page writers into guest memory: it takes only
+/// pages whose frame number is `lane` modulo `lanes`.
+#[derive(Debug)]
+pub struct PageLane {
+    ram: GuestRam,
+    lane: u32,
+    lanes: u32,
+    /// Pages written (data or zero).
+    pub pages: u64,
+}
+
+impl PageLane {
+    fn page(&mut self, gfn: u64, len: usize) -> Result<*mut u8, String> {
+        if len != PAGE_LEN {
+            return Err(format!("entry of {len} bytes, pages are {PAGE_LEN}"));
+        }
+        if gfn % u64::from(self.lanes) != u64::from(self.lane) {
+            return Err(format!(
+                "page {gfn} does not belong to stream {} of {}",
+                self.lane, self.lanes
+            ));
+        }
+        let ptr = self.ram.page_ptr(gfn).map_err(|e| e.to_string())?;
+        self.pages += 1;
+        Ok(ptr)
+    }
+}
+
+impl BatchSink for PageLane {
+    fn slot(&mut self, addr: u64, len: usize) -> Result<&mut [u8], String> {
+        let ptr = self.page(addr, len)?;
+        // SAFETY: the page is inside the live mapping and belongs to this
+        // lane alone (the contract of `GuestRam::lane`); the slice lives
+        // only until the next call on `self`.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_LEN) })
+    }
+
+    fn zero(&mut self, addr: u64, len: usize) -> Result<(), String> {
+        let ptr = self.page(addr, len)?;
+        // SAFETY: as in `slot`.
+        unsafe { std::ptr::write_bytes(ptr, 0, PAGE_LEN) };
+        Ok(())
+    }
+}
+
+/// Zeroed heap memory owned by a [`GuestRam`].
+struct OwnedBlock {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the block is plain heap memory; access rules are `GuestRam`'s.
+unsafe impl Send for OwnedBlock {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for OwnedBlock {}
+
+impl OwnedBlock {
+    fn zeroed(bytes: u64) -> Self {
+        let len = usize::try_from(bytes).expect("memory fits the address space");
+        let layout = std::alloc::Layout::from_size_align(len.max(PAGE_LEN), PAGE_LEN)
+            .expect("page-aligned layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Self { ptr, layout }
+    }
+}
+
+impl Drop for OwnedBlock {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_round_trip_and_lanes_refuse_foreign_pages() {
+        let ram = GuestRam::allocate(8 * PAGE_BYTES);
+        ram.write_page(3, &[7u8; PAGE_LEN]).expect("write");
+        let mut page = vec![0u8; PAGE_LEN];
+        ram.read_page(3, &mut page).expect("read");
+        assert!(page.iter().all(|b| *b == 7));
+        assert!(ram.read_page(8, &mut page).is_err());
+
+        // SAFETY: the only lane of this memory.
+        let mut lane = unsafe { ram.lane(1, 2) };
+        assert!(lane.slot(2, PAGE_LEN).is_err(), "page 2 is lane 0's");
+        lane.zero(3, PAGE_LEN).expect("page 3 is lane 1's");
+        assert_eq!(ram.read_u64(3 * PAGE_BYTES).expect("read"), 0);
+        assert!(lane.slot(1, 100).is_err(), "partial pages are refused");
+        assert_eq!(lane.pages, 1);
+    }
+
+    #[test]
+    fn hash_sees_every_byte() {
+        let ram = GuestRam::allocate(4 * PAGE_BYTES);
+        let before = ram.hash();
+        ram.write_u64(4 * PAGE_BYTES - 8, 1).expect("write");
+        assert_ne!(ram.hash(), before);
+    }
+}
