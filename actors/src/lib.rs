@@ -27,7 +27,9 @@
 //! assert_eq!(guest.take_dirty().unwrap().count(), 100);
 //! ```
 
+pub mod api;
 pub mod guest;
 pub mod migration;
+pub mod node;
 pub mod ram;
 pub mod synthetic;

@@ -48,10 +48,25 @@ pub struct SyntheticGuest {
 }
 
 impl SyntheticGuest {
+    /// Whether `params` describe a guest that can be made.
+    pub fn check(params: &SyntheticParams) -> Result<(), &'static str> {
+        if params.memory_bytes < 2 << 20 || !params.memory_bytes.is_multiple_of(PAGE_BYTES) {
+            return Err("memory must be whole pages, at least 2 MiB");
+        }
+        if FILL_START + params.wss_bytes > params.memory_bytes {
+            return Err("the working set must fit above 1 MiB");
+        }
+        Ok(())
+    }
+
     /// A blank, paused guest of `params.memory_bytes` (all zero).
+    ///
+    /// # Panics
+    /// If [`Self::check`] refuses `params`.
     pub fn blank(params: SyntheticParams) -> Self {
-        assert!(params.memory_bytes >= 2 << 20 && params.memory_bytes.is_multiple_of(PAGE_BYTES));
-        assert!(FILL_START + params.wss_bytes <= params.memory_bytes);
+        if let Err(why) = Self::check(&params) {
+            panic!("synthetic guest: {why}");
+        }
         Self {
             params,
             memory: GuestRam::allocate(params.memory_bytes),

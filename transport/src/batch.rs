@@ -237,6 +237,29 @@ impl BatchBuilder {
         gfn: u64,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<bool, E> {
+        self.fill_page(gfn, fill, true)
+    }
+
+    /// As [`Self::push_page_with`], but a zero page is left out entirely
+    /// (for a receiver whose memory starts zeroed, as on the first round of
+    /// a migration). Returns whether the page was zero.
+    ///
+    /// # Panics
+    /// On an extent builder or a full batch.
+    pub fn push_nonzero_page_with<E>(
+        &mut self,
+        gfn: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        self.fill_page(gfn, fill, false)
+    }
+
+    fn fill_page<E>(
+        &mut self,
+        gfn: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+        keep_zero: bool,
+    ) -> Result<bool, E> {
         assert_eq!(
             self.kind,
             BatchKind::Pages,
@@ -255,6 +278,9 @@ impl BatchBuilder {
         let zero = is_zero(&self.data[at..]);
         if zero {
             self.data.truncate(at);
+            if !keep_zero {
+                return Ok(true);
+            }
         }
         self.push_entry(gfn, PAGE_BYTES, zero);
         Ok(zero)
@@ -494,6 +520,24 @@ impl BatchSink for SliceSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonzero_push_leaves_zero_pages_out() {
+        let mut b = BatchBuilder::new(BatchKind::Pages);
+        let zero = b
+            .push_nonzero_page_with(1, |p| {
+                p.fill(0);
+                Ok::<(), ()>(())
+            })
+            .expect("fill");
+        assert!(zero && b.is_empty());
+        b.push_nonzero_page_with(2, |p| {
+            p.fill(9);
+            Ok::<(), ()>(())
+        })
+        .expect("fill");
+        assert_eq!((b.len(), b.data_len()), (1, PAGE_BYTES));
+    }
 
     fn page(fill: u8) -> Vec<u8> {
         vec![fill; PAGE_BYTES]

@@ -43,7 +43,7 @@ pub fn admit(offer: &Offer, capacity: &Capacity, used: Usage, exists: bool) -> R
     if exists {
         return Err(Refusal::AlreadyExists(vm.name.clone()));
     }
-    if matches!(vm.kind, GuestKind::Kvm) && !capacity.kvm {
+    if matches!(vm.kind, GuestKind::Kvm { .. }) && !capacity.kvm {
         return Err(Refusal::UnsupportedGuest(
             "KVM guest, but this host has no /dev/kvm".into(),
         ));
@@ -142,7 +142,7 @@ mod tests {
             Err(Refusal::AlreadyExists(_))
         ));
         let mut kvm = offer(&[], 1 << 20);
-        kvm.vm.kind = GuestKind::Kvm;
+        kvm.vm.kind = GuestKind::Kvm { wss_bytes: 0 };
         assert!(matches!(
             admit(&kvm, &c, Usage::default(), false),
             Err(Refusal::UnsupportedGuest(_))

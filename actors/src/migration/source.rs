@@ -128,6 +128,7 @@ pub struct SourceMachine {
     state_bytes: u64,
     source_hash: Option<u64>,
     dest_hash: Option<u64>,
+    lanes: u32,
 }
 
 impl SourceMachine {
@@ -175,6 +176,7 @@ impl SourceMachine {
             state_bytes: 0,
             source_hash: None,
             dest_hash: None,
+            lanes: 0,
         }
     }
 
@@ -186,6 +188,16 @@ impl SourceMachine {
         self.actions
             .push_back(SourceAction::Send(SourceMsg::Offer(self.offer.clone())));
         self.progress("offer", 0, self.pages_total);
+    }
+
+    /// The offer this migration makes.
+    pub fn offer(&self) -> &Offer {
+        &self.offer
+    }
+
+    /// Bulk streams the destination accepted (0 before it did).
+    pub fn lanes(&self) -> u32 {
+        self.lanes
     }
 
     /// The next thing to do.
@@ -220,6 +232,7 @@ impl SourceMachine {
                     self.state = State::Offered;
                     return self.fail(now, format!("destination asked for {lanes} lanes"));
                 }
+                self.lanes = lanes;
                 if !self.offer.cold {
                     self.actions.push_back(SourceAction::StartDirtyLog);
                     self.logging = true;

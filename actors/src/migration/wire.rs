@@ -27,8 +27,12 @@ pub fn mac_string(mac: &Mac) -> String {
     Debug, Clone, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 pub enum GuestKind {
-    /// A KVM guest (vCPU and device state travel in the switchover).
-    Kvm,
+    /// A KVM guest running the built-in test workload (vCPU and device
+    /// state travel in the switchover).
+    Kvm {
+        /// Working set the workload rewrites, in bytes.
+        wss_bytes: u64,
+    },
     /// The in-memory synthetic guest, with its workload.
     Synthetic {
         /// Working set in bytes.
@@ -73,6 +77,14 @@ pub enum StreamIntro {
     },
     /// A client's request stream.
     Client,
+    /// A MAC moved: `mac` now lives on `host` (the virtual network's
+    /// gratuitous ARP).
+    Announce {
+        /// The NIC address.
+        mac: Mac,
+        /// Where it lives now.
+        host: String,
+    },
 }
 
 /// The source's opening proposal.

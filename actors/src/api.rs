@@ -1,0 +1,319 @@
+//! The programmatic API: drive a ferry cluster from Rust.
+//!
+//! ```no_run
+//! # async fn demo<T: ferry_transport::Transport>(cluster: ferry_actors::api::Cluster<T>)
+//! # -> Result<(), ferry_actors::api::ClientError> {
+//! let report = cluster.vm("web-1").migrate_to("host-b").downtime_ms(50).await?;
+//! println!("{}", report.to_text());
+//! # Ok(()) }
+//! ```
+//!
+//! A [`Cluster`] knows the nodes by name and address and talks to each over
+//! the transport with the caller's (client) certificate, using the request
+//! protocol of [`crate::node::client`].
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ferry_transport::{FrameKind, Transport};
+
+use crate::migration::{MigrationReport, Progress, StreamIntro};
+use crate::node::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
+use crate::node::open_stream;
+use crate::node::vm::VmInfo;
+
+/// Why a client call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// No node of that name.
+    #[error("no node named {0}")]
+    NoSuchNode(String),
+    /// No node has the VM.
+    #[error("no node has a VM named {0}")]
+    NoSuchVm(String),
+    /// The link to a node failed.
+    #[error("{node}: {reason}")]
+    Link {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node refused or failed the request.
+    #[error("{node}: {reason}")]
+    Node {
+        /// The node.
+        node: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// The node answered something unexpected.
+    #[error("{0}: unexpected reply")]
+    Unexpected(String),
+}
+
+type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
+/// A client of a ferry cluster.
+pub struct Cluster<T: Transport> {
+    transport: Arc<T>,
+    nodes: Vec<(String, T::Addr)>,
+    conns: tokio::sync::Mutex<HashMap<String, T::Connection>>,
+}
+
+impl<T: Transport> Cluster<T> {
+    /// A client that reaches `nodes` (name, address) through `transport`.
+    pub fn new(transport: Arc<T>, nodes: Vec<(String, T::Addr)>) -> Self {
+        Self {
+            transport,
+            nodes,
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The nodes' names.
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    async fn conn(&self, node: &str) -> Result<T::Connection, ClientError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(node) {
+            return Ok(c.clone());
+        }
+        let addr = self
+            .nodes
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, a)| a.clone())
+            .ok_or_else(|| ClientError::NoSuchNode(node.to_owned()))?;
+        let link = |reason: String| ClientError::Link {
+            node: node.to_owned(),
+            reason,
+        };
+        let conn = self
+            .transport
+            .connect(&addr)
+            .await
+            .map_err(|e| link(e.to_string()))?;
+        let name = self.transport.local_identity().name.clone();
+        ferry_transport::session::open(conn.clone(), &name)
+            .await
+            .map_err(|e| link(e.to_string()))?;
+        conns.insert(node.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `request` to `node`; progress replies go to `on_progress`.
+    pub async fn request(
+        &self,
+        node: &str,
+        request: &ClientRequest,
+        mut on_progress: Option<&mut ProgressFn>,
+    ) -> Result<ClientReply, ClientError> {
+        let conn = self.conn(node).await?;
+        let link = |reason: String| ClientError::Link {
+            node: node.to_owned(),
+            reason,
+        };
+        let (mut writer, mut reader) = open_stream(&conn, &StreamIntro::Client)
+            .await
+            .map_err(link)?;
+        writer
+            .send_message(FrameKind::Control, request)
+            .await
+            .map_err(|e| link(e.to_string()))?;
+        loop {
+            let reply = reader
+                .read_message::<ClientReply>(FrameKind::Control)
+                .await
+                .map_err(|e| link(e.to_string()))?;
+            match reply {
+                ClientReply::Progress(p) => {
+                    if let Some(f) = on_progress.as_mut() {
+                        f(&p);
+                    }
+                }
+                ClientReply::Error(reason) => {
+                    let _ = writer.finish();
+                    return Err(ClientError::Node {
+                        node: node.to_owned(),
+                        reason,
+                    });
+                }
+                other => {
+                    let _ = writer.finish();
+                    return Ok(other);
+                }
+            }
+        }
+    }
+
+    /// Defines a VM on `node` (stopped).
+    pub async fn create_vm(&self, node: &str, spec: VmSpec) -> Result<(), ClientError> {
+        self.expect_ok(node, &ClientRequest::CreateVm(spec)).await
+    }
+
+    async fn expect_ok(&self, node: &str, request: &ClientRequest) -> Result<(), ClientError> {
+        match self.request(node, request, None).await? {
+            ClientReply::Ok => Ok(()),
+            _ => Err(ClientError::Unexpected(node.to_owned())),
+        }
+    }
+
+    /// The VMs on `node`.
+    pub async fn list_vms(&self, node: &str) -> Result<Vec<VmInfo>, ClientError> {
+        match self.request(node, &ClientRequest::ListVms, None).await? {
+            ClientReply::Vms(v) => Ok(v),
+            _ => Err(ClientError::Unexpected(node.to_owned())),
+        }
+    }
+
+    /// `node`'s MAC table: MAC, host.
+    pub async fn mac_table(&self, node: &str) -> Result<Vec<(String, String)>, ClientError> {
+        match self.request(node, &ClientRequest::MacTable, None).await? {
+            ClientReply::Macs(m) => Ok(m),
+            _ => Err(ClientError::Unexpected(node.to_owned())),
+        }
+    }
+
+    /// The node a VM lives on.
+    pub async fn locate(&self, vm: &str) -> Result<String, ClientError> {
+        for (node, _) in &self.nodes {
+            if self
+                .list_vms(node)
+                .await?
+                .iter()
+                .any(|v| v.name == vm && v.phase != crate::node::vm::VmPhase::Incoming)
+            {
+                return Ok(node.clone());
+            }
+        }
+        Err(ClientError::NoSuchVm(vm.to_owned()))
+    }
+
+    /// A handle on VM `name`.
+    pub fn vm(&self, name: &str) -> VmHandle<'_, T> {
+        VmHandle {
+            cluster: self,
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// One VM of a [`Cluster`].
+pub struct VmHandle<'a, T: Transport> {
+    cluster: &'a Cluster<T>,
+    name: String,
+}
+
+impl<'a, T: Transport> VmHandle<'a, T> {
+    /// Runs its vCPUs.
+    pub async fn start(&self) -> Result<(), ClientError> {
+        let node = self.cluster.locate(&self.name).await?;
+        self.cluster
+            .expect_ok(&node, &ClientRequest::StartVm(self.name.clone()))
+            .await
+    }
+
+    /// Stops its vCPUs.
+    pub async fn stop(&self) -> Result<(), ClientError> {
+        let node = self.cluster.locate(&self.name).await?;
+        self.cluster
+            .expect_ok(&node, &ClientRequest::StopVm(self.name.clone()))
+            .await
+    }
+
+    /// A migration to `host`, to be configured and awaited.
+    pub fn migrate_to(self, host: &str) -> Migrate<'a, T> {
+        Migrate {
+            cluster: self.cluster,
+            vm: self.name,
+            to: host.to_owned(),
+            options: MigrateOptions::default(),
+            on_progress: None,
+        }
+    }
+}
+
+/// A migration being set up; `.await` runs it and yields the report
+/// (which may say it aborted: see [`MigrationReport::outcome`]).
+pub struct Migrate<'a, T: Transport> {
+    cluster: &'a Cluster<T>,
+    vm: String,
+    to: String,
+    options: MigrateOptions,
+    on_progress: Option<ProgressFn>,
+}
+
+impl<'a, T: Transport> Migrate<'a, T> {
+    /// Downtime budget.
+    pub fn downtime_ms(mut self, ms: u64) -> Self {
+        self.options.downtime_ms = ms;
+        self
+    }
+
+    /// Pre-copy time limit.
+    pub fn time_limit_s(mut self, s: u64) -> Self {
+        self.options.time_limit_s = s;
+        self
+    }
+
+    /// Throttle when rounds stop shrinking (on by default).
+    pub fn auto_converge(mut self, on: bool) -> Self {
+        self.options.auto_converge = on;
+        self
+    }
+
+    /// Bulk streams.
+    pub fn lanes(mut self, lanes: u32) -> Self {
+        self.options.lanes = lanes;
+        self
+    }
+
+    /// Compare memory hashes before the destination resumes.
+    pub fn verify_memory(mut self, on: bool) -> Self {
+        self.options.verify_memory = on;
+        self
+    }
+
+    /// Cold migration of a stopped VM.
+    pub fn cold(mut self, on: bool) -> Self {
+        self.options.cold = on;
+        self
+    }
+
+    /// Called with each progress update.
+    pub fn on_progress(mut self, f: impl FnMut(&Progress) + Send + 'static) -> Self {
+        self.on_progress = Some(Box::new(f));
+        self
+    }
+
+    async fn run(mut self) -> Result<MigrationReport, ClientError> {
+        let node = self.cluster.locate(&self.vm).await?;
+        let request = ClientRequest::Migrate {
+            vm: self.vm,
+            to: self.to,
+            options: self.options,
+        };
+        match self
+            .cluster
+            .request(&node, &request, self.on_progress.as_mut())
+            .await?
+        {
+            ClientReply::Report(r) => Ok(r),
+            _ => Err(ClientError::Unexpected(node)),
+        }
+    }
+}
+
+impl<'a, T: Transport> IntoFuture for Migrate<'a, T> {
+    type Output = Result<MigrationReport, ClientError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}

@@ -1,0 +1,131 @@
+//! The client protocol: what `ferry` commands and [`crate::api::Cluster`]
+//! ask a node, on a stream introduced as [`StreamIntro::Client`].
+//!
+//! One request per stream; the node answers with zero or more
+//! [`ClientReply::Progress`] and then exactly one final reply.
+//!
+//! [`StreamIntro::Client`]: crate::migration::StreamIntro::Client
+
+// rkyv derives resolver twins of the enums whose fields carry no docs;
+// every item written here is documented.
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use super::vm::VmInfo;
+use crate::migration::{MigrationOptions, MigrationReport, Progress};
+
+/// A VM to define.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct VmSpec {
+    /// Name, unique in the cluster.
+    pub name: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Working set the test workload rewrites, in MiB (0: idle).
+    pub wss_mib: u64,
+    /// Use the synthetic guest even where KVM works.
+    pub synthetic: bool,
+    /// CPU features the guest is declared to use (empty: the host's).
+    pub cpu_features: Vec<String>,
+}
+
+/// Migration options as a client sends them.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct MigrateOptions {
+    /// Downtime budget in milliseconds.
+    pub downtime_ms: u64,
+    /// Pre-copy time limit in seconds.
+    pub time_limit_s: u64,
+    /// Throttle the guest when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// Bulk streams.
+    pub lanes: u32,
+    /// Compare memory hashes before resuming.
+    pub verify_memory: bool,
+    /// Cold migration (the VM must be stopped).
+    pub cold: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        let d = MigrationOptions::default();
+        Self {
+            downtime_ms: u64::try_from(d.downtime_max.as_millis()).unwrap_or(u64::MAX),
+            time_limit_s: d.precopy_time_max.as_secs(),
+            auto_converge: d.auto_converge,
+            lanes: d.lanes,
+            verify_memory: d.verify_memory,
+            cold: d.cold,
+        }
+    }
+}
+
+impl MigrateOptions {
+    /// The full options these stand for.
+    pub fn to_options(&self) -> MigrationOptions {
+        MigrationOptions {
+            downtime_max: Duration::from_millis(self.downtime_ms),
+            precopy_time_max: Duration::from_secs(self.time_limit_s),
+            auto_converge: self.auto_converge,
+            lanes: self.lanes,
+            verify_memory: self.verify_memory,
+            cold: self.cold,
+            ..MigrationOptions::default()
+        }
+    }
+}
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ClientRequest {
+    /// Define a VM (memory allocated, workload loaded, vCPUs stopped).
+    CreateVm(VmSpec),
+    /// Run a VM's vCPUs.
+    StartVm(String),
+    /// Stop a VM's vCPUs.
+    StopVm(String),
+    /// Remove a stopped VM.
+    DeleteVm(String),
+    /// The VMs on this node.
+    ListVms,
+    /// Move a VM to another host.
+    Migrate {
+        /// The VM.
+        vm: String,
+        /// Destination host.
+        to: String,
+        /// How.
+        options: MigrateOptions,
+    },
+    /// Where this node believes each MAC lives.
+    MacTable,
+}
+
+/// A reply.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ClientReply {
+    /// Done.
+    Ok,
+    /// The VM list.
+    Vms(Vec<VmInfo>),
+    /// Migration progress (more replies follow).
+    Progress(Progress),
+    /// Migration report (final).
+    Report(MigrationReport),
+    /// MAC table entries: MAC, host.
+    Macs(Vec<(String, String)>),
+    /// The request failed.
+    Error(String),
+}
+
+/// Whether a certificate role may make `request`.
+pub fn allowed(role: ferry_transport::Role, request: &ClientRequest) -> bool {
+    use ferry_transport::Role;
+    match request {
+        ClientRequest::ListVms | ClientRequest::MacTable => true,
+        _ => matches!(role, Role::Admin | Role::Operator),
+    }
+}

@@ -1,0 +1,554 @@
+//! `HostActor`: one per node. Owns the VMs, admits incoming migrations,
+//! starts outgoing ones and keeps the virtual network's MAC table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use ferry_transport::{FrameKind, FrameReader, FrameWriter, Transport};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::{mpsc, oneshot};
+
+use super::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
+use super::destination::{DestArgs, DestEnd, DestPump, MigrationDestination};
+use super::factory::GuestFactory;
+use super::source::{MigrationSource, SourceArgs};
+use super::vm::{VmActor, VmArgs, VmInfo, VmMsg, VmPhase, with_guest};
+use super::{NodeCtx, NodeError, open_stream};
+use crate::migration::wire::mac_string;
+use crate::migration::{
+    Capacity, DestMachine, DestMsg, GuestKind, Mac, Offer, SourceMachine, StreamIntro, Usage,
+    VmConfig, admit,
+};
+use crate::synthetic::WRITES_PER_SEC_DEFAULT;
+
+type Conn<T> = <T as Transport>::Connection;
+type Recv<T> = <Conn<T> as ferry_transport::Connection>::Recv;
+type Send_<T> = <Conn<T> as ferry_transport::Connection>::Send;
+
+/// Messages to a [`HostActor`].
+pub enum HostMsg<T: Transport> {
+    /// A client request; replies go to the sender.
+    Client(ClientRequest, mpsc::UnboundedSender<ClientReply>),
+    /// A peer offers a VM.
+    IncomingMigration {
+        /// The peer host.
+        peer: String,
+        /// Its offer.
+        offer: Offer,
+        /// Control stream, sending half.
+        writer: FrameWriter<Send_<T>>,
+        /// Control stream, receiving half.
+        reader: FrameReader<Recv<T>>,
+    },
+    /// A lane of an incoming migration.
+    IncomingLane {
+        /// The peer host.
+        peer: String,
+        /// Its migration id.
+        migration_id: u64,
+        /// The lane.
+        lane: u32,
+        /// The stream.
+        reader: FrameReader<Recv<T>>,
+    },
+    /// An incoming migration ended.
+    IncomingEnded {
+        /// The peer host and its migration id.
+        key: (String, u64),
+        /// The VM.
+        vm: String,
+        /// How.
+        end: DestEnd,
+    },
+    /// The VM moved away: forget it.
+    VmLeft(String),
+    /// `mac` lives on `host` now.
+    Announce {
+        /// NIC address.
+        mac: Mac,
+        /// Host.
+        host: String,
+    },
+}
+
+/// What a host is started with.
+pub struct HostArgs<T: Transport> {
+    /// Name, transport, peers.
+    pub ctx: Arc<NodeCtx<T>>,
+    /// What VMs may use here.
+    pub capacity: Capacity,
+    /// Makes guests.
+    pub factory: Arc<dyn GuestFactory>,
+}
+
+struct VmEntry {
+    config: VmConfig,
+    /// `None` while an incoming migration holds the reservation.
+    actor: Option<ActorRef<VmMsg>>,
+}
+
+/// The host actor.
+pub struct HostActor<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> Default for HostActor<T> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+/// The actor's state.
+pub struct HostState<T: Transport> {
+    ctx: Arc<NodeCtx<T>>,
+    capacity: Capacity,
+    factory: Arc<dyn GuestFactory>,
+    vms: BTreeMap<String, VmEntry>,
+    incoming: HashMap<(String, u64), ActorRef<DestPump<Conn<T>>>>,
+    macs: BTreeMap<Mac, String>,
+    next_migration_id: u64,
+}
+
+impl<T: Transport> Actor for HostActor<T> {
+    type Msg = HostMsg<T>;
+    type State = HostState<T>;
+    type Arguments = HostArgs<T>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<HostMsg<T>>,
+        args: HostArgs<T>,
+    ) -> Result<HostState<T>, ActorProcessingErr> {
+        Ok(HostState {
+            ctx: args.ctx,
+            capacity: args.capacity,
+            factory: args.factory,
+            vms: BTreeMap::new(),
+            incoming: HashMap::new(),
+            macs: BTreeMap::new(),
+            next_migration_id: 1,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<HostMsg<T>>,
+        msg: HostMsg<T>,
+        s: &mut HostState<T>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            HostMsg::Client(request, reply) => client_request(&myself, s, request, reply).await,
+            HostMsg::IncomingMigration {
+                peer,
+                offer,
+                writer,
+                reader,
+            } => incoming(&myself, s, peer, offer, writer, reader).await,
+            HostMsg::IncomingLane {
+                peer,
+                migration_id,
+                lane,
+                reader,
+            } => {
+                if let Some(dest) = s.incoming.get(&(peer.clone(), migration_id)) {
+                    let _ = dest.cast(DestPump::Lane(lane, reader));
+                } else {
+                    tracing::warn!(%peer, migration_id, lane, "lane for no migration");
+                }
+            }
+            HostMsg::IncomingEnded { key, vm, end } => {
+                s.incoming.remove(&key);
+                match end {
+                    DestEnd::Adopted(actor) => {
+                        if let Some(entry) = s.vms.get_mut(&vm) {
+                            entry.actor = Some(actor);
+                        }
+                    }
+                    DestEnd::Discarded => {
+                        if s.vms.get(&vm).is_some_and(|e| e.actor.is_none()) {
+                            s.vms.remove(&vm);
+                        }
+                    }
+                }
+            }
+            HostMsg::VmLeft(name) => {
+                if let Some(entry) = s.vms.remove(&name)
+                    && let Some(actor) = entry.actor
+                {
+                    actor.stop(None);
+                }
+            }
+            HostMsg::Announce { mac, host } => {
+                tracing::info!(mac = %mac_string(&mac), %host, "MAC announced");
+                s.macs.insert(mac, host);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: Transport> HostState<T> {
+    fn usage(&self) -> Usage {
+        self.vms.values().fold(Usage::default(), |u, e| Usage {
+            memory_bytes: u.memory_bytes + e.config.memory_bytes,
+            vcpus: u.vcpus + u32::from(e.config.vcpus),
+        })
+    }
+
+    fn vm(&self, name: &str) -> Result<ActorRef<VmMsg>, NodeError> {
+        self.vms
+            .get(name)
+            .and_then(|e| e.actor.clone())
+            .ok_or_else(|| NodeError::NoSuchVm(name.to_owned()))
+    }
+}
+
+/// Tells every peer (and this host) that `mac` lives here.
+fn announce<T: Transport>(myself: &ActorRef<HostMsg<T>>, ctx: &Arc<NodeCtx<T>>, mac: Mac) {
+    let _ = myself.cast(HostMsg::Announce {
+        mac,
+        host: ctx.name.clone(),
+    });
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        for peer in ctx.peers.keys() {
+            let intro = StreamIntro::Announce {
+                mac,
+                host: ctx.name.clone(),
+            };
+            let sent = match ctx.link(peer).await {
+                Ok(conn) => open_stream(&conn, &intro).await.map(|(mut w, _)| {
+                    let _ = w.finish();
+                }),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
+                tracing::warn!(%peer, "announcing {}: {e}", mac_string(&mac));
+            }
+        }
+    });
+}
+
+async fn client_request<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    request: ClientRequest,
+    reply: mpsc::UnboundedSender<ClientReply>,
+) {
+    let answer = |r: Result<ClientReply, NodeError>| {
+        let _ = reply.send(r.unwrap_or_else(|e| ClientReply::Error(e.to_string())));
+    };
+    match request {
+        ClientRequest::CreateVm(spec) => answer(create_vm(myself, s, spec).await),
+        ClientRequest::StartVm(name) => answer(match s.vm(&name) {
+            Ok(vm) => call(&vm, VmMsg::Start).await.map(|()| ClientReply::Ok),
+            Err(e) => Err(e),
+        }),
+        ClientRequest::StopVm(name) => answer(match s.vm(&name) {
+            Ok(vm) => call(&vm, VmMsg::Stop).await.map(|()| ClientReply::Ok),
+            Err(e) => Err(e),
+        }),
+        ClientRequest::DeleteVm(name) => answer(delete_vm(s, &name).await),
+        ClientRequest::ListVms => {
+            let mut list = Vec::new();
+            for entry in s.vms.values() {
+                if let Some(actor) = &entry.actor
+                    && let Ok(info) = actor.call(VmMsg::Info, None).await
+                    && let ractor::rpc::CallResult::Success(info) = info
+                {
+                    list.push(info);
+                }
+            }
+            answer(Ok(ClientReply::Vms(list)));
+        }
+        ClientRequest::MacTable => answer(Ok(ClientReply::Macs(
+            s.macs
+                .iter()
+                .map(|(m, h)| (mac_string(m), h.clone()))
+                .collect(),
+        ))),
+        ClientRequest::Migrate { vm, to, options } => {
+            match start_migration(myself, s, &vm, &to, &options).await {
+                Ok(task) => {
+                    tokio::spawn(task.run(reply));
+                }
+                Err(e) => answer(Err(e)),
+            }
+        }
+    }
+}
+
+async fn call<T: Send + 'static>(
+    vm: &ActorRef<VmMsg>,
+    msg: impl FnOnce(ractor::RpcReplyPort<Result<T, NodeError>>) -> VmMsg,
+) -> Result<T, NodeError> {
+    match vm.call(msg, None).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => r,
+        _ => Err(NodeError::Gone("VM actor".into())),
+    }
+}
+
+fn mac_for(name: &str) -> Mac {
+    let h = xxhash_rust::xxh3::xxh3_64(name.as_bytes()).to_le_bytes();
+    [0x52, 0x54, 0x00, h[0], h[1], h[2]]
+}
+
+async fn create_vm<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    spec: VmSpec,
+) -> Result<ClientReply, NodeError> {
+    if spec.name.is_empty() || spec.name.len() > 64 {
+        return Err(NodeError::BadRequest(
+            "a VM name is 1 to 64 characters".into(),
+        ));
+    }
+    if s.vms.contains_key(&spec.name) {
+        return Err(NodeError::Exists(spec.name));
+    }
+    if spec.memory_mib < 2 || spec.wss_mib + 1 > spec.memory_mib {
+        return Err(NodeError::BadRequest(format!(
+            "{} MiB of memory cannot hold a {} MiB working set above 1 MiB",
+            spec.memory_mib, spec.wss_mib
+        )));
+    }
+    let memory_bytes = spec.memory_mib << 20;
+    let used = s.usage();
+    if used.memory_bytes + memory_bytes > s.capacity.memory_bytes {
+        return Err(NodeError::NoCapacity(format!(
+            "{} MiB wanted, {} MiB free",
+            spec.memory_mib,
+            (s.capacity.memory_bytes - used.memory_bytes.min(s.capacity.memory_bytes)) >> 20
+        )));
+    }
+    if used.vcpus + u32::from(spec.vcpus) > s.capacity.vcpus {
+        return Err(NodeError::NoCapacity(format!(
+            "{} vCPUs wanted, {} free",
+            spec.vcpus,
+            s.capacity.vcpus.saturating_sub(used.vcpus)
+        )));
+    }
+    let kind = if s.factory.kvm() && !spec.synthetic {
+        GuestKind::Kvm {
+            wss_bytes: spec.wss_mib << 20,
+        }
+    } else {
+        GuestKind::Synthetic {
+            wss_bytes: spec.wss_mib << 20,
+            seed: xxhash_rust::xxh3::xxh3_64(spec.name.as_bytes()),
+            writes_per_sec: WRITES_PER_SEC_DEFAULT,
+        }
+    };
+    let cpu_features = if spec.cpu_features.is_empty() {
+        s.capacity.cpu_features.iter().cloned().collect()
+    } else {
+        spec.cpu_features
+    };
+    let config = VmConfig {
+        name: spec.name.clone(),
+        memory_bytes,
+        vcpus: spec.vcpus.max(1),
+        cpu_features,
+        mac: mac_for(&spec.name),
+        kind,
+    };
+    let factory = s.factory.clone();
+    let boot_config = config.clone();
+    let guest = tokio::task::spawn_blocking(move || factory.boot(&boot_config))
+        .await
+        .map_err(|e| NodeError::Guest(e.to_string()))?
+        .map_err(|e| NodeError::Guest(e.to_string()))?;
+    let (actor, _) = Actor::spawn(
+        None,
+        VmActor,
+        VmArgs {
+            config: config.clone(),
+            guest,
+            host: s.ctx.name.clone(),
+            generation: 1,
+            phase: VmPhase::Stopped,
+        },
+    )
+    .await
+    .map_err(|e| NodeError::Gone(format!("VM actor ({e})")))?;
+    announce(myself, &s.ctx, config.mac);
+    s.vms.insert(
+        spec.name,
+        VmEntry {
+            config,
+            actor: Some(actor),
+        },
+    );
+    Ok(ClientReply::Ok)
+}
+
+async fn delete_vm<T: Transport>(
+    s: &mut HostState<T>,
+    name: &str,
+) -> Result<ClientReply, NodeError> {
+    let vm = s.vm(name)?;
+    let info: VmInfo = match vm.call(VmMsg::Info, None).await {
+        Ok(ractor::rpc::CallResult::Success(i)) => i,
+        _ => return Err(NodeError::Gone("VM actor".into())),
+    };
+    if !matches!(info.phase, VmPhase::Stopped | VmPhase::Released) {
+        return Err(NodeError::Busy(format!(
+            "{name} is {:?}; stop it first",
+            info.phase
+        )));
+    }
+    s.vms.remove(name);
+    vm.stop(None);
+    Ok(ClientReply::Ok)
+}
+
+async fn incoming<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    peer: String,
+    offer: Offer,
+    mut writer: FrameWriter<Send_<T>>,
+    reader: FrameReader<Recv<T>>,
+) {
+    let exists = s.vms.contains_key(&offer.vm.name);
+    if let Err(refusal) = admit(&offer, &s.capacity, s.usage(), exists) {
+        tracing::info!(%peer, vm = %offer.vm.name, %refusal, "migration refused");
+        tokio::spawn(async move {
+            let _ = writer
+                .send_message(FrameKind::Control, &DestMsg::Refused(refusal))
+                .await;
+            let _ = writer.finish();
+            // Keep the stream until the source has read the refusal.
+            let mut reader = reader;
+            let _ = reader.next_header().await;
+        });
+        return;
+    }
+    let key = (peer.clone(), offer.migration_id);
+    let name = offer.vm.name.clone();
+    let lanes = offer.lanes.clamp(1, 16);
+    s.vms.insert(
+        name.clone(),
+        VmEntry {
+            config: offer.vm.clone(),
+            actor: None,
+        },
+    );
+    let me = myself.clone();
+    let me2 = myself.clone();
+    let ctx = s.ctx.clone();
+    let end_key = key.clone();
+    let end_name = name.clone();
+    let args = DestArgs {
+        machine: DestMachine::new(super::now(), offer, lanes),
+        writer,
+        reader,
+        factory: s.factory.clone(),
+        host: s.ctx.name.clone(),
+        announce: Box::new(move |mac| announce(&me2, &ctx, mac)),
+        on_end: Box::new(move |end| {
+            let _ = me.cast(HostMsg::IncomingEnded {
+                key: end_key,
+                vm: end_name,
+                end,
+            });
+        }),
+    };
+    match Actor::spawn(None, MigrationDestination::default(), args).await {
+        Ok((dest, _)) => {
+            s.incoming.insert(key, dest);
+        }
+        Err(e) => {
+            tracing::error!("spawning a migration destination: {e}");
+            s.vms.remove(&name);
+        }
+    }
+}
+
+/// An outgoing migration, started and waiting for its report.
+struct MigrationTask {
+    report: oneshot::Receiver<crate::migration::MigrationReport>,
+    progress: mpsc::UnboundedReceiver<crate::migration::Progress>,
+}
+
+impl MigrationTask {
+    async fn run(mut self, reply: mpsc::UnboundedSender<ClientReply>) {
+        loop {
+            tokio::select! {
+                p = self.progress.recv() => match p {
+                    Some(p) => { let _ = reply.send(ClientReply::Progress(p)); }
+                    None => break,
+                },
+                r = &mut self.report => {
+                    let _ = reply.send(match r {
+                        Ok(report) => ClientReply::Report(report),
+                        Err(_) => ClientReply::Error("the migration actor died".into()),
+                    });
+                    return;
+                }
+            }
+        }
+        let _ = reply.send(match self.report.await {
+            Ok(report) => ClientReply::Report(report),
+            Err(_) => ClientReply::Error("the migration actor died".into()),
+        });
+    }
+}
+
+async fn start_migration<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    name: &str,
+    to: &str,
+    options: &MigrateOptions,
+) -> Result<MigrationTask, NodeError> {
+    let options = options.to_options();
+    options.check().map_err(NodeError::BadRequest)?;
+    if to == s.ctx.name {
+        return Err(NodeError::BadRequest(format!(
+            "{name} already lives on {to}"
+        )));
+    }
+    let vm = s.vm(name)?;
+    let conn = s.ctx.link(to).await?;
+    let (config, generation, running) = call(&vm, VmMsg::BeginMigration).await?;
+    if running == options.cold {
+        let _ = vm.cast(VmMsg::MigrationAborted);
+        return Err(NodeError::BadRequest(if options.cold {
+            format!("{name} is running; stop it for a cold migration")
+        } else {
+            format!("{name} is stopped; use a cold migration")
+        }));
+    }
+    let ram = with_guest(&vm, |g| g.ram()).await?;
+    let id = s.next_migration_id;
+    s.next_migration_id += 1;
+    let machine = SourceMachine::new(
+        id,
+        config,
+        generation,
+        s.ctx.name.clone(),
+        to.to_owned(),
+        options,
+    );
+    let (done_tx, done_rx) = oneshot::channel();
+    let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+    let me = myself.clone();
+    let args = SourceArgs {
+        machine,
+        vm: vm.clone(),
+        ram,
+        conn,
+        progress: Some(progress_tx),
+        done: done_tx,
+        on_vm_left: Box::new(move |name| {
+            let _ = me.cast(HostMsg::VmLeft(name));
+        }),
+    };
+    if let Err(e) = Actor::spawn(None, MigrationSource::default(), args).await {
+        let _ = vm.cast(VmMsg::MigrationAborted);
+        return Err(NodeError::Gone(format!("migration actor ({e})")));
+    }
+    Ok(MigrationTask {
+        report: done_rx,
+        progress: progress_rx,
+    })
+}

@@ -1,0 +1,165 @@
+//! The node: actors that own VMs and pump migrations over a [`Transport`].
+//!
+//! - [`host::HostActor`]: one per node; owns the VMs, admits incoming
+//!   migrations, starts outgoing ones, keeps the MAC table of the virtual
+//!   network.
+//! - [`vm::VmActor`]: one per VM; owns its [`GuestBackend`](crate::guest::GuestBackend).
+//! - [`source::MigrationSource`] / [`destination::MigrationDestination`]:
+//!   one pair per migration, each pumping its sans-IO state machine.
+//! - [`net`]: the accept loop and stream dispatch; [`client`]: the
+//!   request protocol `ferry` commands and [`crate::api`] speak.
+//!
+//! Every actor is passed the `ActorRef`s it needs: nothing here uses
+//! ractor's global registry, so many simulated nodes share one process.
+
+pub mod client;
+pub mod destination;
+pub mod factory;
+pub mod host;
+pub mod lanes;
+pub mod net;
+pub mod source;
+pub mod vm;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_transport::version::PROTOCOL_VERSION;
+use ferry_transport::{Connection, Transport};
+
+/// Why a node operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// No VM of that name here.
+    #[error("no VM named {0}")]
+    NoSuchVm(String),
+    /// No peer of that name.
+    #[error("no host named {0} (known: {1})")]
+    NoSuchHost(String, String),
+    /// A VM of that name exists.
+    #[error("a VM named {0} already exists")]
+    Exists(String),
+    /// The VM is in a phase that does not allow this.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The guest backend failed.
+    #[error("guest: {0}")]
+    Guest(String),
+    /// The link to a peer failed.
+    #[error("link to {host}: {reason}")]
+    Link {
+        /// Peer.
+        host: String,
+        /// Why.
+        reason: String,
+    },
+    /// The caller's certificate role does not allow this.
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// The request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Not enough capacity.
+    #[error("no capacity: {0}")]
+    NoCapacity(String),
+    /// An actor went away.
+    #[error("{0} is gone")]
+    Gone(String),
+}
+
+/// The current time: tokio's clock, so a paused runtime (the simulation)
+/// gives virtual time.
+pub fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// What every actor of a node shares: its name, its transport, the peers
+/// it knows and the connections to them (one per peer).
+pub struct NodeCtx<T: Transport> {
+    /// This host's name (its certificate's).
+    pub name: String,
+    /// The endpoint.
+    pub transport: Arc<T>,
+    /// Peer hosts by name.
+    pub peers: HashMap<String, T::Addr>,
+    links: tokio::sync::Mutex<HashMap<String, T::Connection>>,
+}
+
+impl<T: Transport> NodeCtx<T> {
+    /// A context for host `name`.
+    pub fn new(name: String, transport: Arc<T>, peers: HashMap<String, T::Addr>) -> Self {
+        Self {
+            name,
+            transport,
+            peers,
+            links: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The connection to `host`, dialled (and version-checked) on first use.
+    pub async fn link(&self, host: &str) -> Result<T::Connection, NodeError> {
+        let addr = self.peers.get(host).ok_or_else(|| {
+            let mut known: Vec<&str> = self.peers.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            NodeError::NoSuchHost(host.to_owned(), known.join(", "))
+        })?;
+        let mut links = self.links.lock().await;
+        if let Some(conn) = links.get(host) {
+            return Ok(conn.clone());
+        }
+        let link_err = |reason: String| NodeError::Link {
+            host: host.to_owned(),
+            reason,
+        };
+        let conn = self
+            .transport
+            .connect(addr)
+            .await
+            .map_err(|e| link_err(e.to_string()))?;
+        if conn.peer().name != host {
+            return Err(link_err(format!(
+                "its certificate names {}",
+                conn.peer().name
+            )));
+        }
+        let session = ferry_transport::session::open(conn.clone(), &self.name)
+            .await
+            .map_err(|e| link_err(e.to_string()))?;
+        if session.version != PROTOCOL_VERSION {
+            return Err(link_err(format!(
+                "it speaks protocol version {}, migrations need {PROTOCOL_VERSION}",
+                session.version
+            )));
+        }
+        links.insert(host.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets the connection to `host` (it failed); the next use redials.
+    pub async fn drop_link(&self, host: &str) {
+        if let Some(conn) = self.links.lock().await.remove(host) {
+            conn.close("link dropped after a failure");
+        }
+    }
+}
+
+/// Opens a stream on `conn` and introduces it.
+pub async fn open_stream<C: Connection>(
+    conn: &C,
+    intro: &crate::migration::StreamIntro,
+) -> Result<
+    (
+        ferry_transport::FrameWriter<C::Send>,
+        ferry_transport::FrameReader<C::Recv>,
+    ),
+    String,
+> {
+    let (send, recv) = conn.open_stream().await.map_err(|e| e.to_string())?;
+    let mut writer = ferry_transport::FrameWriter::new(send);
+    writer
+        .send_message(ferry_transport::FrameKind::Control, intro)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((writer, ferry_transport::FrameReader::new(recv)))
+}

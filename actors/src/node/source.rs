@@ -1,0 +1,334 @@
+//! `MigrationSource`: pumps a [`SourceMachine`] against the VM actor, the
+//! control stream and the lanes.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use ferry_transport::{Connection, FrameKind, FrameReader, FrameWriter};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::{mpsc, oneshot};
+
+use super::lanes::{self, LaneJob};
+use super::vm::{VmMsg, with_guest};
+use super::{now, open_stream};
+use crate::migration::{
+    DestMsg, MigrationReport, Outcome, Progress, SourceAction, SourceEvent, SourceMachine,
+    StreamIntro,
+};
+use crate::ram::GuestRam;
+
+/// How often the source checks its deadlines.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Messages to a [`MigrationSource`].
+pub enum SourcePump {
+    /// A message from the destination.
+    Peer(DestMsg),
+    /// The control stream or a lane failed.
+    Failed(String),
+    /// Check deadlines.
+    Tick,
+}
+
+/// What a [`MigrationSource`] is started with.
+pub struct SourceArgs<C: Connection> {
+    /// The protocol.
+    pub machine: SourceMachine,
+    /// The VM being moved.
+    pub vm: ActorRef<VmMsg>,
+    /// Its memory.
+    pub ram: GuestRam,
+    /// The link to the destination.
+    pub conn: C,
+    /// Progress goes here.
+    pub progress: Option<mpsc::UnboundedSender<Progress>>,
+    /// The report goes here.
+    pub done: oneshot::Sender<MigrationReport>,
+    /// Called with the VM's name once the destination runs it.
+    pub on_vm_left: Box<dyn FnOnce(String) + Send>,
+}
+
+/// The source of one migration.
+pub struct MigrationSource<C>(PhantomData<fn() -> C>);
+
+impl<C> Default for MigrationSource<C> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+/// The actor's state.
+pub struct SourceState<C: Connection> {
+    machine: SourceMachine,
+    vm: ActorRef<VmMsg>,
+    ram: GuestRam,
+    conn: C,
+    writer: Option<FrameWriter<C::Send>>,
+    lanes: Vec<mpsc::UnboundedSender<LaneJob>>,
+    progress: Option<mpsc::UnboundedSender<Progress>>,
+    done: Option<oneshot::Sender<MigrationReport>>,
+    on_vm_left: Option<Box<dyn FnOnce(String) + Send>>,
+    vm_name: String,
+    migration_id: u64,
+}
+
+impl<C: Connection> Actor for MigrationSource<C> {
+    type Msg = SourcePump;
+    type State = SourceState<C>;
+    type Arguments = SourceArgs<C>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SourcePump>,
+        args: SourceArgs<C>,
+    ) -> Result<SourceState<C>, ActorProcessingErr> {
+        let vm_name = args.machine.offer().vm.name.clone();
+        let migration_id = args.machine.offer().migration_id;
+        Ok(SourceState {
+            machine: args.machine,
+            vm: args.vm,
+            ram: args.ram,
+            conn: args.conn,
+            writer: None,
+            lanes: Vec::new(),
+            progress: args.progress,
+            done: Some(args.done),
+            on_vm_left: Some(args.on_vm_left),
+            vm_name,
+            migration_id,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<SourcePump>,
+        s: &mut SourceState<C>,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.send_interval(TICK, || SourcePump::Tick);
+        match open_stream(&s.conn, &StreamIntro::Migration).await {
+            Ok((writer, reader)) => {
+                s.writer = Some(writer);
+                tokio::spawn(read_control(reader, myself.clone()));
+                s.machine.start(now());
+            }
+            Err(e) => {
+                s.machine.start(now());
+                s.machine
+                    .handle_failure(now(), format!("opening the control stream: {e}"));
+            }
+        }
+        pump(&myself, s).await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SourcePump>,
+        msg: SourcePump,
+        s: &mut SourceState<C>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SourcePump::Peer(m) => s.machine.handle_message(now(), m),
+            SourcePump::Failed(why) => s.machine.handle_failure(now(), why),
+            SourcePump::Tick => s.machine.handle_timeout(now()),
+        }
+        pump(&myself, s).await;
+        Ok(())
+    }
+}
+
+async fn read_control<R: ferry_transport::RecvStream>(
+    mut reader: FrameReader<R>,
+    myself: ActorRef<SourcePump>,
+) {
+    loop {
+        match reader.read_message::<DestMsg>(FrameKind::Control).await {
+            Ok(m) => {
+                if myself.cast(SourcePump::Peer(m)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = myself.cast(SourcePump::Failed(format!("control stream: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+/// Carries out the machine's actions until it has none, then reports.
+async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<C>) {
+    while let Some(action) = s.machine.poll_action() {
+        let result = perform(myself, s, action).await;
+        if let Err(why) = result {
+            s.machine.handle_failure(now(), why);
+        }
+    }
+    while let Some(event) = s.machine.poll_event() {
+        match event {
+            SourceEvent::Progress(p) => {
+                if let Some(tx) = &s.progress {
+                    let _ = tx.send(p);
+                }
+            }
+            SourceEvent::Finished(report) => {
+                tracing::info!(
+                    migration = s.migration_id,
+                    vm = %s.vm_name,
+                    outcome = ?report.outcome,
+                    total_ms = report.total_ms,
+                    downtime_ms = report.downtime_ms,
+                    "migration ended"
+                );
+                match report.outcome {
+                    Outcome::Aborted { .. } => {
+                        let _ = s.vm.cast(VmMsg::MigrationAborted);
+                    }
+                    Outcome::InDoubt { .. } => {
+                        let _ = s.vm.cast(VmMsg::Released);
+                    }
+                    Outcome::Completed => {}
+                }
+                if let Some(done) = s.done.take() {
+                    let _ = done.send(report);
+                }
+                myself.stop(None);
+            }
+        }
+    }
+}
+
+async fn perform<C: Connection>(
+    myself: &ActorRef<SourcePump>,
+    s: &mut SourceState<C>,
+    action: SourceAction,
+) -> Result<(), String> {
+    let guest_err = |e: super::NodeError| e.to_string();
+    match action {
+        SourceAction::Send(msg) => {
+            let abort = matches!(msg, crate::migration::SourceMsg::Abort { .. });
+            let Some(writer) = s.writer.as_mut() else {
+                return if abort {
+                    Ok(())
+                } else {
+                    Err("no control stream".into())
+                };
+            };
+            let sent = writer.send_message(FrameKind::Control, &msg).await;
+            if abort {
+                // Best effort: the link may be what failed.
+                return Ok(());
+            }
+            sent.map_err(|e| format!("control stream: {e}"))?;
+        }
+        SourceAction::StartDirtyLog => {
+            with_guest(&s.vm, |g| g.start_dirty_log())
+                .await
+                .map_err(guest_err)?
+                .map_err(|e| format!("start dirty log: {e}"))?;
+        }
+        SourceAction::StopDirtyLog => {
+            let _ = with_guest(&s.vm, |g| g.stop_dirty_log()).await;
+        }
+        SourceAction::SendRound {
+            round,
+            pages,
+            skip_zero,
+        } => {
+            if s.lanes.is_empty() {
+                open_lanes(myself, s).await?;
+            }
+            for lane in &s.lanes {
+                lane.send(LaneJob {
+                    round,
+                    pages: pages.clone(),
+                    skip_zero,
+                })
+                .map_err(|_| "a lane stopped".to_owned())?;
+            }
+        }
+        SourceAction::CollectDirty => {
+            let dirty = with_guest(&s.vm, |g| g.take_dirty())
+                .await
+                .map_err(guest_err)?
+                .map_err(|e| format!("read dirty log: {e}"))?;
+            s.machine.handle_dirty(now(), dirty);
+        }
+        SourceAction::SetThrottle(percent) => {
+            with_guest(&s.vm, move |g| g.set_throttle(percent))
+                .await
+                .map_err(guest_err)?
+                .map_err(|e| format!("throttle: {e}"))?;
+        }
+        SourceAction::Pause => {
+            with_guest(&s.vm, |g| g.pause())
+                .await
+                .map_err(guest_err)?
+                .map_err(|e| format!("pause: {e}"))?;
+            s.machine.handle_paused(now());
+        }
+        SourceAction::SaveState => {
+            let state = with_guest(&s.vm, |g| g.save_state())
+                .await
+                .map_err(guest_err)?
+                .map_err(|e| format!("save state: {e}"))?;
+            s.machine.handle_state_saved(now(), state);
+        }
+        SourceAction::HashMemory => {
+            let ram = s.ram.clone();
+            let hash = tokio::task::spawn_blocking(move || ram.hash())
+                .await
+                .map_err(|e| format!("hashing memory: {e}"))?;
+            s.machine.handle_memory_hash(now(), hash);
+        }
+        SourceAction::ReleaseOwnership { .. } => {
+            s.vm.cast(VmMsg::Released)
+                .map_err(|_| "the VM actor is gone".to_owned())?;
+            s.machine.handle_released(now());
+        }
+        SourceAction::ResumeLocal => {
+            with_guest(&s.vm, |g| g.resume())
+                .await
+                .map_err(guest_err)?
+                .map_err(|e| format!("resume on the source: {e}"))?;
+        }
+        SourceAction::FreeVm => {
+            if let Some(left) = s.on_vm_left.take() {
+                left(s.vm_name.clone());
+            }
+        }
+        SourceAction::Close => {
+            s.lanes.clear();
+            if let Some(w) = s.writer.as_mut() {
+                let _ = w.finish();
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn open_lanes<C: Connection>(
+    myself: &ActorRef<SourcePump>,
+    s: &mut SourceState<C>,
+) -> Result<(), String> {
+    let lanes = s.machine.lanes();
+    for lane in 0..lanes {
+        let intro = StreamIntro::Lane {
+            migration_id: s.migration_id,
+            lane,
+        };
+        let (writer, _reader) = open_stream(&s.conn, &intro)
+            .await
+            .map_err(|e| format!("opening lane {lane}: {e}"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ram = s.ram.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            if let Err(e) = lanes::send_lane(writer, ram, lane, lanes, rx).await {
+                let _ = me.cast(SourcePump::Failed(format!("lane {lane}: {e}")));
+            }
+        });
+        s.lanes.push(tx);
+    }
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! `VmActor`: the lifecycle of one VM on this host, and its guest backend.
+
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+
+use super::NodeError;
+use crate::guest::{GuestBackend, GuestError};
+use crate::migration::VmConfig;
+
+/// How often a guest without vCPU threads (the synthetic one) is stepped.
+const TICK: Duration = Duration::from_millis(5);
+
+/// Where a VM stands on this host.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub enum VmPhase {
+    /// Defined, memory allocated, vCPUs not running.
+    Stopped,
+    /// vCPUs running.
+    Running,
+    /// Being migrated away; lifecycle requests wait for the outcome.
+    MigratingOut,
+    /// Arriving: a paused shadow filled by a migration.
+    Incoming,
+    /// Handed to another host after a failure past the release: paused
+    /// here, never resumed on this host's own initiative.
+    Released,
+}
+
+/// A VM as `ferry vm list` shows it.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// Host it lives on.
+    pub host: String,
+    /// Phase.
+    pub phase: VmPhase,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Ownership generation (bumped by every migration).
+    pub generation: u64,
+    /// The guest's own pass counter.
+    pub guest_pass: u64,
+    /// NIC address.
+    pub mac: String,
+}
+
+/// Work to run on the guest inside the VM actor.
+pub type GuestJob = Box<dyn FnOnce(&mut dyn GuestBackend) + Send>;
+
+/// Messages to a [`VmActor`].
+pub enum VmMsg {
+    /// Run the vCPUs.
+    Start(RpcReplyPort<Result<(), NodeError>>),
+    /// Stop the vCPUs (memory stays).
+    Stop(RpcReplyPort<Result<(), NodeError>>),
+    /// Describe the VM.
+    Info(RpcReplyPort<VmInfo>),
+    /// Run a job on the backend (migrations use it).
+    Guest(GuestJob),
+    /// A migration away starts: the config, generation and whether it runs.
+    BeginMigration(RpcReplyPort<Result<(VmConfig, u64, bool), NodeError>>),
+    /// The migration away ended without the release: back to normal.
+    MigrationAborted,
+    /// The migration away failed after the release.
+    Released,
+    /// An incoming VM is ours now with `generation`; `running` says
+    /// whether its vCPUs run.
+    Adopted {
+        /// New generation.
+        generation: u64,
+        /// Whether it runs.
+        running: bool,
+    },
+    /// Step a caller-driven guest.
+    Tick,
+}
+
+/// What the actor is given at spawn.
+pub struct VmArgs {
+    /// Definition.
+    pub config: VmConfig,
+    /// Backend.
+    pub guest: Box<dyn GuestBackend>,
+    /// Host name, for [`VmInfo`].
+    pub host: String,
+    /// Generation.
+    pub generation: u64,
+    /// Initial phase.
+    pub phase: VmPhase,
+}
+
+/// One VM.
+pub struct VmActor;
+
+/// The actor's mutable state.
+pub struct VmState {
+    config: VmConfig,
+    guest: Box<dyn GuestBackend>,
+    host: String,
+    generation: u64,
+    phase: VmPhase,
+    last_tick: tokio::time::Instant,
+}
+
+impl Actor for VmActor {
+    type Msg = VmMsg;
+    type State = VmState;
+    type Arguments = VmArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<VmMsg>,
+        args: VmArgs,
+    ) -> Result<VmState, ActorProcessingErr> {
+        if matches!(
+            args.config.kind,
+            crate::migration::GuestKind::Synthetic { .. }
+        ) {
+            myself.send_interval(TICK, || VmMsg::Tick);
+        }
+        Ok(VmState {
+            config: args.config,
+            guest: args.guest,
+            host: args.host,
+            generation: args.generation,
+            phase: args.phase,
+            last_tick: tokio::time::Instant::now(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<VmMsg>,
+        msg: VmMsg,
+        s: &mut VmState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            VmMsg::Start(reply) => {
+                let r = match s.phase {
+                    VmPhase::Stopped => s.guest.resume().map_err(guest_error).map(|()| {
+                        s.phase = VmPhase::Running;
+                    }),
+                    VmPhase::Running => Ok(()),
+                    other => Err(NodeError::Busy(format!("{} is {other:?}", s.config.name))),
+                };
+                let _ = reply.send(r);
+            }
+            VmMsg::Stop(reply) => {
+                let r = match s.phase {
+                    VmPhase::Running => s.guest.pause().map_err(guest_error).map(|()| {
+                        s.phase = VmPhase::Stopped;
+                    }),
+                    VmPhase::Stopped => Ok(()),
+                    other => Err(NodeError::Busy(format!("{} is {other:?}", s.config.name))),
+                };
+                let _ = reply.send(r);
+            }
+            VmMsg::Info(reply) => {
+                let _ = reply.send(VmInfo {
+                    name: s.config.name.clone(),
+                    host: s.host.clone(),
+                    phase: s.phase,
+                    memory_bytes: s.config.memory_bytes,
+                    vcpus: s.config.vcpus,
+                    generation: s.generation,
+                    guest_pass: s.guest.progress().map(|p| p.pass).unwrap_or(0),
+                    mac: crate::migration::wire::mac_string(&s.config.mac),
+                });
+            }
+            VmMsg::Guest(job) => job(s.guest.as_mut()),
+            VmMsg::BeginMigration(reply) => {
+                let r = match s.phase {
+                    VmPhase::Running | VmPhase::Stopped => {
+                        let running = s.phase == VmPhase::Running;
+                        s.phase = VmPhase::MigratingOut;
+                        Ok((s.config.clone(), s.generation, running))
+                    }
+                    other => Err(NodeError::Busy(format!("{} is {other:?}", s.config.name))),
+                };
+                let _ = reply.send(r);
+            }
+            VmMsg::MigrationAborted => {
+                s.phase = if s.guest.is_running() {
+                    VmPhase::Running
+                } else {
+                    VmPhase::Stopped
+                };
+            }
+            VmMsg::Released => s.phase = VmPhase::Released,
+            VmMsg::Adopted {
+                generation,
+                running,
+            } => {
+                s.generation = generation;
+                s.phase = if running {
+                    VmPhase::Running
+                } else {
+                    VmPhase::Stopped
+                };
+            }
+            VmMsg::Tick => {
+                let now = tokio::time::Instant::now();
+                s.guest.run_for(now - s.last_tick);
+                s.last_tick = now;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn guest_error(e: GuestError) -> NodeError {
+    NodeError::Guest(e.to_string())
+}
+
+/// Runs `job` on the guest of `vm` and returns its result.
+pub async fn with_guest<T: Send + 'static>(
+    vm: &ActorRef<VmMsg>,
+    job: impl FnOnce(&mut dyn GuestBackend) -> T + Send + 'static,
+) -> Result<T, NodeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    vm.cast(VmMsg::Guest(Box::new(move |g| {
+        let _ = tx.send(job(g));
+    })))
+    .map_err(|_| NodeError::Gone("VM actor".into()))?;
+    rx.await.map_err(|_| NodeError::Gone("VM actor".into()))
+}
