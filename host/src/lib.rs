@@ -7,3 +7,4 @@
 
 pub mod cli;
 pub mod kvm;
+pub mod node;

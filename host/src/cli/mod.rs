@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod bench_kvm;
+pub mod demo;
+pub mod progress;
 pub mod vm;
 
 /// ferry: live migration of KVM virtual machines and their disks.
@@ -24,6 +26,9 @@ pub enum Command {
     /// Run and inspect guests on this host's KVM.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Two nodes on loopback, a guest with a dirty working set, one live
+    /// migration and its report.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs a parsed command line.
@@ -31,5 +36,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Vm(cmd) => vm::run(cmd),
+        Command::Demo(args) => demo::run(&args),
     }
 }

@@ -1,0 +1,171 @@
+//! `ferry demo`: two nodes on loopback, a guest with a dirty working set,
+//! one live migration, a report.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use ferry_actors::migration::MigrationReport;
+use ferry_actors::node::client::VmSpec;
+use serde::Serialize;
+
+use super::progress::ProgressBar;
+use crate::kvm;
+use crate::node::factory::HostFactory;
+use crate::node::local::{LocalCapacity, LocalCluster};
+
+/// Options of `ferry demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Working set the guest keeps rewriting, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub wss: u64,
+    /// Downtime budget in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// Use the synthetic guest even where KVM works.
+    #[arg(long)]
+    pub synthetic: bool,
+    /// Print the report as JSON (and no progress).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `ferry demo --json` prints.
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    /// `kvm` or `synthetic`.
+    pub guest: &'static str,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Working set in MiB.
+    pub wss_mib: u64,
+    /// The migration report (total_ms, downtime_ms, bytes_sent, rounds,
+    /// memory_verified, …).
+    #[serde(flatten)]
+    pub migration: MigrationReport,
+    /// The guest's pass counter advanced on the destination after resume.
+    pub guest_progressed: bool,
+    /// The source host's MAC table points at the destination.
+    pub mac_moved: bool,
+}
+
+/// Runs the demo.
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(demo(args))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.migration.to_text());
+        println!(
+            "  guest progressed on {}: {}, MAC {} now routed to {}",
+            report.migration.to,
+            if report.guest_progressed { "yes" } else { "NO" },
+            if report.mac_moved { "is" } else { "is NOT" },
+            report.migration.to
+        );
+    }
+    anyhow::ensure!(
+        report.migration.completed(),
+        "the migration did not complete"
+    );
+    Ok(())
+}
+
+async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
+    let say = |s: String| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+    let factory = if args.synthetic {
+        HostFactory::synthetic_only()
+    } else {
+        match kvm::available() {
+            Ok(()) => HostFactory::probe(),
+            Err(e) => {
+                eprintln!(
+                    "WARNING: KVM is not usable here ({e}); the demo runs the synthetic guest instead"
+                );
+                HostFactory::synthetic_only()
+            }
+        }
+    };
+    let hosts = [
+        ("host-a", LocalCapacity::default()),
+        ("host-b", LocalCapacity::default()),
+    ];
+    let local = LocalCluster::start(&hosts, Arc::new(factory)).await?;
+    let guest = if local.kvm { "kvm" } else { "synthetic" };
+    say(format!(
+        "two nodes on loopback (QUIC, mutual TLS): host-a, host-b; {guest} guest of {} MiB rewriting {} MiB",
+        args.memory, args.wss
+    ));
+    let vm = "demo-vm";
+    local
+        .client
+        .create_vm(
+            "host-a",
+            VmSpec {
+                name: vm.into(),
+                memory_mib: args.memory,
+                vcpus: 1,
+                wss_mib: args.wss,
+                synthetic: !local.kvm,
+                cpu_features: Vec::new(),
+            },
+        )
+        .await?;
+    local.client.vm(vm).start().await?;
+    say("guest filling its memory...".into());
+    local
+        .wait_for_pass("host-a", vm, 2, Duration::from_secs(120))
+        .await?;
+    let bar = ProgressBar::new(args.json);
+    let progress = bar.clone();
+    let migration = local
+        .client
+        .vm(vm)
+        .migrate_to("host-b")
+        .downtime_ms(args.downtime_ms)
+        .verify_memory(true)
+        .on_progress(move |p| progress.update(p))
+        .await?;
+    bar.finish();
+    let mut guest_progressed = false;
+    let mut mac_moved = false;
+    if migration.completed() {
+        let before = local.guest_pass("host-b", vm).await?;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !guest_progressed {
+                guest_progressed = local.guest_pass("host-b", vm).await? > before;
+            }
+            if !mac_moved {
+                mac_moved = local
+                    .client
+                    .mac_table("host-a")
+                    .await?
+                    .iter()
+                    .any(|(_, h)| h == "host-b");
+            }
+            if guest_progressed && mac_moved {
+                break;
+            }
+        }
+    }
+    Ok(DemoReport {
+        guest,
+        memory_mib: args.memory,
+        wss_mib: args.wss,
+        migration,
+        guest_progressed,
+        mac_moved,
+    })
+}

@@ -1,0 +1,185 @@
+//! `node.toml` and `client.toml`: what a node and a client need to know.
+//!
+//! ```toml
+//! # node.toml
+//! name = "host-a"                 # must match the certificate's name
+//! listen = "127.0.0.1:7701"
+//! ca = "certs/ca.pem"
+//! cert = "certs/host-a.pem"
+//! key = "certs/host-a.key"
+//!
+//! [capacity]
+//! memory_mib = 16384
+//! vcpus = 8
+//!
+//! [[peers]]
+//! name = "host-b"
+//! addr = "127.0.0.1:7702"
+//! ```
+//!
+//! A client file has `ca`, `cert`, `key` and the same `[[nodes]]` list
+//! (`name`, `addr`). Relative paths are relative to the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ferry_transport::pki::Credentials;
+use ferry_transport::quic::QuicAddr;
+use serde::{Deserialize, Serialize};
+
+/// A peer or node address book entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Host name (its certificate's).
+    pub name: String,
+    /// UDP address.
+    pub addr: SocketAddr,
+}
+
+impl Peer {
+    /// As a QUIC address.
+    pub fn quic(&self) -> QuicAddr {
+        QuicAddr {
+            socket: self.addr,
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// What VMs may use on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// Guest memory over all VMs, in MiB.
+    pub memory_mib: u64,
+    /// vCPUs over all VMs.
+    pub vcpus: u32,
+}
+
+/// `node.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Host name; must match the certificate.
+    pub name: String,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    pub key: PathBuf,
+    /// What VMs may use.
+    pub capacity: CapacityConfig,
+    /// Use synthetic guests even where KVM works.
+    #[serde(default)]
+    pub synthetic_guests: bool,
+    /// The other hosts.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+/// `client.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The client's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    pub key: PathBuf,
+    /// The nodes.
+    pub nodes: Vec<Peer>,
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+fn credentials(base: &Path, ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Credentials> {
+    let (ca, cert, key) = (resolve(base, ca), resolve(base, cert), resolve(base, key));
+    Credentials::from_pem(&read(&cert)?, &read(&key)?, &read(&ca)?)
+        .with_context(|| format!("loading the certificate {}", cert.display()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<(T, PathBuf)> {
+    let text = read(path)?;
+    let value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new(".")).to_owned();
+    Ok((value, base))
+}
+
+impl NodeConfig {
+    /// Loads and checks a node file, returning it with its credentials.
+    pub fn load(path: &Path) -> anyhow::Result<(Self, Credentials)> {
+        let (config, base): (Self, _) = parse(path)?;
+        let creds = credentials(&base, &config.ca, &config.cert, &config.key)?;
+        anyhow::ensure!(
+            creds.identity().name == config.name,
+            "{}: name is {:?} but the certificate is for {:?}",
+            path.display(),
+            config.name,
+            creds.identity().name
+        );
+        anyhow::ensure!(
+            creds.identity().role == ferry_transport::Role::Host,
+            "{}: the certificate's role is {:?}, a node needs host",
+            path.display(),
+            creds.identity().role
+        );
+        anyhow::ensure!(
+            config.capacity.memory_mib > 0 && config.capacity.vcpus > 0,
+            "{}: capacity must be positive",
+            path.display()
+        );
+        Ok((config, creds))
+    }
+}
+
+impl ClientConfig {
+    /// Loads a client file, returning it with its credentials.
+    pub fn load(path: &Path) -> anyhow::Result<(Self, Credentials)> {
+        let (config, base): (Self, _) = parse(path)?;
+        let creds = credentials(&base, &config.ca, &config.cert, &config.key)?;
+        anyhow::ensure!(!config.nodes.is_empty(), "{}: no [[nodes]]", path.display());
+        Ok((config, creds))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_file_parses_and_rejects_unknown_keys() {
+        let text = r#"
+            name = "host-a"
+            listen = "127.0.0.1:7701"
+            ca = "ca.pem"
+            cert = "host-a.pem"
+            key = "host-a.key"
+            [capacity]
+            memory_mib = 1024
+            vcpus = 4
+            [[peers]]
+            name = "host-b"
+            addr = "127.0.0.1:7702"
+        "#;
+        let c: NodeConfig = toml::from_str(text).expect("parses");
+        assert_eq!(c.peers[0].name, "host-b");
+        assert!(!c.synthetic_guests);
+        let bad = text.replace("vcpus = 4", "vcpus = 4\ncpus = 2");
+        assert!(toml::from_str::<NodeConfig>(&bad).is_err());
+    }
+}

@@ -1,0 +1,118 @@
+//! Guests for this host: KVM ones running the built-in test workload
+//! where `/dev/kvm` works, synthetic ones otherwise (or on request).
+
+use std::sync::Arc;
+
+use ferry_actors::guest::{GuestBackend, GuestError};
+use ferry_actors::migration::{GuestKind, VmConfig};
+use ferry_actors::node::factory::{GuestFactory, SyntheticFactory};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::kvm::image::GuestParams;
+use crate::kvm::{self, KvmVm};
+
+/// Makes KVM guests (if KVM works here) and synthetic ones.
+#[derive(Debug, Clone, Copy)]
+pub struct HostFactory {
+    kvm: bool,
+}
+
+impl HostFactory {
+    /// Probes `/dev/kvm`.
+    pub fn probe() -> Self {
+        Self {
+            kvm: kvm::available().is_ok(),
+        }
+    }
+
+    /// Synthetic guests only.
+    pub fn synthetic_only() -> Self {
+        Self { kvm: false }
+    }
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm::KvmError) -> GuestError {
+    move |e| GuestError::Backend {
+        op,
+        reason: e.to_string(),
+    }
+}
+
+impl GuestFactory for HostFactory {
+    fn boot(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
+        match config.kind {
+            GuestKind::Kvm { wss_bytes } => {
+                let params = GuestParams::new(config.memory_bytes >> 20, wss_bytes >> 20);
+                let vm = KvmVm::with_test_guest(&params, config.vcpus)
+                    .map_err(kvm_err("create KVM guest"))?;
+                Ok(Box::new(vm))
+            }
+            GuestKind::Synthetic { .. } => SyntheticFactory.boot(config),
+        }
+    }
+
+    fn shadow(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
+        match config.kind {
+            GuestKind::Kvm { .. } => {
+                let vm = KvmVm::create(config.memory_bytes, config.vcpus)
+                    .map_err(kvm_err("create shadow VM"))?;
+                prepare_in_background(&vm);
+                Ok(Box::new(vm))
+            }
+            GuestKind::Synthetic { .. } => SyntheticFactory.shadow(config),
+        }
+    }
+
+    fn kvm(&self) -> bool {
+        self.kvm
+    }
+}
+
+/// Faults the shadow's memory in on a thread of its own while the first
+/// round arrives: first touch of cold memory is slow on these machines
+/// and must not sit on the receive path. Pages the lanes write first are
+/// simply already present when the populate reaches them.
+fn prepare_in_background(vm: &KvmVm) {
+    let memory = Arc::new(vm.memory().clone());
+    let bytes = vm.memory_bytes();
+    std::thread::spawn(move || {
+        let Ok(host) = memory.get_host_address(GuestAddress(0)) else {
+            return;
+        };
+        let Ok(len) = usize::try_from(bytes) else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        // Populate in 64 MiB steps from the top down: the lanes send pages
+        // in ascending order, so the two meet in the middle instead of
+        // contending for the same pages.
+        let step = 64 << 20;
+        let mut end = len;
+        while end > 0 {
+            let start = end.saturating_sub(step);
+            // SAFETY: the range lies inside the guest memory mapping, which
+            // `memory` keeps alive; MADV_POPULATE_WRITE only faults pages in
+            // and never changes their contents.
+            let rc = unsafe {
+                libc::madvise(
+                    host.add(start).cast(),
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                tracing::warn!(
+                    "populating shadow memory: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            end = start;
+        }
+        tracing::debug!(
+            mib = bytes >> 20,
+            ms = started.elapsed().as_millis() as u64,
+            "shadow memory populated"
+        );
+    });
+}

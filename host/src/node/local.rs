@@ -1,0 +1,154 @@
+//! A whole cluster in one process on loopback: throwaway CA and
+//! certificates, one QUIC endpoint per node, a client. `ferry demo`,
+//! `ferry bench migrate` and the host tests use it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferry_actors::api::Cluster;
+use ferry_actors::migration::Capacity;
+use ferry_actors::node::factory::GuestFactory;
+use ferry_transport::Role;
+use ferry_transport::pki::ClusterCa;
+use ferry_transport::quic::{QuicAddr, QuicTransport, QuicTuning};
+
+use super::Node;
+
+/// Nodes and a client, all on 127.0.0.1.
+pub struct LocalCluster {
+    /// The nodes, in the order given.
+    pub nodes: Vec<Node<QuicTransport>>,
+    /// A client with an admin certificate.
+    pub client: Cluster<QuicTransport>,
+    /// Whether guests are KVM ones.
+    pub kvm: bool,
+}
+
+/// What each node of a [`LocalCluster`] may give its VMs.
+#[derive(Debug, Clone)]
+pub struct LocalCapacity {
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// CPU features (default: this machine's).
+    pub cpu_features: Option<BTreeSet<String>>,
+}
+
+impl Default for LocalCapacity {
+    fn default() -> Self {
+        Self {
+            memory_mib: 16 << 10,
+            vcpus: 16,
+            cpu_features: None,
+        }
+    }
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl LocalCluster {
+    /// Starts `hosts` (name, capacity) with `factory`.
+    pub async fn start(
+        hosts: &[(&str, LocalCapacity)],
+        factory: Arc<dyn GuestFactory>,
+    ) -> anyhow::Result<Self> {
+        let ca = ClusterCa::generate("demo").context("cluster CA")?;
+        let tuning = QuicTuning::loopback();
+        let mut endpoints = Vec::new();
+        for (name, _) in hosts {
+            let creds = ca.credentials(name, Role::Host)?;
+            let t = QuicTransport::bind(loopback(), &creds, &tuning)?;
+            let addr = t.local_addr()?;
+            endpoints.push((name.to_string(), Arc::new(t), addr));
+        }
+        let mut nodes = Vec::new();
+        for ((name, t, _), (_, capacity)) in endpoints.iter().zip(hosts) {
+            let peers: HashMap<String, QuicAddr> = endpoints
+                .iter()
+                .filter(|(n, _, _)| n != name)
+                .map(|(n, _, a)| {
+                    (
+                        n.clone(),
+                        QuicAddr {
+                            socket: *a,
+                            name: n.clone(),
+                        },
+                    )
+                })
+                .collect();
+            let capacity = Capacity {
+                memory_bytes: capacity.memory_mib << 20,
+                vcpus: capacity.vcpus,
+                cpu_features: capacity
+                    .cpu_features
+                    .clone()
+                    .unwrap_or_else(super::cpu_features),
+                kvm: factory.kvm(),
+            };
+            nodes.push(Node::start(name, t.clone(), peers, capacity, factory.clone()).await?);
+        }
+        let client_creds = ca.credentials("demo-admin", Role::Admin)?;
+        let client_t = Arc::new(QuicTransport::bind(loopback(), &client_creds, &tuning)?);
+        let client = Cluster::new(
+            client_t,
+            endpoints
+                .iter()
+                .map(|(n, _, a)| {
+                    (
+                        n.clone(),
+                        QuicAddr {
+                            socket: *a,
+                            name: n.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        );
+        Ok(Self {
+            nodes,
+            client,
+            kvm: factory.kvm(),
+        })
+    }
+
+    /// Waits until VM `vm` on `node` has completed `passes` passes of its
+    /// workload (the KVM guest fills its memory first).
+    pub async fn wait_for_pass(
+        &self,
+        node: &str,
+        vm: &str,
+        passes: u64,
+        limit: Duration,
+    ) -> anyhow::Result<u64> {
+        let started = Instant::now();
+        loop {
+            let pass = self.guest_pass(node, vm).await?;
+            if pass >= passes {
+                return Ok(pass);
+            }
+            anyhow::ensure!(
+                started.elapsed() < limit,
+                "{vm} did only {pass} passes in {} s",
+                limit.as_secs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The guest's pass counter.
+    pub async fn guest_pass(&self, node: &str, vm: &str) -> anyhow::Result<u64> {
+        self.client
+            .list_vms(node)
+            .await?
+            .into_iter()
+            .find(|v| v.name == vm)
+            .map(|v| v.guest_pass)
+            .with_context(|| format!("{vm} is not on {node}"))
+    }
+}

@@ -1,0 +1,63 @@
+//! Node wiring: a host actor, its accept loop and its guest factory over
+//! QUIC, plus the node and client configuration files.
+
+pub mod config;
+pub mod factory;
+pub mod local;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use ferry_actors::migration::Capacity;
+use ferry_actors::node::NodeCtx;
+use ferry_actors::node::factory::GuestFactory;
+use ferry_actors::node::host::{HostActor, HostArgs, HostMsg};
+use ferry_transport::Transport;
+use ractor::{Actor, ActorRef};
+
+/// A running node.
+pub struct Node<T: Transport> {
+    /// Name, transport and peers.
+    pub ctx: Arc<NodeCtx<T>>,
+    /// The host actor.
+    pub host: ActorRef<HostMsg<T>>,
+}
+
+impl<T: Transport> Node<T> {
+    /// Starts host `name` on `transport`, knowing `peers`.
+    pub async fn start(
+        name: &str,
+        transport: Arc<T>,
+        peers: HashMap<String, T::Addr>,
+        capacity: Capacity,
+        factory: Arc<dyn GuestFactory>,
+    ) -> anyhow::Result<Self> {
+        let ctx = Arc::new(NodeCtx::new(name.to_owned(), transport, peers));
+        let (host, _) = Actor::spawn(
+            None,
+            HostActor::default(),
+            HostArgs {
+                ctx: ctx.clone(),
+                capacity,
+                factory,
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the host actor: {e}"))?;
+        tokio::spawn(ferry_actors::node::net::serve(ctx.clone(), host.clone()));
+        Ok(Self { ctx, host })
+    }
+}
+
+/// This host's CPU features, from `/proc/cpuinfo`'s flags.
+pub fn cpu_features() -> BTreeSet<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("flags"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, flags)| flags.split_whitespace().map(str::to_owned).collect())
+        })
+        .unwrap_or_default()
+}
