@@ -111,7 +111,7 @@ fn prepare_in_background(vm: &KvmVm) {
         }
         tracing::debug!(
             mib = bytes >> 20,
-            ms = started.elapsed().as_millis() as u64,
+            ms = started.elapsed().as_secs_f64() * 1e3,
             "shadow memory populated"
         );
     });
