@@ -239,8 +239,12 @@ unsafe impl Sync for OwnedBlock {}
 impl OwnedBlock {
     fn zeroed(bytes: u64) -> Self {
         let len = usize::try_from(bytes).expect("memory fits the address space");
-        let layout = std::alloc::Layout::from_size_align(len.max(PAGE_LEN), PAGE_LEN)
-            .expect("page-aligned layout");
+        // Word alignment, not page alignment: the allocator then hands a big
+        // zeroed block out as fresh mmap'd pages, zeroed lazily by the
+        // kernel, instead of aligning it and writing every byte (first
+        // touch of gigabytes is slow on these machines).
+        let layout =
+            std::alloc::Layout::from_size_align(len.max(PAGE_LEN), 8).expect("word-aligned layout");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {

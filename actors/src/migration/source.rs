@@ -379,8 +379,10 @@ impl SourceMachine {
                     ready: false,
                 };
                 self.deadline = Some(paused_at + self.options.switchover_time_max);
-                self.logging = false;
-                self.actions.push_back(SourceAction::StopDirtyLog);
+                // Dirty logging stays on through the switchover: turning it
+                // off rewrites the memory slot (tens of milliseconds for
+                // gigabytes), which must not count as downtime. A freed VM
+                // takes it along; an aborted one has it stopped in `fail`.
                 self.send_round(now, final_round, pending, false);
                 // send_round moved the state to Copying; the switchover
                 // waits for the final round's acknowledgement instead.

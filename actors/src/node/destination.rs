@@ -197,7 +197,16 @@ fn accept_lane<C: Connection>(
 
 async fn pump<C: Connection>(myself: &ActorRef<DestPump<C>>, s: &mut DestState<C>) {
     while let Some(action) = s.machine.poll_action() {
-        if let Err(why) = perform(myself, s, action).await {
+        let name = format!("{action:?}");
+        let name = name.split(['(', ' ', '{']).next().unwrap_or("").to_owned();
+        let started = std::time::Instant::now();
+        let result = perform(myself, s, action).await;
+        tracing::debug!(
+            action = %name,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "destination action"
+        );
+        if let Err(why) = result {
             s.machine.handle_failure(now(), why);
         }
     }

@@ -159,7 +159,15 @@ async fn read_control<R: ferry_transport::RecvStream>(
 /// Carries out the machine's actions until it has none, then reports.
 async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<C>) {
     while let Some(action) = s.machine.poll_action() {
+        let name = action_name(&action);
+        let started = std::time::Instant::now();
         let result = perform(myself, s, action).await;
+        tracing::debug!(
+            migration = s.migration_id,
+            action = name,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "source action"
+        );
         if let Err(why) = result {
             s.machine.handle_failure(now(), why);
         }
@@ -195,6 +203,24 @@ async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<
                 myself.stop(None);
             }
         }
+    }
+}
+
+fn action_name(action: &SourceAction) -> &'static str {
+    match action {
+        SourceAction::Send(_) => "send",
+        SourceAction::StartDirtyLog => "start dirty log",
+        SourceAction::SendRound { .. } => "send round",
+        SourceAction::CollectDirty => "collect dirty",
+        SourceAction::SetThrottle(_) => "throttle",
+        SourceAction::Pause => "pause",
+        SourceAction::SaveState => "save state",
+        SourceAction::HashMemory => "hash memory",
+        SourceAction::StopDirtyLog => "stop dirty log",
+        SourceAction::ReleaseOwnership { .. } => "release",
+        SourceAction::ResumeLocal => "resume here",
+        SourceAction::FreeVm => "free",
+        SourceAction::Close => "close",
     }
 }
 

@@ -11,6 +11,8 @@ pub enum BenchCommand {
     Transport(TransportArgs),
     /// KVM building blocks: fill, dirty log, pause, state save/restore.
     Kvm(super::bench_kvm::KvmArgs),
+    /// Live migrations between two nodes on loopback.
+    Migrate(super::bench_migrate::MigrateArgs),
 }
 
 /// Options of `ferry bench transport`.
@@ -44,6 +46,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Transport(args) => transport(&args),
         BenchCommand::Kvm(args) => super::bench_kvm::run(&args),
+        BenchCommand::Migrate(args) => super::bench_migrate::run(&args),
     }
 }
 

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod bench_kvm;
+pub mod bench_migrate;
 pub mod demo;
 pub mod progress;
 pub mod vm;

@@ -51,6 +51,12 @@ pub const PORT_FILLED: u16 = 0xF1;
 pub const PORT_PASS: u16 = 0xF0;
 /// Port written with the vector of a CPU exception.
 pub const PORT_EXCEPTION: u16 = 0xF2;
+/// Port an idle guest writes to wait about a millisecond, as `hlt` with a
+/// timer tick would (ring 3 cannot halt): an idle guest then leaves the
+/// host's cores to the migration instead of spinning on one.
+pub const PORT_IDLE: u16 = 0xF3;
+/// How long the VMM lets an idle guest wait per [`PORT_IDLE`] write.
+pub const IDLE_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 /// Magic at the start of the parameter block.
 pub const PARAMS_MAGIC: &[u8; 8] = b"FERRYGST";
 /// First byte the guest fills: everything below holds code and tables.
@@ -478,15 +484,11 @@ fn user_code() -> Result<Vec<u8>, IcedError> {
     a.dec(rcx)?;
     a.jnz(page)?;
     a.jmp(pass_done)?;
-    // No working set: spin a while so passes stay countable without a
-    // storm of I/O exits.
+    // No working set: wait on the idle port (the VMM sleeps about a
+    // millisecond), so an idle guest is idle and passes stay countable.
     a.set_label(&mut idle)?;
-    a.mov(rdx, 2_000_000u64)?;
-    let mut idle_spin = a.create_label();
-    a.set_label(&mut idle_spin)?;
-    a.pause()?;
-    a.dec(rdx)?;
-    a.jnz(idle_spin)?;
+    a.mov(dx, u32::from(PORT_IDLE))?;
+    a.out(dx, eax)?;
     a.set_label(&mut pass_done)?;
     a.inc(r8)?;
     a.mov(qword_ptr(STATUS_ADDR + STATUS_PASS), r8)?;

@@ -9,6 +9,7 @@
 
 mod backend;
 pub mod image;
+pub mod pool;
 pub mod state;
 pub mod vcpu;
 
@@ -112,10 +113,6 @@ impl KvmVm {
     /// A VM with `memory_bytes` of zeroed memory and `vcpus` paused vCPUs
     /// with the host's supported CPUID. Nothing runs until [`KvmVm::resume`].
     pub fn create(memory_bytes: u64, vcpus: u8) -> Result<Self, KvmError> {
-        let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(e.to_string()))?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| KvmError::Ioctl("KVM_CREATE_VM", e))?;
         let size = usize::try_from(memory_bytes).map_err(|_| KvmError::Memory {
             bytes: memory_bytes,
             reason: "too large for this host".into(),
@@ -125,6 +122,38 @@ impl KvmVm {
                 bytes: memory_bytes,
                 reason: e.to_string(),
             })?;
+        Self::create_in(memory, vcpus)
+    }
+
+    /// As [`KvmVm::create`], with guest memory taken from `region` (for
+    /// example one faulted in ahead by a [`pool::MemoryPool`]). Its
+    /// contents become the guest's memory as they are.
+    pub fn create_with_region(
+        region: vm_memory::MmapRegion<AtomicBitmap>,
+        vcpus: u8,
+    ) -> Result<Self, KvmError> {
+        let bytes = region.size() as u64;
+        let region =
+            vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).ok_or(KvmError::Memory {
+                bytes,
+                reason: "region does not fit at guest address 0".into(),
+            })?;
+        let memory = Memory::from_regions(vec![region]).map_err(|e| KvmError::Memory {
+            bytes,
+            reason: e.to_string(),
+        })?;
+        Self::create_in(memory, vcpus)
+    }
+
+    fn create_in(memory: Memory, vcpus: u8) -> Result<Self, KvmError> {
+        let memory_bytes = memory
+            .iter()
+            .map(vm_memory::GuestMemoryRegion::len)
+            .sum::<u64>();
+        let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(e.to_string()))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| KvmError::Ioctl("KVM_CREATE_VM", e))?;
         let this_vm = Self {
             vm,
             memory,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::KvmError;
-use super::image::{PORT_EXCEPTION, PORT_FILLED, PORT_PASS};
+use super::image::{IDLE_WAIT, PORT_EXCEPTION, PORT_FILLED, PORT_IDLE, PORT_PASS};
 use super::state::{self, VcpuState};
 
 /// How often a pause request re-sends its kick.
@@ -306,6 +306,7 @@ impl Runner {
                         PORT_EXCEPTION => {
                             self.progress.exception.store(value + 1, Ordering::Relaxed)
                         }
+                        PORT_IDLE => idle_wait(),
                         _ => {}
                     }
                 }
@@ -338,4 +339,15 @@ impl Runner {
             *slice_start = Instant::now();
         }
     }
+}
+
+/// Sleeps [`IDLE_WAIT`] unless a signal (the pause kick) cuts it short:
+/// one `nanosleep`, never restarted, so a pause is not delayed by it.
+fn idle_wait() {
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: libc::c_long::try_from(IDLE_WAIT.as_nanos()).unwrap_or(1_000_000),
+    };
+    // SAFETY: `ts` is a valid timespec; a null remainder pointer is allowed.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
 }

@@ -9,12 +9,14 @@ use ferry_actors::node::factory::{GuestFactory, SyntheticFactory};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::kvm::image::GuestParams;
+use crate::kvm::pool::MemoryPool;
 use crate::kvm::{self, KvmVm};
 
 /// Makes KVM guests (if KVM works here) and synthetic ones.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HostFactory {
     kvm: bool,
+    pool: MemoryPool,
 }
 
 impl HostFactory {
@@ -22,12 +24,21 @@ impl HostFactory {
     pub fn probe() -> Self {
         Self {
             kvm: kvm::available().is_ok(),
+            pool: MemoryPool::new(),
         }
     }
 
     /// Synthetic guests only.
     pub fn synthetic_only() -> Self {
-        Self { kvm: false }
+        Self {
+            kvm: false,
+            pool: MemoryPool::new(),
+        }
+    }
+
+    /// The pool shadows take their memory from when it has the size.
+    pub fn pool(&self) -> &MemoryPool {
+        &self.pool
     }
 }
 
@@ -54,6 +65,11 @@ impl GuestFactory for HostFactory {
     fn shadow(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
         match config.kind {
             GuestKind::Kvm { .. } => {
+                if let Some(region) = self.pool.take(config.memory_bytes) {
+                    let vm = KvmVm::create_with_region(region, config.vcpus)
+                        .map_err(kvm_err("create shadow VM"))?;
+                    return Ok(Box::new(vm));
+                }
                 let vm = KvmVm::create(config.memory_bytes, config.vcpus)
                     .map_err(kvm_err("create shadow VM"))?;
                 prepare_in_background(&vm);

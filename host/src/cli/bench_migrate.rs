@@ -1,0 +1,154 @@
+//! `ferry bench migrate`: live migrations between two nodes on loopback,
+//! with medians.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use ferry_actors::migration::MigrationReport;
+use ferry_actors::node::client::VmSpec;
+
+use crate::node::factory::HostFactory;
+use crate::node::local::{LocalCapacity, LocalCluster};
+
+/// Options of `ferry bench migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Guest memory in MiB (random-filled by the guest).
+    #[arg(long, default_value_t = 4096)]
+    pub memory: u64,
+    /// Working set the guest rewrites at full speed, in MiB (0: idle).
+    #[arg(long, default_value_t = 0)]
+    pub wss: u64,
+    /// Runs; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Downtime budget in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// Bulk streams.
+    #[arg(long, default_value_t = 4)]
+    pub lanes: u32,
+    /// Use the synthetic guest even where KVM works.
+    #[arg(long)]
+    pub synthetic: bool,
+    /// Hash memory on both sides before resuming (adds to the downtime).
+    #[arg(long)]
+    pub verify: bool,
+    /// Do not keep destination memory faulted in ahead (first touch then
+    /// happens while pages arrive).
+    #[arg(long)]
+    pub no_pool: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark.
+pub fn run(args: &MigrateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let reports = runtime.block_on(bench(args))?;
+    println!(
+        "median of {}: total {:.0} ms, downtime {:.2} ms, {:.0} MB/s, {} rounds, {:.0} MB sent",
+        reports.len(),
+        median(reports.iter().map(|r| r.total_ms).collect()),
+        median(reports.iter().map(|r| r.downtime_ms).collect()),
+        median(reports.iter().map(|r| r.throughput_mb_s).collect()),
+        median(reports.iter().map(|r| f64::from(r.rounds)).collect()),
+        median(reports.iter().map(MigrationReport::mb_sent).collect()),
+    );
+    Ok(())
+}
+
+async fn bench(args: &MigrateArgs) -> anyhow::Result<Vec<MigrationReport>> {
+    let factory = if args.synthetic {
+        HostFactory::synthetic_only()
+    } else {
+        HostFactory::probe()
+    };
+    let hosts = [
+        ("host-a", LocalCapacity::default()),
+        ("host-b", LocalCapacity::default()),
+    ];
+    let pool = factory.pool().clone();
+    let memory_bytes = args.memory << 20;
+    let local = LocalCluster::start(&hosts, Arc::new(factory)).await?;
+    println!(
+        "{} guest, {} MiB, working set {} MiB, budget {} ms, {} lanes",
+        if local.kvm { "KVM" } else { "synthetic" },
+        args.memory,
+        args.wss,
+        args.downtime_ms,
+        args.lanes
+    );
+    let mut reports = Vec::new();
+    for run in 0..args.runs {
+        if !args.no_pool && local.kvm {
+            // The destination keeps memory for the incoming guest faulted
+            // in ahead (as QEMU's comparison figure preallocates it); it is
+            // prepared while the source guest fills its memory.
+            pool.prepare(memory_bytes);
+        }
+        let vm = format!("bench-{run}");
+        local
+            .client
+            .create_vm(
+                "host-a",
+                VmSpec {
+                    name: vm.clone(),
+                    memory_mib: args.memory,
+                    vcpus: 1,
+                    wss_mib: args.wss,
+                    synthetic: !local.kvm,
+                    cpu_features: Vec::new(),
+                },
+            )
+            .await?;
+        local.client.vm(&vm).start().await?;
+        local
+            .wait_for_pass("host-a", &vm, 2, Duration::from_secs(300))
+            .await?;
+        if !args.no_pool && local.kvm {
+            let pool = pool.clone();
+            tokio::task::spawn_blocking(move || {
+                pool.wait_ready(memory_bytes, Duration::from_secs(300))
+            })
+            .await?;
+        }
+        let r = local
+            .client
+            .vm(&vm)
+            .migrate_to("host-b")
+            .downtime_ms(args.downtime_ms)
+            .lanes(args.lanes)
+            .verify_memory(args.verify)
+            .await?;
+        println!(
+            "run {run}: {:?}, total {:.0} ms, downtime {:.2} ms (predicted {:.2}), {:.0} MB/s, {} rounds, throttle max {}%",
+            r.outcome,
+            r.total_ms,
+            r.downtime_ms,
+            r.predicted_downtime_ms,
+            r.throughput_mb_s,
+            r.rounds,
+            r.throttle_max_percent
+        );
+        let node = if r.completed() { "host-b" } else { "host-a" };
+        local.client.vm(&vm).stop().await?;
+        local
+            .client
+            .request(
+                node,
+                &ferry_actors::node::client::ClientRequest::DeleteVm(vm.clone()),
+                None,
+            )
+            .await?;
+        reports.push(r);
+    }
+    Ok(reports)
+}
