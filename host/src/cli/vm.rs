@@ -1,4 +1,5 @@
-//! `ferry vm …`: run the built-in test guest on this host's KVM.
+//! `ferry vm …`: VMs on the cluster's nodes (client commands), and the
+//! built-in test guest on this host's KVM (`run`, `image`).
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
@@ -13,6 +14,16 @@ use crate::kvm::{self, KvmVm};
 /// VM commands.
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
+    /// Define a VM on a node (memory allocated, workload loaded, stopped).
+    Create(super::client::CreateArgs),
+    /// Run a VM's vCPUs.
+    Start(super::client::NameArgs),
+    /// Stop a VM's vCPUs (its memory stays).
+    Stop(super::client::NameArgs),
+    /// Remove a stopped VM.
+    Delete(super::client::NameArgs),
+    /// The VMs on every node.
+    List(super::client::ClientArgs),
     /// Run the built-in test guest and show its progress.
     Run(RunArgs),
     /// Write the built-in test guest as a flat boot image (load at 0x7c00,
@@ -81,6 +92,11 @@ pub struct ImageArgs {
 /// Runs a VM command.
 pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
+        VmCommand::Create(args) => super::client::create(&args),
+        VmCommand::Start(args) => super::client::lifecycle(&args, "start"),
+        VmCommand::Stop(args) => super::client::lifecycle(&args, "stop"),
+        VmCommand::Delete(args) => super::client::lifecycle(&args, "delete"),
+        VmCommand::List(args) => super::client::list(&args),
         VmCommand::Run(args) => run_guest(&args),
         VmCommand::Image(args) => {
             let image = image::build(&args.guest.params()?)

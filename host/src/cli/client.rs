@@ -1,0 +1,230 @@
+//! Client commands: `ferry vm create/start/stop/delete/list` and
+//! `ferry migrate`, spoken to the nodes over QUIC with a client certificate.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use ferry_actors::api::Cluster;
+use ferry_actors::node::client::VmSpec;
+use ferry_transport::quic::{QuicTransport, QuicTuning};
+
+use super::progress::ProgressBar;
+use crate::node::config::ClientConfig;
+
+/// Which client file to use.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Client file (certificate and nodes), as `ferry cluster init` writes it.
+    #[arg(long, env = "FERRY_CLIENT", default_value = "client.toml")]
+    pub client: PathBuf,
+}
+
+/// Options of `ferry vm create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM name.
+    pub name: String,
+    /// Node to create it on (default: the first in the client file).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Working set the test workload rewrites, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub wss: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// CPU features the guest uses (comma-separated; default: the node's).
+    #[arg(long, value_delimiter = ',')]
+    pub cpu_features: Vec<String>,
+    /// Use the synthetic guest even where KVM works.
+    #[arg(long)]
+    pub synthetic: bool,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of commands that name one VM.
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// VM name.
+    pub name: String,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of `ferry migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// VM name.
+    pub vm: String,
+    /// Destination host.
+    #[arg(long)]
+    pub to: String,
+    /// Downtime budget in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// Give up after this many seconds of pre-copy (the VM keeps running).
+    #[arg(long, default_value_t = 120)]
+    pub time_limit_s: u64,
+    /// Never throttle the guest.
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// Cold migration of a stopped VM.
+    #[arg(long)]
+    pub cold: bool,
+    /// Compare memory hashes before the destination resumes.
+    #[arg(long)]
+    pub verify: bool,
+    /// Bulk streams.
+    #[arg(long, default_value_t = 4)]
+    pub lanes: u32,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+fn connect(args: &ClientArgs) -> anyhow::Result<Cluster<QuicTransport>> {
+    let (config, creds) = ClientConfig::load(&args.client)?;
+    let any = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let local = if config.nodes.iter().all(|n| n.addr.ip().is_loopback()) {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        any
+    };
+    let transport = QuicTransport::bind(local, &creds, &QuicTuning::default())?;
+    Ok(Cluster::new(
+        Arc::new(transport),
+        config
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.quic()))
+            .collect(),
+    ))
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+/// `ferry vm create`.
+pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let cluster = connect(&args.client)?;
+        let node = match &args.node {
+            Some(n) => n.clone(),
+            None => cluster.node_names().first().cloned().unwrap_or_default(),
+        };
+        cluster
+            .create_vm(
+                &node,
+                VmSpec {
+                    name: args.name.clone(),
+                    memory_mib: args.memory,
+                    vcpus: args.vcpus,
+                    wss_mib: args.wss,
+                    synthetic: args.synthetic,
+                    cpu_features: args.cpu_features.clone(),
+                },
+            )
+            .await?;
+        println!("{} created on {node} (stopped)", args.name);
+        Ok(())
+    })
+}
+
+/// `ferry vm start` / `stop` / `delete`.
+pub fn lifecycle(args: &NameArgs, what: &str) -> anyhow::Result<()> {
+    block_on(async {
+        let cluster = connect(&args.client)?;
+        let vm = cluster.vm(&args.name);
+        match what {
+            "start" => vm.start().await?,
+            "stop" => vm.stop().await?,
+            _ => {
+                let node = cluster.locate(&args.name).await?;
+                cluster
+                    .request(
+                        &node,
+                        &ferry_actors::node::client::ClientRequest::DeleteVm(args.name.clone()),
+                        None,
+                    )
+                    .await?;
+            }
+        }
+        println!("{}: {what} done", args.name);
+        Ok(())
+    })
+}
+
+/// `ferry vm list`.
+pub fn list(args: &ClientArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let cluster = connect(args)?;
+        println!(
+            "{:<16} {:<10} {:<13} {:>8} {:>5} {:>4} {:>10}  mac",
+            "name", "host", "phase", "MiB", "vCPU", "gen", "passes"
+        );
+        for node in cluster.node_names() {
+            match cluster.list_vms(&node).await {
+                Ok(vms) => {
+                    for v in vms {
+                        println!(
+                            "{:<16} {:<10} {:<13} {:>8} {:>5} {:>4} {:>10}  {}",
+                            v.name,
+                            v.host,
+                            format!("{:?}", v.phase),
+                            v.memory_bytes >> 20,
+                            v.vcpus,
+                            v.generation,
+                            v.guest_pass,
+                            v.mac
+                        );
+                    }
+                }
+                Err(e) => eprintln!("{node}: unreachable: {e}"),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `ferry migrate`.
+pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
+    let report = block_on(async {
+        let cluster = connect(&args.client)?;
+        let bar = ProgressBar::new(args.json);
+        let progress = bar.clone();
+        let report = cluster
+            .vm(&args.vm)
+            .migrate_to(&args.to)
+            .downtime_ms(args.downtime_ms)
+            .time_limit_s(args.time_limit_s)
+            .auto_converge(!args.no_auto_converge)
+            .cold(args.cold)
+            .verify_memory(args.verify)
+            .lanes(args.lanes)
+            .on_progress(move |p| progress.update(p))
+            .await?;
+        bar.finish();
+        Ok(report)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.to_text());
+    }
+    anyhow::ensure!(report.completed(), "the migration did not complete");
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! `ferry node`: run this host's node until interrupted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use ferry_actors::migration::Capacity;
+use ferry_transport::quic::{QuicTransport, QuicTuning};
+
+use crate::node::config::NodeConfig;
+use crate::node::factory::HostFactory;
+use crate::node::{Node, cpu_features};
+
+/// Options of `ferry node`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The node's configuration file.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+/// Runs a node.
+pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
+    let (config, creds) = NodeConfig::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let tuning = if config.listen.ip().is_loopback() {
+            QuicTuning::loopback()
+        } else {
+            QuicTuning::default()
+        };
+        let transport = Arc::new(QuicTransport::bind(config.listen, &creds, &tuning)?);
+        let factory = if config.synthetic_guests {
+            HostFactory::synthetic_only()
+        } else {
+            HostFactory::probe()
+        };
+        if !factory.kvm() && !config.synthetic_guests {
+            eprintln!("WARNING: /dev/kvm is not usable here: this node runs synthetic guests only");
+        }
+        use ferry_actors::node::factory::GuestFactory;
+        let capacity = Capacity {
+            memory_bytes: config.capacity.memory_mib << 20,
+            vcpus: config.capacity.vcpus,
+            cpu_features: cpu_features(),
+            kvm: factory.kvm(),
+        };
+        let peers = config
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.quic()))
+            .collect();
+        let _node =
+            Node::start(&config.name, transport, peers, capacity, Arc::new(factory)).await?;
+        eprintln!(
+            "node {} listening on {} ({} peers); Ctrl-C stops it",
+            config.name,
+            config.listen,
+            config.peers.len()
+        );
+        tokio::signal::ctrl_c().await?;
+        eprintln!("node {} stopping", config.name);
+        anyhow::Ok(())
+    })
+}
