@@ -153,30 +153,96 @@ impl GuestRam {
         }
     }
 
-    /// xxh3 of the whole memory, hashed in page order. Take it only while
-    /// the vCPUs are paused, or it describes no instant of the guest.
+    /// The memory's page-fold hash ([`fold_page_hash`] over every page).
+    /// Take it only while nothing writes the memory (paused vCPUs, no lanes
+    /// writing), or it describes no instant of the guest.
     pub fn hash(&self) -> u64 {
         let len = usize::try_from(self.bytes).expect("mapped, so it fits");
         // SAFETY: the mapping is live for `self`'s lifetime; the caller keeps
-        // writers away (paused vCPUs, no lanes writing) while it is read.
+        // writers away while it is read.
         let all = unsafe { std::slice::from_raw_parts(self.base.cast_const(), len) };
-        xxhash_rust::xxh3::xxh3_64(all)
+        all.chunks_exact(PAGE_LEN)
+            .zip(0u64..)
+            .fold(0u64, |acc, (page, gfn)| {
+                acc.wrapping_add(fold_page_hash(gfn, xxhash_rust::xxh3::xxh3_64(page)))
+            })
     }
 
-    /// The writer for pages whose frame number is `lane` modulo `lanes`.
+    /// The writer for pages whose frame number is `lane` modulo `lanes`;
+    /// with `hashes`, it records the hash of every page it writes.
     ///
     /// # Safety
     /// No two live lanes of the same memory may share a `lane` index for the
     /// same `lanes`, and nothing else may write the memory while lanes
     /// live (the destination's shadow VM stays paused while pages arrive).
-    pub unsafe fn lane(&self, lane: u32, lanes: u32) -> PageLane {
+    pub unsafe fn lane(&self, lane: u32, lanes: u32, hashes: Option<Arc<PageHashes>>) -> PageLane {
         assert!(lane < lanes, "lane {lane} of {lanes}");
+        if let Some(h) = &hashes {
+            assert_eq!(h.pages(), self.pages(), "a hash per page");
+        }
         PageLane {
             ram: self.clone(),
             lane,
             lanes,
             pages: 0,
+            hashes,
+            unhashed: None,
         }
+    }
+}
+
+/// One page's part of the memory hash: its content hash mixed with its
+/// frame number, so that summing the parts (in any order) gives a hash of
+/// the whole memory that moves pages cannot fool.
+pub fn fold_page_hash(gfn: u64, page_hash: u64) -> u64 {
+    let mut both = [0u8; 16];
+    both[..8].copy_from_slice(&gfn.to_le_bytes());
+    both[8..].copy_from_slice(&page_hash.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&both)
+}
+
+/// The content hash of every page a destination has written, kept as pages
+/// arrive so that verifying memory at the switchover costs a sum, not a
+/// pass over gigabytes inside the downtime.
+#[derive(Debug)]
+pub struct PageHashes {
+    /// xxh3 per page; 0 stands for a page never written (still zero).
+    table: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl PageHashes {
+    /// Hashes for `pages` pages, all zero so far.
+    pub fn new(pages: u64) -> Self {
+        let n = usize::try_from(pages).expect("page count fits memory");
+        Self {
+            table: (0..n)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Pages covered.
+    pub fn pages(&self) -> u64 {
+        self.table.len() as u64
+    }
+
+    fn record(&self, gfn: u64, hash: u64) {
+        let i = usize::try_from(gfn).expect("checked by the lane");
+        // A real hash of 0 would read as "never written"; the zero page's
+        // hash then stands in, which only changes which value is summed.
+        self.table[i].store(hash, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The memory hash, equal to [`GuestRam::hash`] of the same contents.
+    pub fn fold(&self) -> u64 {
+        let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_LEN]);
+        self.table.iter().zip(0u64..).fold(0u64, |acc, (h, gfn)| {
+            let h = match h.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => zero,
+                h => h,
+            };
+            acc.wrapping_add(fold_page_hash(gfn, h))
+        })
     }
 }
 
@@ -189,10 +255,26 @@ pub struct PageLane {
     lanes: u32,
     /// Pages written (data or zero).
     pub pages: u64,
+    hashes: Option<Arc<PageHashes>>,
+    /// The page handed out by the last `slot`, filled since but not hashed.
+    unhashed: Option<u64>,
 }
 
 impl PageLane {
+    /// Hashes the page the last `slot` handed out (its bytes are in place
+    /// once the caller comes back). Call at the end of every round.
+    pub fn flush(&mut self) {
+        if let (Some(gfn), Some(hashes)) = (self.unhashed.take(), &self.hashes) {
+            let ptr = self.ram.page_ptr(gfn).expect("checked when handed out");
+            // SAFETY: the page is inside the live mapping and belongs to this
+            // lane alone; nothing writes it while this lane is here.
+            let page = unsafe { std::slice::from_raw_parts(ptr.cast_const(), PAGE_LEN) };
+            hashes.record(gfn, xxhash_rust::xxh3::xxh3_64(page));
+        }
+    }
+
     fn page(&mut self, gfn: u64, len: usize) -> Result<*mut u8, String> {
+        self.flush();
         if len != PAGE_LEN {
             return Err(format!("entry of {len} bytes, pages are {PAGE_LEN}"));
         }
@@ -211,6 +293,7 @@ impl PageLane {
 impl BatchSink for PageLane {
     fn slot(&mut self, addr: u64, len: usize) -> Result<&mut [u8], String> {
         let ptr = self.page(addr, len)?;
+        self.unhashed = Some(addr);
         // SAFETY: the page is inside the live mapping and belongs to this
         // lane alone (the contract of `GuestRam::lane`); the slice lives
         // only until the next call on `self`.
@@ -221,6 +304,9 @@ impl BatchSink for PageLane {
         let ptr = self.page(addr, len)?;
         // SAFETY: as in `slot`.
         unsafe { std::ptr::write_bytes(ptr, 0, PAGE_LEN) };
+        if let Some(h) = &self.hashes {
+            h.record(addr, 0);
+        }
         Ok(())
     }
 }
@@ -275,12 +361,43 @@ mod tests {
         assert!(ram.read_page(8, &mut page).is_err());
 
         // SAFETY: the only lane of this memory.
-        let mut lane = unsafe { ram.lane(1, 2) };
+        let mut lane = unsafe { ram.lane(1, 2, None) };
         assert!(lane.slot(2, PAGE_LEN).is_err(), "page 2 is lane 0's");
         lane.zero(3, PAGE_LEN).expect("page 3 is lane 1's");
         assert_eq!(ram.read_u64(3 * PAGE_BYTES).expect("read"), 0);
         assert!(lane.slot(1, 100).is_err(), "partial pages are refused");
         assert_eq!(lane.pages, 1);
+    }
+
+    #[test]
+    fn hashes_kept_by_lanes_equal_a_full_pass() {
+        let src = GuestRam::allocate(16 * PAGE_BYTES);
+        src.fill_random(2 * PAGE_BYTES, 16 * PAGE_BYTES, 5);
+        let dst = GuestRam::allocate(16 * PAGE_BYTES);
+        let hashes = Arc::new(PageHashes::new(16));
+        let mut page = vec![0u8; PAGE_LEN];
+        for lane in 0..2 {
+            // SAFETY: one lane per index, nothing else writes `dst`.
+            let mut l = unsafe { dst.lane(lane, 2, Some(hashes.clone())) };
+            // Write a page twice: the hash must follow the last copy.
+            for gfn in (u64::from(lane)..16)
+                .step_by(2)
+                .chain([u64::from(lane) + 4])
+            {
+                src.read_page(gfn, &mut page).expect("read");
+                if page.iter().all(|b| *b == 0) {
+                    l.zero(gfn, PAGE_LEN).expect("zero");
+                } else {
+                    l.slot(gfn, PAGE_LEN).expect("slot").copy_from_slice(&page);
+                }
+            }
+            l.flush();
+        }
+        assert_eq!(hashes.fold(), src.hash());
+        assert_eq!(dst.hash(), src.hash());
+        // Moving a page elsewhere changes the hash.
+        dst.write_page(15, &vec![0u8; PAGE_LEN]).expect("write");
+        assert_ne!(dst.hash(), src.hash());
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct SourceMachine {
     source_hash: Option<u64>,
     dest_hash: Option<u64>,
     lanes: u32,
+    /// A completed report waiting for the source's memory hash.
+    held: Option<MigrationReport>,
 }
 
 impl SourceMachine {
@@ -177,6 +179,7 @@ impl SourceMachine {
             source_hash: None,
             dest_hash: None,
             lanes: 0,
+            held: None,
         }
     }
 
@@ -439,9 +442,14 @@ impl SourceMachine {
         }
     }
 
-    /// The source's memory hash after [`SourceAction::HashMemory`].
+    /// The source's memory hash after [`SourceAction::HashMemory`] (it may
+    /// arrive after the destination resumed: the report waits for it).
     pub fn handle_memory_hash(&mut self, _now: Instant, hash: u64) {
         self.source_hash = Some(hash);
+        if let Some(mut report) = self.held.take() {
+            report.memory_verified = self.dest_hash.map(|d| d == hash);
+            self.events.push_back(SourceEvent::Finished(report));
+        }
     }
 
     /// Ownership is released: from here on the source never resumes the VM.
@@ -614,6 +622,13 @@ impl SourceMachine {
             state_bytes: self.state_bytes,
             memory_verified,
         };
-        self.events.push_back(SourceEvent::Finished(report));
+        let hash_pending = report.outcome == Outcome::Completed
+            && self.offer.verify_memory
+            && self.source_hash.is_none();
+        if hash_pending {
+            self.held = Some(report);
+        } else {
+            self.events.push_back(SourceEvent::Finished(report));
+        }
     }
 }

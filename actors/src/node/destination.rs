@@ -13,7 +13,7 @@ use super::lanes::{self, LaneRound};
 use super::now;
 use super::vm::{VmActor, VmArgs, VmMsg, VmPhase, with_guest};
 use crate::migration::{DestAction, DestMachine, DestOutcome, Mac, SourceMsg};
-use crate::ram::GuestRam;
+use crate::ram::{GuestRam, PageHashes};
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -74,6 +74,7 @@ pub struct DestState<C: Connection> {
     host: String,
     vm: Option<ActorRef<VmMsg>>,
     ram: Option<GuestRam>,
+    hashes: Option<Arc<PageHashes>>,
     waiting_lanes: Vec<(u32, FrameReader<C::Recv>)>,
     lanes_seen: Vec<bool>,
     generation: u64,
@@ -101,6 +102,7 @@ impl<C: Connection> Actor for MigrationDestination<C> {
             host: args.host,
             vm: None,
             ram: None,
+            hashes: None,
             waiting_lanes: Vec::new(),
             lanes_seen: vec![false; lanes],
             generation: 0,
@@ -180,7 +182,7 @@ fn accept_lane<C: Connection>(
     // SAFETY: each lane index is taken once (checked above), and the shadow
     // VM stays paused while lanes write: it resumes only after every lane
     // delivered the final round.
-    let sink = unsafe { ram.lane(lane, lanes) };
+    let sink = unsafe { ram.lane(lane, lanes, s.hashes.clone()) };
     let me = myself.clone();
     tokio::spawn(async move {
         let report = me.clone();
@@ -250,7 +252,13 @@ async fn perform<C: Connection>(
                 .map_err(|e| e.to_string())?;
             match made {
                 Ok(guest) => {
-                    s.ram = Some(guest.ram());
+                    let ram = guest.ram();
+                    if s.machine.offer().verify_memory {
+                        // Lanes hash pages as they land, so the check at the
+                        // switchover is a sum, not a pass over all memory.
+                        s.hashes = Some(Arc::new(PageHashes::new(ram.pages())));
+                    }
+                    s.ram = Some(ram);
                     let (vm, _) = Actor::spawn(
                         None,
                         VmActor,
@@ -284,9 +292,13 @@ async fn perform<C: Connection>(
         }
         DestAction::HashMemory => {
             let ram = s.ram.clone().ok_or("no shadow VM")?;
-            let hash = tokio::task::spawn_blocking(move || ram.hash())
-                .await
-                .map_err(|e| e.to_string())?;
+            let hashes = s.hashes.clone();
+            let hash = tokio::task::spawn_blocking(move || match hashes {
+                Some(h) => h.fold(),
+                None => ram.hash(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
             s.machine.handle_memory_hash(now(), hash);
         }
         DestAction::Adopt { generation } => {
@@ -314,6 +326,7 @@ async fn perform<C: Connection>(
         DestAction::AnnounceMac(mac) => (s.announce)(mac),
         DestAction::DiscardShadow => {
             s.ram = None;
+            s.hashes = None;
             if let Some(vm) = s.vm.take() {
                 vm.stop(None);
             }

@@ -123,6 +123,7 @@ pub async fn receive_lane<R: RecvStream>(
                 let mark: LaneMark = ferry_transport::message::decode_body(&body)
                     .map_err(|e| format!("lane {lane}: {e}"))?;
                 bytes += (FRAME_HEADER_BYTES + header.body_len) as u64;
+                sink.flush();
                 let pages = sink.pages - pages_before;
                 if pages != mark.pages {
                     return Err(format!(

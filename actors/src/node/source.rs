@@ -28,6 +28,8 @@ pub enum SourcePump {
     Failed(String),
     /// Check deadlines.
     Tick,
+    /// The paused memory's hash, computed off the pump.
+    Hashed(u64),
 }
 
 /// What a [`MigrationSource`] is started with.
@@ -131,6 +133,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             SourcePump::Peer(m) => s.machine.handle_message(now(), m),
             SourcePump::Failed(why) => s.machine.handle_failure(now(), why),
             SourcePump::Tick => s.machine.handle_timeout(now()),
+            SourcePump::Hashed(hash) => s.machine.handle_memory_hash(now(), hash),
         }
         pump(&myself, s).await;
         Ok(())
@@ -301,11 +304,13 @@ async fn perform<C: Connection>(
             s.machine.handle_state_saved(now(), state);
         }
         SourceAction::HashMemory => {
+            // Off the pump: the switchover goes on while the paused memory
+            // is hashed; the report waits for it.
             let ram = s.ram.clone();
-            let hash = tokio::task::spawn_blocking(move || ram.hash())
-                .await
-                .map_err(|e| format!("hashing memory: {e}"))?;
-            s.machine.handle_memory_hash(now(), hash);
+            let me = myself.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = me.cast(SourcePump::Hashed(ram.hash()));
+            });
         }
         SourceAction::ReleaseOwnership { .. } => {
             s.vm.cast(VmMsg::Released)
