@@ -32,7 +32,7 @@ pub struct MigrateArgs {
     /// Use the synthetic guest even where KVM works.
     #[arg(long)]
     pub synthetic: bool,
-    /// Hash memory on both sides before resuming (adds to the downtime).
+    /// Compare memory hashes at the switchover (costs CPU while pages land).
     #[arg(long)]
     pub verify: bool,
     /// Do not keep destination memory faulted in ahead (first touch then
