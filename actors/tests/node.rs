@@ -2,7 +2,7 @@
 //! transport with synthetic guests: the production protocol code end to
 //! end, without KVM or QUIC (`host/tests/` runs those).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ async fn node(
     features: &[&str],
 ) -> Node {
     let transport = Arc::new(net.endpoint(PeerIdentity::new(name, Role::Host)));
-    let peers: HashMap<String, String> = peers
+    let peers: BTreeMap<String, String> = peers
         .iter()
         .map(|p| ((*p).to_owned(), (*p).to_owned()))
         .collect();

@@ -253,6 +253,11 @@ impl SendStream for MemSend {
     }
 
     fn finish(&mut self) -> Result<(), StreamError> {
+        // A closed connection delivers nothing more, not even a clean end
+        // (which the reader would take for an orderly goodbye).
+        if let Some(e) = lost(&self.closed) {
+            return Err(e);
+        }
         let tx = self.tx.take().ok_or(StreamError::Finished)?;
         // The reader may be gone already; finishing is still fine then.
         if let Err(mpsc::error::TrySendError::Full(fin)) = tx.try_send(Chunk::Fin) {
@@ -290,7 +295,9 @@ impl RecvStream for MemRecv {
             match next {
                 Some(Chunk::Data(b)) => self.pending = b,
                 Some(Chunk::Fin) => self.finished = true,
-                None => return Err(StreamError::Reset(0)),
+                // The writer went away: because the connection closed (say
+                // so), or because it was dropped unfinished (a reset).
+                None => return Err(lost(&self.closed).unwrap_or(StreamError::Reset(0))),
             }
         }
         if self.pending.is_empty() {

@@ -201,11 +201,11 @@ async fn pump<C: Connection>(myself: &ActorRef<DestPump<C>>, s: &mut DestState<C
     while let Some(action) = s.machine.poll_action() {
         let name = format!("{action:?}");
         let name = name.split(['(', ' ', '{']).next().unwrap_or("").to_owned();
-        let started = std::time::Instant::now();
+        let started = now();
         let result = perform(myself, s, action).await;
         tracing::debug!(
             action = %name,
-            ms = started.elapsed().as_secs_f64() * 1e3,
+            ms = (now() - started).as_secs_f64() * 1e3,
             "destination action"
         );
         if let Err(why) = result {
@@ -247,9 +247,7 @@ async fn perform<C: Connection>(
         DestAction::CreateShadow => {
             let config = s.machine.offer().vm.clone();
             let factory = s.factory.clone();
-            let made = tokio::task::spawn_blocking(move || factory.shadow(&config))
-                .await
-                .map_err(|e| e.to_string())?;
+            let made = super::offload(move || factory.shadow(&config)).await;
             match made {
                 Ok(guest) => {
                     let ram = guest.ram();
@@ -293,12 +291,11 @@ async fn perform<C: Connection>(
         DestAction::HashMemory => {
             let ram = s.ram.clone().ok_or("no shadow VM")?;
             let hashes = s.hashes.clone();
-            let hash = tokio::task::spawn_blocking(move || match hashes {
+            let hash = super::offload(move || match hashes {
                 Some(h) => h.fold(),
                 None => ram.hash(),
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await;
             s.machine.handle_memory_hash(now(), hash);
         }
         DestAction::Adopt { generation } => {

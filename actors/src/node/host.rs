@@ -1,7 +1,7 @@
 //! `HostActor`: one per node. Owns the VMs, admits incoming migrations,
 //! starts outgoing ones and keeps the virtual network's MAC table.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ferry_transport::{FrameKind, FrameReader, FrameWriter, Transport};
@@ -102,7 +102,7 @@ pub struct HostState<T: Transport> {
     capacity: Capacity,
     factory: Arc<dyn GuestFactory>,
     vms: BTreeMap<String, VmEntry>,
-    incoming: HashMap<(String, u64), ActorRef<DestPump<Conn<T>>>>,
+    incoming: BTreeMap<(String, u64), ActorRef<DestPump<Conn<T>>>>,
     macs: BTreeMap<Mac, String>,
     next_migration_id: u64,
 }
@@ -122,7 +122,7 @@ impl<T: Transport> Actor for HostActor<T> {
             capacity: args.capacity,
             factory: args.factory,
             vms: BTreeMap::new(),
-            incoming: HashMap::new(),
+            incoming: BTreeMap::new(),
             macs: BTreeMap::new(),
             next_migration_id: 1,
         })
@@ -352,9 +352,8 @@ async fn create_vm<T: Transport>(
     };
     let factory = s.factory.clone();
     let boot_config = config.clone();
-    let guest = tokio::task::spawn_blocking(move || factory.boot(&boot_config))
+    let guest = super::offload(move || factory.boot(&boot_config))
         .await
-        .map_err(|e| NodeError::Guest(e.to_string()))?
         .map_err(|e| NodeError::Guest(e.to_string()))?;
     let (actor, _) = Actor::spawn(
         None,

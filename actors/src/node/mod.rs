@@ -21,7 +21,8 @@ pub mod net;
 pub mod source;
 pub mod vm;
 
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,6 +69,29 @@ pub enum NodeError {
     Gone(String),
 }
 
+thread_local! {
+    static INLINE_BLOCKING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes [`offload`] run its work inline on this thread: the simulation
+/// calls it on its single runtime thread, where a blocking pool would run
+/// work at times no seed controls.
+pub fn run_blocking_work_inline_on_this_thread() {
+    INLINE_BLOCKING.with(|c| c.set(true));
+}
+
+/// Runs CPU-heavy or blocking work (building a guest, hashing memory) on
+/// tokio's blocking pool, or inline where the simulation asked for it.
+pub async fn offload<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> R {
+    if INLINE_BLOCKING.with(Cell::get) {
+        return work();
+    }
+    match tokio::task::spawn_blocking(work).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// The current time: tokio's clock, so a paused runtime (the simulation)
 /// gives virtual time.
 pub fn now() -> Instant {
@@ -82,18 +106,18 @@ pub struct NodeCtx<T: Transport> {
     /// The endpoint.
     pub transport: Arc<T>,
     /// Peer hosts by name.
-    pub peers: HashMap<String, T::Addr>,
-    links: tokio::sync::Mutex<HashMap<String, T::Connection>>,
+    pub peers: BTreeMap<String, T::Addr>,
+    links: tokio::sync::Mutex<BTreeMap<String, T::Connection>>,
 }
 
 impl<T: Transport> NodeCtx<T> {
     /// A context for host `name`.
-    pub fn new(name: String, transport: Arc<T>, peers: HashMap<String, T::Addr>) -> Self {
+    pub fn new(name: String, transport: Arc<T>, peers: BTreeMap<String, T::Addr>) -> Self {
         Self {
             name,
             transport,
             peers,
-            links: tokio::sync::Mutex::new(HashMap::new()),
+            links: tokio::sync::Mutex::new(BTreeMap::new()),
         }
     }
 

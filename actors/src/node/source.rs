@@ -163,12 +163,12 @@ async fn read_control<R: ferry_transport::RecvStream>(
 async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<C>) {
     while let Some(action) = s.machine.poll_action() {
         let name = action_name(&action);
-        let started = std::time::Instant::now();
+        let started = now();
         let result = perform(myself, s, action).await;
         tracing::debug!(
             migration = s.migration_id,
             action = name,
-            ms = started.elapsed().as_secs_f64() * 1e3,
+            ms = (now() - started).as_secs_f64() * 1e3,
             "source action"
         );
         if let Err(why) = result {
@@ -308,8 +308,9 @@ async fn perform<C: Connection>(
             // is hashed; the report waits for it.
             let ram = s.ram.clone();
             let me = myself.clone();
-            tokio::task::spawn_blocking(move || {
-                let _ = me.cast(SourcePump::Hashed(ram.hash()));
+            tokio::spawn(async move {
+                let hash = super::offload(move || ram.hash()).await;
+                let _ = me.cast(SourcePump::Hashed(hash));
             });
         }
         SourceAction::ReleaseOwnership { .. } => {

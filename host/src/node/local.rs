@@ -2,7 +2,7 @@
 //! certificates, one QUIC endpoint per node, a client. `ferry demo`,
 //! `ferry bench migrate` and the host tests use it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,7 +69,7 @@ impl LocalCluster {
         }
         let mut nodes = Vec::new();
         for ((name, t, _), (_, capacity)) in endpoints.iter().zip(hosts) {
-            let peers: HashMap<String, QuicAddr> = endpoints
+            let peers: BTreeMap<String, QuicAddr> = endpoints
                 .iter()
                 .filter(|(n, _, _)| n != name)
                 .map(|(n, _, a)| {

@@ -5,7 +5,7 @@ pub mod config;
 pub mod factory;
 pub mod local;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ferry_actors::migration::Capacity;
@@ -28,7 +28,7 @@ impl<T: Transport> Node<T> {
     pub async fn start(
         name: &str,
         transport: Arc<T>,
-        peers: HashMap<String, T::Addr>,
+        peers: BTreeMap<String, T::Addr>,
         capacity: Capacity,
         factory: Arc<dyn GuestFactory>,
     ) -> anyhow::Result<Self> {

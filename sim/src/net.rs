@@ -1,0 +1,289 @@
+//! The simulated network: the in-memory transport plus per-link bandwidth
+//! and latency, cuts, partitions and clogging, all on tokio's (paused)
+//! clock.
+//!
+//! Each link (an unordered host pair) is one pipe: every chunk written on
+//! any stream between the two hosts queues behind the chunks before it, so
+//! parallel lanes share the link's bandwidth as they would share a wire.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_transport::mem::{MemConnection, MemNetwork, MemRecv, MemSend, MemTransport};
+use ferry_transport::{
+    Connection, PeerIdentity, Role, SendStream, StreamError, Transport, TransportError,
+};
+use tokio::time::Instant;
+
+/// Speed and delay of a link.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkParams {
+    /// Bytes per second.
+    pub bandwidth_bytes_per_s: f64,
+    /// One-way delay added to every chunk.
+    pub latency: Duration,
+}
+
+impl Default for LinkParams {
+    fn default() -> Self {
+        Self {
+            bandwidth_bytes_per_s: 1e9,
+            latency: Duration::from_micros(100),
+        }
+    }
+}
+
+type Link = (String, String);
+
+fn link(a: &str, b: &str) -> Link {
+    if a <= b {
+        (a.to_owned(), b.to_owned())
+    } else {
+        (b.to_owned(), a.to_owned())
+    }
+}
+
+#[derive(Default)]
+struct NetState {
+    params: BTreeMap<Link, LinkParams>,
+    default: LinkParams,
+    busy_until: BTreeMap<Link, Instant>,
+    partitioned: BTreeSet<Link>,
+    conns: BTreeMap<Link, Vec<MemConnection>>,
+}
+
+/// The network all simulated hosts share.
+#[derive(Clone)]
+pub struct SimNetwork {
+    mem: MemNetwork,
+    state: Arc<Mutex<NetState>>,
+}
+
+impl Default for SimNetwork {
+    fn default() -> Self {
+        Self::new(LinkParams::default())
+    }
+}
+
+impl SimNetwork {
+    /// A network whose links default to `default`.
+    pub fn new(default: LinkParams) -> Self {
+        Self {
+            mem: MemNetwork::new(),
+            state: Arc::new(Mutex::new(NetState {
+                default,
+                ..NetState::default()
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NetState> {
+        self.state.lock().expect("network lock")
+    }
+
+    /// An endpoint for host (or client) `name` with `role`.
+    pub fn endpoint(&self, name: &str, role: Role) -> SimTransport {
+        SimTransport {
+            inner: self.mem.endpoint(PeerIdentity::new(name, role)),
+            name: name.to_owned(),
+            net: self.clone(),
+        }
+    }
+
+    /// Sets the link between `a` and `b`.
+    pub fn set_link(&self, a: &str, b: &str, params: LinkParams) {
+        self.lock().params.insert(link(a, b), params);
+    }
+
+    /// Breaks every connection between `a` and `b` (they may reconnect).
+    pub fn cut(&self, a: &str, b: &str, why: &str) {
+        let conns = self.lock().conns.remove(&link(a, b)).unwrap_or_default();
+        for c in conns {
+            c.close(why);
+        }
+    }
+
+    /// Cuts `a`–`b` and refuses new connections until [`Self::heal`].
+    pub fn partition(&self, a: &str, b: &str) {
+        self.lock().partitioned.insert(link(a, b));
+        self.cut(a, b, "network partition");
+    }
+
+    /// Ends a partition.
+    pub fn heal(&self, a: &str, b: &str) {
+        self.lock().partitioned.remove(&link(a, b));
+    }
+
+    /// Ends every partition.
+    pub fn heal_all(&self) {
+        self.lock().partitioned.clear();
+    }
+
+    /// Removes a host from the network: its listener goes and its
+    /// connections break.
+    pub fn unplug(&self, transport: &SimTransport) {
+        transport.inner.close();
+        let links: Vec<Link> = self
+            .lock()
+            .conns
+            .keys()
+            .filter(|(a, b)| *a == transport.name || *b == transport.name)
+            .cloned()
+            .collect();
+        for (a, b) in links {
+            self.cut(&a, &b, "host went down");
+        }
+    }
+
+    fn is_partitioned(&self, a: &str, b: &str) -> bool {
+        self.lock().partitioned.contains(&link(a, b))
+    }
+
+    /// When a chunk of `len` bytes written now on `a`–`b` arrives.
+    fn schedule(&self, a: &str, b: &str, len: usize) -> Instant {
+        let key = link(a, b);
+        let mut s = self.lock();
+        let params = s.params.get(&key).copied().unwrap_or(s.default);
+        let now = Instant::now();
+        let start = s.busy_until.get(&key).copied().unwrap_or(now).max(now);
+        #[allow(clippy::cast_precision_loss)] // chunk sizes
+        let transfer = Duration::from_secs_f64(len as f64 / params.bandwidth_bytes_per_s);
+        let done = start + transfer;
+        s.busy_until.insert(key, done);
+        done + params.latency
+    }
+
+    fn register(&self, a: &str, b: &str, conn: &MemConnection) {
+        self.lock()
+            .conns
+            .entry(link(a, b))
+            .or_default()
+            .push(conn.clone());
+    }
+}
+
+/// A host's endpoint on the simulated network.
+pub struct SimTransport {
+    inner: MemTransport,
+    name: String,
+    net: SimNetwork,
+}
+
+impl Transport for SimTransport {
+    type Addr = String;
+    type Connection = SimConnection;
+
+    async fn connect(&self, addr: &String) -> Result<SimConnection, TransportError> {
+        if self.net.is_partitioned(&self.name, addr) {
+            return Err(TransportError::Connect {
+                addr: addr.clone(),
+                reason: "unreachable (partition)".into(),
+            });
+        }
+        let conn = self.inner.connect(addr).await?;
+        self.net.register(&self.name, addr, &conn);
+        Ok(SimConnection {
+            inner: conn,
+            local: self.name.clone(),
+            remote: addr.clone(),
+            net: self.net.clone(),
+        })
+    }
+
+    async fn accept(&self) -> Result<SimConnection, TransportError> {
+        let conn = self.inner.accept().await?;
+        let remote = conn.peer().name.clone();
+        self.net.register(&self.name, &remote, &conn);
+        Ok(SimConnection {
+            inner: conn,
+            local: self.name.clone(),
+            remote,
+            net: self.net.clone(),
+        })
+    }
+
+    fn local_identity(&self) -> &PeerIdentity {
+        self.inner.local_identity()
+    }
+}
+
+/// A connection whose streams pay the link's bandwidth and latency.
+#[derive(Clone)]
+pub struct SimConnection {
+    inner: MemConnection,
+    local: String,
+    remote: String,
+    net: SimNetwork,
+}
+
+impl std::fmt::Debug for SimConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SimConnection({} -> {})", self.local, self.remote)
+    }
+}
+
+impl SimConnection {
+    fn wrap(&self, (send, recv): (MemSend, MemRecv)) -> (SimSend, MemRecv) {
+        (
+            SimSend {
+                inner: send,
+                local: self.local.clone(),
+                remote: self.remote.clone(),
+                net: self.net.clone(),
+            },
+            recv,
+        )
+    }
+}
+
+impl Connection for SimConnection {
+    type Send = SimSend;
+    type Recv = MemRecv;
+
+    async fn open_stream(&self) -> Result<(SimSend, MemRecv), TransportError> {
+        Ok(self.wrap(self.inner.open_stream().await?))
+    }
+
+    async fn accept_stream(&self) -> Result<(SimSend, MemRecv), TransportError> {
+        Ok(self.wrap(self.inner.accept_stream().await?))
+    }
+
+    fn peer(&self) -> &PeerIdentity {
+        self.inner.peer()
+    }
+
+    fn close(&self, reason: &str) {
+        self.inner.close(reason);
+    }
+}
+
+/// The sending half of a simulated stream.
+pub struct SimSend {
+    inner: MemSend,
+    local: String,
+    remote: String,
+    net: SimNetwork,
+}
+
+impl std::fmt::Debug for SimSend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SimSend({} -> {})", self.local, self.remote)
+    }
+}
+
+impl SendStream for SimSend {
+    async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), StreamError> {
+        let arrives = self.net.schedule(&self.local, &self.remote, chunk.len());
+        tokio::time::sleep_until(arrives).await;
+        if self.net.is_partitioned(&self.local, &self.remote) {
+            return Err(StreamError::ConnectionLost("network partition".into()));
+        }
+        self.inner.write_chunk(chunk).await
+    }
+
+    fn finish(&mut self) -> Result<(), StreamError> {
+        self.inner.finish()
+    }
+}
