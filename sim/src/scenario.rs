@@ -1,0 +1,345 @@
+//! Scenarios: a cluster, a workload of migrations and a fault schedule,
+//! all drawn from one seed, run on a paused clock in one thread.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use ferry_actors::migration::Outcome;
+use ferry_actors::node::client::MigrateOptions;
+
+use crate::net::{LinkParams, SimNetwork};
+use crate::rng::SimRng;
+use crate::world::{self, Trace, World};
+
+/// A migration that has not ended after this much simulated time never
+/// reached a final state (a violation).
+pub const MIGRATION_TIME_MAX: Duration = Duration::from_secs(600);
+
+/// Which faults a scenario injects, and how often.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Faults {
+    /// Connection cuts per simulated second (across the cluster).
+    pub cuts_per_s: f64,
+    /// Partitions per simulated second, each healed after up to
+    /// `partition_max`.
+    pub partitions_per_s: f64,
+    /// Longest partition.
+    pub partition_max: Duration,
+    /// Clogs (a link slowed to 1% for a while) per simulated second.
+    pub clogs_per_s: f64,
+}
+
+impl Faults {
+    /// No faults.
+    pub const NONE: Faults = Faults {
+        cuts_per_s: 0.0,
+        partitions_per_s: 0.0,
+        partition_max: Duration::ZERO,
+        clogs_per_s: 0.0,
+    };
+}
+
+/// A scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Name, for logs.
+    pub name: &'static str,
+    /// Hosts.
+    pub hosts: usize,
+    /// Memory each host offers, in MiB.
+    pub host_memory_mib: u64,
+    /// VMs (spread over the hosts).
+    pub vms: usize,
+    /// Memory per VM, in MiB.
+    pub vm_memory_mib: u64,
+    /// Working set per VM, in MiB (each VM draws 0 to this).
+    pub wss_mib_max: u64,
+    /// Migrations started over the run.
+    pub migrations: usize,
+    /// Migrations start within this much simulated time.
+    pub horizon: Duration,
+    /// Link speed and delay.
+    pub link: LinkParams,
+    /// Faults.
+    pub faults: Faults,
+    /// Options of every migration.
+    pub options: MigrateOptions,
+    /// Check the at-most-one-running rule this often.
+    pub check_every: Duration,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunResult {
+    /// The seed.
+    pub seed: u64,
+    /// Hash of the trace.
+    pub trace_hash: u64,
+    /// The trace.
+    pub trace: Vec<String>,
+    /// Broken rules (empty when all held).
+    pub violations: Vec<String>,
+    /// Migrations that completed.
+    pub completed: usize,
+    /// Migrations that aborted (VM left on the source).
+    pub aborted: usize,
+    /// Migrations refused before starting (e.g. VM busy).
+    pub rejected: usize,
+    /// Migrations in doubt.
+    pub in_doubt: usize,
+    /// Simulated time.
+    pub simulated: Duration,
+    /// Wall time.
+    pub wall: Duration,
+}
+
+/// Runs `scenario` with `seed` on a fresh single-threaded runtime with a
+/// paused clock and tokio's own choices seeded.
+pub fn run(scenario: &Scenario, seed: u64) -> RunResult {
+    let wall = std::time::Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
+        .build()
+        .expect("runtime");
+    ferry_actors::node::run_blocking_work_inline_on_this_thread();
+    let local = tokio::task::LocalSet::new();
+    let mut result = local.block_on(&runtime, drive(scenario.clone(), seed));
+    result.wall = wall.elapsed();
+    result
+}
+
+async fn drive(s: Scenario, seed: u64) -> RunResult {
+    let mut rng = SimRng::new(seed);
+    let net = SimNetwork::new(s.link);
+    let world = Rc::new(World::start(net.clone(), s.hosts, s.host_memory_mib).await);
+    let trace = Rc::new(RefCell::new(Trace::default()));
+    let violations = Rc::new(RefCell::new(Vec::<String>::new()));
+
+    let mut vms = Vec::new();
+    for i in 0..s.vms {
+        let name = format!("vm{i:04}");
+        let wss = if s.wss_mib_max == 0 {
+            0
+        } else {
+            rng.below(s.wss_mib_max + 1)
+        };
+        world
+            .create_vm(i % s.hosts, &name, s.vm_memory_mib, wss)
+            .await;
+        vms.push(name);
+    }
+    trace
+        .borrow_mut()
+        .record(world.elapsed(), format!("{} VMs on {} hosts", s.vms, s.hosts));
+
+    // The workload: migrations at random times, to random hosts.
+    let mut tasks = Vec::new();
+    for k in 0..s.migrations {
+        #[allow(clippy::cast_possible_truncation)] // the horizon is seconds
+        let at = Duration::from_nanos(rng.below(s.horizon.as_nanos().max(1) as u64));
+        let vm = rng.pick(&vms).clone();
+        let dest_pick = rng.below(s.hosts as u64) as usize;
+        let world = world.clone();
+        let trace = trace.clone();
+        let violations = violations.clone();
+        let options = s.options.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            tokio::time::sleep(at).await;
+            let census = world.census().await;
+            let Some(owner) = census
+                .get(&vm)
+                .and_then(|c| c.iter().find(|v| v.running).map(|v| v.host.clone()))
+            else {
+                trace
+                    .borrow_mut()
+                    .record(world.elapsed(), format!("m{k}: {vm} not running anywhere, skipped"));
+                return MigrationEnd::Rejected;
+            };
+            let mut to = world.hosts[dest_pick].name.clone();
+            if to == owner {
+                to = world.hosts[(dest_pick + 1) % world.hosts.len()].name.clone();
+            }
+            let from = world.index_of(&owner).expect("owner is a host");
+            trace
+                .borrow_mut()
+                .record(world.elapsed(), format!("m{k}: {vm} {owner} -> {to}"));
+            let r = match tokio::time::timeout(
+                MIGRATION_TIME_MAX,
+                world::migrate(&world.hosts[from].actor, &vm, &to, options),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    trace
+                        .borrow_mut()
+                        .record(world.elapsed(), format!("m{k}: {vm} never ended"));
+                    return MigrationEnd::Lost;
+                }
+            };
+            let end = match &r {
+                Ok(report) => {
+                    if report.memory_verified == Some(false) {
+                        violations.borrow_mut().push(format!(
+                            "m{k}: {vm} destination memory differs from the source at the switchover"
+                        ));
+                    }
+                    match &report.outcome {
+                        Outcome::Completed => MigrationEnd::Completed,
+                        Outcome::Aborted { .. } => MigrationEnd::Aborted,
+                        Outcome::InDoubt { .. } => MigrationEnd::InDoubt,
+                    }
+                }
+                Err(_) => MigrationEnd::Rejected,
+            };
+            let what = match r {
+                Ok(report) => format!(
+                    "{:?} rounds {} pages {} verified {:?}",
+                    report.outcome, report.rounds, report.pages_sent, report.memory_verified
+                ),
+                Err(e) => format!("rejected: {e}"),
+            };
+            trace
+                .borrow_mut()
+                .record(world.elapsed(), format!("m{k}: {vm} ended: {what}"));
+            end
+        }));
+    }
+
+    // Faults, until the workload is over.
+    let stop = Rc::new(std::cell::Cell::new(false));
+    let faults = {
+        let net = net.clone();
+        let world = world.clone();
+        let trace = trace.clone();
+        let stop = stop.clone();
+        let f = s.faults;
+        let names: Vec<String> = world.hosts.iter().map(|h| h.name.clone()).collect();
+        let mut rng = SimRng::new(rng.next_u64());
+        tokio::task::spawn_local(async move {
+            let rate = f.cuts_per_s + f.partitions_per_s + f.clogs_per_s;
+            if rate <= 0.0 || names.len() < 2 {
+                return;
+            }
+            while !stop.get() {
+                #[allow(clippy::cast_precision_loss)]
+                let u = (rng.below(1 << 30) as f64 + 1.0) / f64::from(1u32 << 30);
+                let wait = Duration::from_secs_f64(-u.ln() / rate);
+                tokio::time::sleep(wait).await;
+                let a = rng.pick(&names).clone();
+                let mut b = rng.pick(&names).clone();
+                if a == b {
+                    b = names[(names.iter().position(|n| *n == a).expect("in list") + 1) % names.len()]
+                        .clone();
+                }
+                #[allow(clippy::cast_precision_loss)]
+                let x = (rng.below(1 << 30) as f64) / f64::from(1u32 << 30) * rate;
+                if x < f.cuts_per_s {
+                    trace.borrow_mut().record(world.elapsed(), format!("fault: cut {a}-{b}"));
+                    net.cut(&a, &b, "fault: connection cut");
+                } else if x < f.cuts_per_s + f.partitions_per_s {
+                    #[allow(clippy::cast_possible_truncation)]
+                    let len = Duration::from_nanos(
+                        rng.below(f.partition_max.as_nanos().max(1) as u64),
+                    );
+                    trace.borrow_mut().record(
+                        world.elapsed(),
+                        format!("fault: partition {a}-{b} for {len:?}"),
+                    );
+                    net.partition(&a, &b);
+                    let net = net.clone();
+                    tokio::task::spawn_local(async move {
+                        tokio::time::sleep(len).await;
+                        net.heal(&a, &b);
+                    });
+                } else {
+                    let mut slow = s.link;
+                    slow.bandwidth_bytes_per_s /= 100.0;
+                    trace
+                        .borrow_mut()
+                        .record(world.elapsed(), format!("fault: clog {a}-{b}"));
+                    net.set_link(&a, &b, slow);
+                    let net = net.clone();
+                    let normal = s.link;
+                    let len = Duration::from_millis(rng.below(200) + 1);
+                    tokio::task::spawn_local(async move {
+                        tokio::time::sleep(len).await;
+                        net.set_link(&a, &b, normal);
+                    });
+                }
+            }
+        })
+    };
+
+    // The checker: no VM on two hosts, at every check.
+    let checker = {
+        let world = world.clone();
+        let violations = violations.clone();
+        let stop = stop.clone();
+        let every = s.check_every;
+        tokio::task::spawn_local(async move {
+            while !stop.get() {
+                tokio::time::sleep(every).await;
+                let census = world.census().await;
+                if let Err(v) = world::at_most_one_running(&census) {
+                    violations
+                        .borrow_mut()
+                        .push(format!("at {:?}: {v}", world.elapsed()));
+                }
+            }
+        })
+    };
+
+    let mut ends = Vec::new();
+    for t in tasks {
+        ends.push(t.await.unwrap_or(MigrationEnd::Lost));
+    }
+    stop.set(true);
+    let _ = faults.await;
+    let _ = checker.await;
+
+    // Settle: heal the network, give timers (the destination's idle limit)
+    // time to fire, then check the cluster's final state.
+    net.heal_all();
+    tokio::time::sleep(ferry_actors::migration::destination::IDLE_MAX + Duration::from_secs(1))
+        .await;
+    let census = world.census().await;
+    if let Err(v) = world::at_most_one_running(&census) {
+        violations.borrow_mut().push(format!("settled: {v}"));
+    }
+    if let Err(v) = world::settled(&census, &vms) {
+        violations.borrow_mut().push(format!("settled: {v}"));
+    }
+    if ends.contains(&MigrationEnd::Lost) {
+        violations
+            .borrow_mut()
+            .push("a migration never reached a final state".into());
+    }
+    let count = |e: MigrationEnd| ends.iter().filter(|x| **x == e).count();
+    let simulated = world.elapsed();
+    let trace = trace.borrow();
+    RunResult {
+        seed,
+        trace_hash: trace.hash(),
+        trace: trace.lines().to_vec(),
+        violations: violations.borrow().clone(),
+        completed: count(MigrationEnd::Completed),
+        aborted: count(MigrationEnd::Aborted),
+        rejected: count(MigrationEnd::Rejected),
+        in_doubt: count(MigrationEnd::InDoubt),
+        simulated,
+        wall: Duration::ZERO,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MigrationEnd {
+    Completed,
+    Aborted,
+    InDoubt,
+    Rejected,
+    Lost,
+}

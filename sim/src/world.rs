@@ -1,0 +1,245 @@
+//! A simulated cluster: hosts running the production host actors over the
+//! simulated network, synthetic guests, a trace, and the invariant checks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ferry_actors::migration::{Capacity, MigrationReport};
+use ferry_actors::node::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
+use ferry_actors::node::factory::SyntheticFactory;
+use ferry_actors::node::host::{HostActor, HostArgs, HostMsg};
+use ferry_actors::node::vm::{VmInfo, VmPhase};
+use ferry_actors::node::{NodeCtx, net};
+use ferry_transport::Role;
+use ractor::{Actor, ActorRef};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::net::{SimNetwork, SimTransport};
+
+/// One simulated host.
+pub struct SimHost {
+    /// Its name.
+    pub name: String,
+    /// Its host actor.
+    pub actor: ActorRef<HostMsg<SimTransport>>,
+}
+
+/// Events in the order they happened, with their simulated time; the
+/// trace hash is the determinism check.
+#[derive(Debug, Default)]
+pub struct Trace {
+    lines: Vec<String>,
+}
+
+impl Trace {
+    /// Records `event` at simulated time `at` (since the start).
+    pub fn record(&mut self, at: std::time::Duration, event: String) {
+        self.lines
+            .push(format!("{:>12.6} {event}", at.as_secs_f64() * 1e3));
+    }
+
+    /// xxh3 over every line.
+    pub fn hash(&self) -> u64 {
+        let mut all = String::new();
+        for l in &self.lines {
+            all.push_str(l);
+            all.push('\n');
+        }
+        xxhash_rust::xxh3::xxh3_64(all.as_bytes())
+    }
+
+    /// The lines.
+    pub fn lines(&self) -> &[String] {
+        &self.lines
+    }
+}
+
+/// The cluster.
+pub struct World {
+    /// The network.
+    pub net: SimNetwork,
+    /// The hosts.
+    pub hosts: Vec<SimHost>,
+    started: Instant,
+}
+
+impl World {
+    /// Starts `hosts` hosts of `memory_mib` each, all peers of each other.
+    pub async fn start(net: SimNetwork, hosts: usize, memory_mib: u64) -> Self {
+        let names: Vec<String> = (0..hosts).map(|i| format!("h{i:03}")).collect();
+        let mut list = Vec::new();
+        for name in &names {
+            let transport = Arc::new(net.endpoint(name, Role::Host));
+            let peers: BTreeMap<String, String> = names
+                .iter()
+                .filter(|n| *n != name)
+                .map(|n| (n.clone(), n.clone()))
+                .collect();
+            let ctx = Arc::new(NodeCtx::new(name.clone(), transport, peers));
+            let capacity = Capacity {
+                memory_bytes: memory_mib << 20,
+                vcpus: 1024,
+                cpu_features: ["sse2".to_owned()].into_iter().collect(),
+                kvm: false,
+            };
+            let (actor, _) = Actor::spawn(
+                None,
+                HostActor::default(),
+                HostArgs {
+                    ctx: ctx.clone(),
+                    capacity,
+                    factory: Arc::new(SyntheticFactory),
+                },
+            )
+            .await
+            .expect("host actor");
+            tokio::spawn(net::serve(ctx, actor.clone()));
+            list.push(SimHost {
+                name: name.clone(),
+                actor,
+            });
+        }
+        Self {
+            net,
+            hosts: list,
+            started: Instant::now(),
+        }
+    }
+
+    /// Simulated time since the start.
+    pub fn elapsed(&self) -> std::time::Duration {
+        Instant::now() - self.started
+    }
+
+    /// Sends `request` to host `index` and waits for its final reply.
+    pub async fn request(&self, index: usize, request: ClientRequest) -> ClientReply {
+        request_to(&self.hosts[index].actor, request).await
+    }
+
+    /// Creates and starts a VM on host `index`.
+    pub async fn create_vm(&self, index: usize, name: &str, memory_mib: u64, wss_mib: u64) {
+        let spec = VmSpec {
+            name: name.to_owned(),
+            memory_mib,
+            vcpus: 1,
+            wss_mib,
+            synthetic: true,
+            cpu_features: Vec::new(),
+        };
+        let created = self.request(index, ClientRequest::CreateVm(spec)).await;
+        assert_eq!(created, ClientReply::Ok, "creating {name}");
+        let started = self
+            .request(index, ClientRequest::StartVm(name.to_owned()))
+            .await;
+        assert_eq!(started, ClientReply::Ok, "starting {name}");
+    }
+
+    /// Every VM each host reports, by VM name.
+    pub async fn census(&self) -> BTreeMap<String, Vec<VmInfo>> {
+        let mut all: BTreeMap<String, Vec<VmInfo>> = BTreeMap::new();
+        for (i, _) in self.hosts.iter().enumerate() {
+            if let ClientReply::Vms(vms) = self.request(i, ClientRequest::ListVms).await {
+                for v in vms {
+                    all.entry(v.name.clone()).or_default().push(v);
+                }
+            }
+        }
+        all
+    }
+
+    /// Host index by name.
+    pub fn index_of(&self, host: &str) -> Option<usize> {
+        self.hosts.iter().position(|h| h.name == host)
+    }
+}
+
+/// Sends `request` to `host` and waits for its final reply.
+pub async fn request_to(
+    host: &ActorRef<HostMsg<SimTransport>>,
+    request: ClientRequest,
+) -> ClientReply {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if host.cast(HostMsg::Client(request, tx)).is_err() {
+        return ClientReply::Error("host actor gone".into());
+    }
+    while let Some(reply) = rx.recv().await {
+        if !matches!(reply, ClientReply::Progress(_)) {
+            return reply;
+        }
+    }
+    ClientReply::Error("host dropped the request".into())
+}
+
+/// Migrates `vm` from host `from` to `to`.
+pub async fn migrate(
+    host: &ActorRef<HostMsg<SimTransport>>,
+    vm: &str,
+    to: &str,
+    options: MigrateOptions,
+) -> Result<MigrationReport, String> {
+    match request_to(
+        host,
+        ClientRequest::Migrate {
+            vm: vm.to_owned(),
+            to: to.to_owned(),
+            options,
+        },
+    )
+    .await
+    {
+        ClientReply::Report(r) => Ok(r),
+        ClientReply::Error(e) => Err(e),
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// Checks the rule that holds at every instant: no VM runs on two hosts.
+pub fn at_most_one_running(census: &BTreeMap<String, Vec<VmInfo>>) -> Result<(), String> {
+    for (vm, copies) in census {
+        let running: Vec<&str> = copies
+            .iter()
+            .filter(|c| c.running)
+            .map(|c| c.host.as_str())
+            .collect();
+        if running.len() > 1 {
+            return Err(format!("{vm} runs on {running:?} at once"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the rules of a settled cluster (hosts up, no migration in
+/// flight): every VM of `expected` runs on exactly one host, and nothing
+/// is left half-way (no shadow, no VM still marked as leaving).
+pub fn settled(
+    census: &BTreeMap<String, Vec<VmInfo>>,
+    expected: &[String],
+) -> Result<(), String> {
+    for vm in expected {
+        let copies = census.get(vm).map(Vec::as_slice).unwrap_or_default();
+        let running = copies.iter().filter(|c| c.running).count();
+        if running != 1 {
+            return Err(format!(
+                "{vm} runs on {running} hosts once settled: {:?}",
+                copies
+                    .iter()
+                    .map(|c| (&c.host, c.phase, c.running))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        if let Some(c) = copies
+            .iter()
+            .find(|c| matches!(c.phase, VmPhase::Incoming | VmPhase::MigratingOut))
+        {
+            return Err(format!("{vm} left {:?} on {}", c.phase, c.host));
+        }
+        if copies.len() > 1 {
+            return Err(format!(
+                "{vm} has copies on {:?}",
+                copies.iter().map(|c| &c.host).collect::<Vec<_>>()
+            ));
+        }
+    }
+    Ok(())
+}

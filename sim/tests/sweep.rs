@@ -1,0 +1,165 @@
+//! Seed sweeps over the scenarios, the determinism check and the scale run.
+//!
+//! Every failure names its seed; replay it with `SIM_SEED=n cargo test -p
+//! ferry-sim`, sweep more with `SIM_SEEDS=n`.
+
+use std::time::Duration;
+
+use ferry_actors::node::client::MigrateOptions;
+use ferry_sim::net::LinkParams;
+use ferry_sim::scenario::{self, Faults, RunResult, Scenario};
+
+fn options() -> MigrateOptions {
+    MigrateOptions {
+        downtime_ms: 5,
+        time_limit_s: 20,
+        auto_converge: true,
+        lanes: 2,
+        verify_memory: true,
+        cold: false,
+    }
+}
+
+fn base(name: &'static str) -> Scenario {
+    Scenario {
+        name,
+        hosts: 4,
+        host_memory_mib: 256,
+        vms: 8,
+        vm_memory_mib: 8,
+        wss_mib_max: 2,
+        migrations: 12,
+        horizon: Duration::from_secs(2),
+        link: LinkParams {
+            bandwidth_bytes_per_s: 100e6,
+            latency: Duration::from_micros(500),
+        },
+        faults: Faults::NONE,
+        options: options(),
+        check_every: Duration::from_millis(5),
+    }
+}
+
+fn sweep(s: &Scenario, first: u64, count: u64) -> Vec<RunResult> {
+    let mut results = Vec::new();
+    for seed in ferry_sim::seeds(first, count) {
+        let r = scenario::run(s, seed);
+        println!(
+            "{} seed {seed}: {} completed, {} aborted, {} rejected, {} in doubt; {:.1} s simulated in {:.2} s; trace {:016x}",
+            s.name,
+            r.completed,
+            r.aborted,
+            r.rejected,
+            r.in_doubt,
+            r.simulated.as_secs_f64(),
+            r.wall.as_secs_f64(),
+            r.trace_hash
+        );
+        assert!(
+            r.violations.is_empty(),
+            "{} seed {seed} (replay: SIM_SEED={seed} cargo test -p ferry-sim): {:#?}\ntrace:\n{}",
+            s.name,
+            r.violations,
+            r.trace.join("\n")
+        );
+        results.push(r);
+    }
+    results
+}
+
+#[test]
+fn calm_network_every_migration_completes() {
+    let results = sweep(&base("calm"), 1, 25);
+    for r in &results {
+        assert_eq!(r.aborted + r.in_doubt, 0, "seed {}: no faults, no aborts", r.seed);
+    }
+}
+
+#[test]
+fn cut_and_clogged_links() {
+    let s = Scenario {
+        faults: Faults {
+            cuts_per_s: 4.0,
+            partitions_per_s: 0.0,
+            partition_max: Duration::ZERO,
+            clogs_per_s: 4.0,
+        },
+        ..base("cuts")
+    };
+    sweep(&s, 1000, 25);
+}
+
+#[test]
+fn partitions_heal() {
+    let s = Scenario {
+        faults: Faults {
+            cuts_per_s: 0.0,
+            partitions_per_s: 3.0,
+            partition_max: Duration::from_millis(800),
+            clogs_per_s: 0.0,
+        },
+        ..base("partitions")
+    };
+    sweep(&s, 2000, 25);
+}
+
+#[test]
+fn full_destinations_refuse() {
+    // Hosts hold about three VMs each: many offers meet a full host.
+    let s = Scenario {
+        host_memory_mib: 26,
+        vms: 10,
+        migrations: 16,
+        ..base("full")
+    };
+    sweep(&s, 3000, 25);
+}
+
+#[test]
+fn same_seed_same_trace() {
+    let s = Scenario {
+        faults: Faults {
+            cuts_per_s: 3.0,
+            partitions_per_s: 2.0,
+            partition_max: Duration::from_millis(300),
+            clogs_per_s: 3.0,
+        },
+        ..base("determinism")
+    };
+    let a = scenario::run(&s, 77);
+    let b = scenario::run(&s, 77);
+    assert_eq!(
+        a.trace_hash,
+        b.trace_hash,
+        "seed 77 ran differently twice:\n{}\n---\n{}",
+        a.trace.join("\n"),
+        b.trace.join("\n")
+    );
+    let c = scenario::run(&s, 78);
+    assert_ne!(a.trace_hash, c.trace_hash, "another seed, another run");
+}
+
+#[test]
+fn long_distance_links_with_cuts() {
+    // 150 ms round trips: a cut often lands between the source's release
+    // and the destination's answer.
+    let s = Scenario {
+        link: LinkParams {
+            bandwidth_bytes_per_s: 50e6,
+            latency: Duration::from_millis(75),
+        },
+        horizon: Duration::from_secs(4),
+        faults: Faults {
+            cuts_per_s: 3.0,
+            partitions_per_s: 1.0,
+            partition_max: Duration::from_secs(1),
+            clogs_per_s: 0.0,
+        },
+        options: MigrateOptions {
+            downtime_ms: 200,
+            ..options()
+        },
+        ..base("long-distance")
+    };
+    sweep(&s, 4000, 25);
+}
