@@ -17,7 +17,7 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use ferry_transport::{FrameKind, Transport};
+use ferry_transport::{Connection, FrameKind, Transport};
 
 use crate::migration::{MigrationReport, Progress, StreamIntro};
 use crate::node::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
@@ -80,7 +80,9 @@ impl<T: Transport> Cluster<T> {
 
     async fn conn(&self, node: &str) -> Result<T::Connection, ClientError> {
         let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(node) {
+        if let Some(c) = conns.get(node)
+            && !c.is_closed()
+        {
             return Ok(c.clone());
         }
         let addr = self

@@ -155,6 +155,15 @@ impl SimNetwork {
         done + params.latency
     }
 
+    fn latency(&self, a: &str, b: &str) -> Duration {
+        let s = self.lock();
+        s.params
+            .get(&link(a, b))
+            .copied()
+            .unwrap_or(s.default)
+            .latency
+    }
+
     fn register(&self, a: &str, b: &str, conn: &MemConnection) {
         self.lock()
             .conns
@@ -227,12 +236,12 @@ impl std::fmt::Debug for SimConnection {
 impl SimConnection {
     fn wrap(&self, (send, recv): (MemSend, MemRecv)) -> (SimSend, MemRecv) {
         (
-            SimSend {
-                inner: send,
-                local: self.local.clone(),
-                remote: self.remote.clone(),
-                net: self.net.clone(),
-            },
+            SimSend::new(
+                send,
+                self.local.clone(),
+                self.remote.clone(),
+                self.net.clone(),
+            ),
             recv,
         )
     }
@@ -257,11 +266,23 @@ impl Connection for SimConnection {
     fn close(&self, reason: &str) {
         self.inner.close(reason);
     }
+
+    fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
 }
 
-/// The sending half of a simulated stream.
+enum Delivery {
+    Chunk(Instant, Bytes),
+    Finish,
+}
+
+/// The sending half of a simulated stream. A write waits only for its
+/// turn on the link (bandwidth); a delivery task hands chunks over after
+/// the link's latency, in order, so latency pipelines as on a real wire.
 pub struct SimSend {
-    inner: MemSend,
+    deliveries: Option<tokio::sync::mpsc::UnboundedSender<Delivery>>,
+    failed: Arc<Mutex<Option<StreamError>>>,
     local: String,
     remote: String,
     net: SimNetwork,
@@ -273,17 +294,66 @@ impl std::fmt::Debug for SimSend {
     }
 }
 
-impl SendStream for SimSend {
-    async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), StreamError> {
-        let arrives = self.net.schedule(&self.local, &self.remote, chunk.len());
-        tokio::time::sleep_until(arrives).await;
+impl SimSend {
+    fn new(mut inner: MemSend, local: String, remote: String, net: SimNetwork) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let failed = Arc::new(Mutex::new(None));
+        let failure = failed.clone();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                let r = match d {
+                    Delivery::Chunk(at, chunk) => {
+                        tokio::time::sleep_until(at).await;
+                        inner.write_chunk(chunk).await
+                    }
+                    Delivery::Finish => inner.finish(),
+                };
+                if let Err(e) = r {
+                    *failure.lock().expect("stream lock") = Some(e);
+                    return;
+                }
+            }
+        });
+        Self {
+            deliveries: Some(tx),
+            failed,
+            local,
+            remote,
+            net,
+        }
+    }
+
+    fn check(&self) -> Result<(), StreamError> {
         if self.net.is_partitioned(&self.local, &self.remote) {
             return Err(StreamError::ConnectionLost("network partition".into()));
         }
-        self.inner.write_chunk(chunk).await
+        match &*self.failed.lock().expect("stream lock") {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl SendStream for SimSend {
+    async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), StreamError> {
+        self.check()?;
+        let arrives = self.net.schedule(&self.local, &self.remote, chunk.len());
+        let latency = self.net.latency(&self.local, &self.remote);
+        // The link is busy with this chunk until it has left; then the
+        // writer may go on while the chunk travels.
+        tokio::time::sleep_until(arrives - latency).await;
+        self.check()?;
+        self.deliveries
+            .as_ref()
+            .ok_or(StreamError::Finished)?
+            .send(Delivery::Chunk(arrives, chunk))
+            .map_err(|_| StreamError::ConnectionLost("stream closed".into()))
     }
 
     fn finish(&mut self) -> Result<(), StreamError> {
-        self.inner.finish()
+        self.check()?;
+        let tx = self.deliveries.take().ok_or(StreamError::Finished)?;
+        let _ = tx.send(Delivery::Finish);
+        Ok(())
     }
 }

@@ -131,9 +131,10 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
             .await;
         vms.push(name);
     }
-    trace
-        .borrow_mut()
-        .record(world.elapsed(), format!("{} VMs on {} hosts", s.vms, s.hosts));
+    trace.borrow_mut().record(
+        world.elapsed(),
+        format!("{} VMs on {} hosts", s.vms, s.hosts),
+    );
 
     // The workload: migrations at random times, to random hosts.
     let mut tasks = Vec::new();
@@ -232,19 +233,21 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                 let a = rng.pick(&names).clone();
                 let mut b = rng.pick(&names).clone();
                 if a == b {
-                    b = names[(names.iter().position(|n| *n == a).expect("in list") + 1) % names.len()]
-                        .clone();
+                    b = names
+                        [(names.iter().position(|n| *n == a).expect("in list") + 1) % names.len()]
+                    .clone();
                 }
                 #[allow(clippy::cast_precision_loss)]
                 let x = (rng.below(1 << 30) as f64) / f64::from(1u32 << 30) * rate;
                 if x < f.cuts_per_s {
-                    trace.borrow_mut().record(world.elapsed(), format!("fault: cut {a}-{b}"));
+                    trace
+                        .borrow_mut()
+                        .record(world.elapsed(), format!("fault: cut {a}-{b}"));
                     net.cut(&a, &b, "fault: connection cut");
                 } else if x < f.cuts_per_s + f.partitions_per_s {
                     #[allow(clippy::cast_possible_truncation)]
-                    let len = Duration::from_nanos(
-                        rng.below(f.partition_max.as_nanos().max(1) as u64),
-                    );
+                    let len =
+                        Duration::from_nanos(rng.below(f.partition_max.as_nanos().max(1) as u64));
                     trace.borrow_mut().record(
                         world.elapsed(),
                         format!("fault: partition {a}-{b} for {len:?}"),

@@ -212,10 +212,7 @@ pub fn at_most_one_running(census: &BTreeMap<String, Vec<VmInfo>>) -> Result<(),
 /// Checks the rules of a settled cluster (hosts up, no migration in
 /// flight): every VM of `expected` runs on exactly one host, and nothing
 /// is left half-way (no shadow, no VM still marked as leaving).
-pub fn settled(
-    census: &BTreeMap<String, Vec<VmInfo>>,
-    expected: &[String],
-) -> Result<(), String> {
+pub fn settled(census: &BTreeMap<String, Vec<VmInfo>>, expected: &[String]) -> Result<(), String> {
     for vm in expected {
         let copies = census.get(vm).map(Vec::as_slice).unwrap_or_default();
         let running = copies.iter().filter(|c| c.running).count();

@@ -55,6 +55,9 @@ fn sweep(s: &Scenario, first: u64, count: u64) -> Vec<RunResult> {
             r.wall.as_secs_f64(),
             r.trace_hash
         );
+        if std::env::var("SIM_TRACE").is_ok() {
+            println!("{}", r.trace.join("\n"));
+        }
         assert!(
             r.violations.is_empty(),
             "{} seed {seed} (replay: SIM_SEED={seed} cargo test -p ferry-sim): {:#?}\ntrace:\n{}",
@@ -71,7 +74,12 @@ fn sweep(s: &Scenario, first: u64, count: u64) -> Vec<RunResult> {
 fn calm_network_every_migration_completes() {
     let results = sweep(&base("calm"), 1, 25);
     for r in &results {
-        assert_eq!(r.aborted + r.in_doubt, 0, "seed {}: no faults, no aborts", r.seed);
+        assert_eq!(
+            r.aborted + r.in_doubt,
+            0,
+            "seed {}: no faults, no aborts",
+            r.seed
+        );
     }
 }
 

@@ -196,6 +196,10 @@ impl Connection for MemConnection {
     fn close(&self, reason: &str) {
         self.closed.send_replace(Some(format!("closed: {reason}")));
     }
+
+    fn is_closed(&self) -> bool {
+        self.closed.borrow().is_some()
+    }
 }
 
 enum Chunk {

@@ -391,6 +391,10 @@ impl Connection for QuicConnection {
     fn close(&self, reason: &str) {
         self.conn.close(0u32.into(), reason.as_bytes());
     }
+
+    fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
 }
 
 /// Sending half of a QUIC stream.

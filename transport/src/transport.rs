@@ -95,4 +95,8 @@ pub trait Connection: Clone + Debug + Send + Sync + 'static {
 
     /// Closes the connection, telling the peer `reason`.
     fn close(&self, reason: &str);
+
+    /// Whether the connection is gone (closed by either side or lost), so
+    /// a cached one must be dialled again.
+    fn is_closed(&self) -> bool;
 }

@@ -9,6 +9,9 @@ use super::report::{MigrationReport, Outcome, Progress, RoundReport};
 use super::wire::{DestMsg, Offer, SourceMsg, VmConfig};
 use crate::guest::{DirtyBitmap, PAGE_BYTES};
 
+/// How long to wait between questions to an unreachable destination.
+pub const RESOLVE_RETRY: Duration = Duration::from_millis(500);
+
 /// Device state assumed before it is measured (a KVM VM saves about 11 KiB).
 const STATE_BYTES_ESTIMATE: u64 = 16 << 10;
 
@@ -53,6 +56,11 @@ pub enum SourceAction {
     ResumeLocal,
     /// The destination runs the VM: free it here.
     FreeVm,
+    /// The link failed after the release: ask the destination (on a fresh
+    /// connection) whether it took the VM, then call
+    /// [`SourceMachine::handle_resolution`] or, if the question could not
+    /// be asked, [`SourceMachine::handle_resolution_failed`].
+    AskOutcome,
     /// Close the lanes and the control stream.
     Close,
 }
@@ -94,6 +102,13 @@ enum State {
     Releasing { paused_at: Instant },
     /// Released and committed; waiting for the destination to resume.
     Committed { paused_at: Instant },
+    /// The link failed after the release: asking how it ended.
+    Resolving {
+        paused_at: Instant,
+        reason: String,
+        asking: bool,
+        give_up_at: Instant,
+    },
     /// Over.
     Done,
 }
@@ -466,6 +481,39 @@ impl SourceMachine {
         }
     }
 
+    /// The destination's answer after [`SourceAction::AskOutcome`].
+    pub fn handle_resolution(&mut self, now: Instant, committed: bool) {
+        let State::Resolving {
+            paused_at, reason, ..
+        } = std::mem::replace(&mut self.state, State::Done)
+        else {
+            return;
+        };
+        if committed {
+            self.actions.push_back(SourceAction::FreeVm);
+            self.finish(now, Outcome::Completed, now - paused_at);
+        } else {
+            // The destination dropped the shadow and will never run it:
+            // the VM is ours again.
+            self.actions.push_back(SourceAction::ResumeLocal);
+            self.finish(
+                now,
+                Outcome::Aborted {
+                    reason: format!(
+                        "{reason}; {} confirmed it never took the VM, resumed here",
+                        self.to
+                    ),
+                },
+                now - paused_at,
+            );
+        }
+    }
+
+    /// The question of [`SourceAction::AskOutcome`] could not be asked.
+    pub fn handle_resolution_failed(&mut self, now: Instant, reason: String) {
+        self.fail(now, reason);
+    }
+
     /// A local operation or the link failed.
     pub fn handle_failure(&mut self, now: Instant, reason: String) {
         self.fail(now, reason);
@@ -477,6 +525,29 @@ impl SourceMachine {
             return;
         };
         if now < deadline {
+            return;
+        }
+        if let State::Resolving {
+            asking: false,
+            paused_at,
+            give_up_at,
+            ref reason,
+        } = self.state
+        {
+            let reason = reason.clone();
+            self.state = State::Resolving {
+                paused_at,
+                reason,
+                asking: true,
+                give_up_at,
+            };
+            self.deadline = Some(now + RESOLVE_RETRY);
+            self.actions.push_back(SourceAction::AskOutcome);
+            return;
+        }
+        if matches!(self.state, State::Resolving { asking: true, .. }) {
+            // An answer is on its way or the question fails; either comes back.
+            self.deadline = Some(now + RESOLVE_RETRY);
             return;
         }
         let reason = match self.state {
@@ -559,9 +630,41 @@ impl SourceMachine {
         match std::mem::replace(&mut self.state, State::Done) {
             State::Done => {}
             State::Committed { paused_at } => {
-                // Ownership is gone: never resume here on our own.
+                // Ownership is gone: never resume here on our own. Ask the
+                // destination whether it took the VM.
                 self.actions.push_back(SourceAction::Close);
-                self.finish(now, Outcome::InDoubt { reason }, now - paused_at);
+                self.actions.push_back(SourceAction::AskOutcome);
+                self.deadline = Some(now + RESOLVE_RETRY);
+                self.state = State::Resolving {
+                    paused_at,
+                    reason,
+                    asking: true,
+                    give_up_at: now + self.options.resolve_time_max,
+                };
+            }
+            State::Resolving {
+                paused_at,
+                reason: first,
+                give_up_at,
+                ..
+            } => {
+                if now >= give_up_at {
+                    self.finish(
+                        now,
+                        Outcome::InDoubt {
+                            reason: format!("{first}; no answer from {} since: {reason}", self.to),
+                        },
+                        now - paused_at,
+                    );
+                } else {
+                    self.state = State::Resolving {
+                        paused_at,
+                        reason: first,
+                        asking: false,
+                        give_up_at,
+                    };
+                    self.deadline = Some(now + RESOLVE_RETRY);
+                }
             }
             state => {
                 let paused_at = match state {

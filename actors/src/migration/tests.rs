@@ -23,6 +23,8 @@ struct Case {
     features: Vec<&'static str>,
     /// The link breaks when this many control messages have passed.
     cut_after_messages: Option<usize>,
+    /// After the cut the destination cannot even be asked how it ended.
+    unreachable_after_cut: bool,
     stopped: bool,
 }
 
@@ -39,6 +41,7 @@ impl Default for Case {
             },
             features: vec!["sse2"],
             cut_after_messages: None,
+            unreachable_after_cut: false,
             stopped: false,
         }
     }
@@ -102,6 +105,7 @@ fn run(case: Case) -> Ending {
     let mut source_freed = false;
     let mut hash_at_pause = None;
     let latency = Duration::from_micros(50);
+    let mut asked = false;
     src.start(now);
 
     for _ in 0..1_000_000 {
@@ -160,6 +164,7 @@ fn run(case: Case) -> Ending {
                 SourceAction::ReleaseOwnership { .. } => src.handle_released(now),
                 SourceAction::ResumeLocal => src_guest.resume().expect("resume"),
                 SourceAction::FreeVm => source_freed = true,
+                SourceAction::AskOutcome => asked = true,
                 SourceAction::Close => {}
             }
         }
@@ -200,6 +205,18 @@ fn run(case: Case) -> Ending {
             while let Some(o) = d.poll_event() {
                 dest_outcome = Some(o);
             }
+        }
+        // A question about the outcome is answered once the destination
+        // has settled (or not at all, when it is unreachable).
+        if asked && (dest_outcome.is_some() || dst.is_none()) {
+            asked = false;
+            if case.unreachable_after_cut {
+                src.handle_resolution_failed(now, "unreachable".into());
+            } else {
+                let committed = dest_outcome == Some(DestOutcome::Adopted);
+                src.handle_resolution(now, committed);
+            }
+            continue;
         }
         if report.is_some() && (dest_outcome.is_some() || dst.is_none()) && wire.is_empty() {
             break;
@@ -386,16 +403,50 @@ fn broken_link_before_the_release_resumes_on_the_source() {
     }
 }
 
-#[test]
-fn broken_link_after_the_release_leaves_the_source_paused() {
-    // Count the messages of a clean run (offer, accepted, one
-    // acknowledgement per round, switchover, ready, commit, resumed), then
-    // lose the last one: the commit went through, the answer did not.
+/// Messages of a clean run: offer, accepted, one acknowledgement per
+/// round, switchover, ready, commit, resumed.
+fn clean_run_messages() -> usize {
     let clean = run(Case::default());
     assert!(clean.report.completed());
-    let messages = 2 + clean.report.rounds as usize + 4;
+    2 + clean.report.rounds as usize + 4
+}
+
+#[test]
+fn lost_answer_after_the_release_is_resolved_as_completed() {
+    // The commit went through, the destination's answer did not: the
+    // source asks and learns the destination runs the VM.
     let e = run(Case {
-        cut_after_messages: Some(messages),
+        cut_after_messages: Some(clean_run_messages()),
+        ..Case::default()
+    });
+    assert!(e.report.completed(), "{:?}", e.report);
+    assert!(!e.source_running && e.source_freed);
+    assert!(e.dest_running);
+}
+
+#[test]
+fn lost_commit_is_resolved_by_resuming_on_the_source() {
+    // The commit itself is lost: the destination drops the shadow; asked,
+    // it says it never took the VM, so the source runs it again.
+    let e = run(Case {
+        cut_after_messages: Some(clean_run_messages() - 1),
+        ..Case::default()
+    });
+    let Outcome::Aborted { reason } = &e.report.outcome else {
+        panic!("{:?}", e.report)
+    };
+    assert!(reason.contains("never took the VM"), "{reason}");
+    assert!(e.source_running && !e.dest_running);
+}
+
+#[test]
+fn unreachable_destination_after_the_release_leaves_the_source_paused() {
+    let mut options = Case::default().options;
+    options.resolve_time_max = Duration::from_secs(5);
+    let e = run(Case {
+        cut_after_messages: Some(clean_run_messages() - 1),
+        unreachable_after_cut: true,
+        options,
         ..Case::default()
     });
     assert!(
@@ -405,9 +456,9 @@ fn broken_link_after_the_release_leaves_the_source_paused() {
     );
     assert!(
         !e.source_running,
-        "after the release the source never resumes"
+        "after the release the source never resumes on its own"
     );
-    assert!(e.dest_running, "the destination owns and runs the VM");
+    assert_one_owner(&e);
 }
 
 #[test]

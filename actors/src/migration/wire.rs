@@ -77,6 +77,12 @@ pub enum StreamIntro {
     },
     /// A client's request stream.
     Client,
+    /// The source lost the link after releasing the VM and asks how
+    /// migration `migration_id` ended; a [`Resolution`] answers.
+    Resolve {
+        /// The migration.
+        migration_id: u64,
+    },
     /// A MAC moved: `mac` now lives on `host` (the virtual network's
     /// gratuitous ARP).
     Announce {
@@ -229,4 +235,13 @@ pub struct LaneMark {
     pub round: u32,
     /// Pages the lane sent in it.
     pub pages: u64,
+}
+
+/// The destination's answer to [`StreamIntro::Resolve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Resolution {
+    /// The destination took the VM over (it got the commit). When false
+    /// it has dropped the shadow and will never run it: the source may
+    /// resume.
+    pub committed: bool,
 }

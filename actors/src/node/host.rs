@@ -62,6 +62,16 @@ pub enum HostMsg<T: Transport> {
     },
     /// The VM moved away: forget it.
     VmLeft(String),
+    /// A source asks how its migration ended (it lost the link after
+    /// releasing the VM).
+    Resolve {
+        /// The source host.
+        peer: String,
+        /// Its migration id.
+        migration_id: u64,
+        /// Whether this host took the VM.
+        reply: oneshot::Sender<bool>,
+    },
     /// `mac` lives on `host` now.
     Announce {
         /// NIC address.
@@ -105,7 +115,14 @@ pub struct HostState<T: Transport> {
     incoming: BTreeMap<(String, u64), ActorRef<DestPump<Conn<T>>>>,
     macs: BTreeMap<Mac, String>,
     next_migration_id: u64,
+    /// How recent incoming migrations ended: taken over or not.
+    outcomes: BTreeMap<(String, u64), bool>,
+    /// Questions waiting for an incoming migration to end.
+    resolves: BTreeMap<(String, u64), Vec<oneshot::Sender<bool>>>,
 }
+
+/// Incoming outcomes remembered for sources that lost the link.
+const OUTCOMES_KEPT: usize = 4096;
 
 impl<T: Transport> Actor for HostActor<T> {
     type Msg = HostMsg<T>;
@@ -125,6 +142,8 @@ impl<T: Transport> Actor for HostActor<T> {
             incoming: BTreeMap::new(),
             macs: BTreeMap::new(),
             next_migration_id: 1,
+            outcomes: BTreeMap::new(),
+            resolves: BTreeMap::new(),
         })
     }
 
@@ -156,6 +175,14 @@ impl<T: Transport> Actor for HostActor<T> {
             }
             HostMsg::IncomingEnded { key, vm, end } => {
                 s.incoming.remove(&key);
+                let committed = matches!(end, DestEnd::Adopted(_));
+                if s.outcomes.len() >= OUTCOMES_KEPT {
+                    s.outcomes.pop_first();
+                }
+                s.outcomes.insert(key.clone(), committed);
+                for reply in s.resolves.remove(&key).unwrap_or_default() {
+                    let _ = reply.send(committed);
+                }
                 match end {
                     DestEnd::Adopted(actor) => {
                         if let Some(entry) = s.vms.get_mut(&vm) {
@@ -174,6 +201,28 @@ impl<T: Transport> Actor for HostActor<T> {
                     && let Some(actor) = entry.actor
                 {
                     actor.stop(None);
+                }
+            }
+            HostMsg::Resolve {
+                peer,
+                migration_id,
+                reply,
+            } => {
+                let key = (peer, migration_id);
+                if let Some(committed) = s.outcomes.get(&key) {
+                    let _ = reply.send(*committed);
+                } else if let Some(dest) = s.incoming.get(&key) {
+                    // Still running: make it decide (before the commit it
+                    // drops the shadow; after it, it finishes the resume),
+                    // and answer when it has.
+                    let _ = dest.cast(DestPump::Failed(
+                        "the source lost the link and asks how it ended".into(),
+                    ));
+                    s.resolves.entry(key).or_default().push(reply);
+                } else {
+                    // Never heard of it (or forgotten): this host does not
+                    // have the VM.
+                    let _ = reply.send(false);
                 }
             }
             HostMsg::Announce { mac, host } => {
@@ -531,6 +580,16 @@ async fn start_migration<T: Transport>(
     let (done_tx, done_rx) = oneshot::channel();
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
     let me = myself.clone();
+    let ctx = s.ctx.clone();
+    let dest = to.to_owned();
+    let redial: super::source::Redial<Conn<T>> = Arc::new(move || {
+        let ctx = ctx.clone();
+        let dest = dest.clone();
+        Box::pin(async move {
+            ctx.drop_link(&dest).await;
+            ctx.link(&dest).await.map_err(|e| e.to_string())
+        })
+    });
     let args = SourceArgs {
         machine,
         vm: vm.clone(),
@@ -541,6 +600,7 @@ async fn start_migration<T: Transport>(
         on_vm_left: Box::new(move |name| {
             let _ = me.cast(HostMsg::VmLeft(name));
         }),
+        redial,
     };
     if let Err(e) = Actor::spawn(None, MigrationSource::default(), args).await {
         let _ = vm.cast(VmMsg::MigrationAborted);

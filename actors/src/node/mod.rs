@@ -130,7 +130,11 @@ impl<T: Transport> NodeCtx<T> {
         })?;
         let mut links = self.links.lock().await;
         if let Some(conn) = links.get(host) {
-            return Ok(conn.clone());
+            if !conn.is_closed() {
+                return Ok(conn.clone());
+            }
+            // Cut or closed since: dial again.
+            links.remove(host);
         }
         let link_err = |reason: String| NodeError::Link {
             host: host.to_owned(),

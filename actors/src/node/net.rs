@@ -95,6 +95,25 @@ async fn serve_stream<T: Transport>(
                 reader,
             });
         }
+        StreamIntro::Resolve { migration_id } => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = host.cast(HostMsg::Resolve {
+                peer: peer.name,
+                migration_id,
+                reply: tx,
+            });
+            if let Ok(committed) = rx.await {
+                let answer = crate::migration::wire::Resolution { committed };
+                if writer
+                    .send_message(FrameKind::Control, &answer)
+                    .await
+                    .is_ok()
+                {
+                    let _ = writer.finish();
+                    let _ = reader.next_header().await;
+                }
+            }
+        }
         StreamIntro::Announce { mac, host: owner } => {
             let _ = host.cast(HostMsg::Announce { mac, host: owner });
         }

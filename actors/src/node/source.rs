@@ -30,7 +30,18 @@ pub enum SourcePump {
     Tick,
     /// The paused memory's hash, computed off the pump.
     Hashed(u64),
+    /// The destination said whether it took the VM.
+    Resolved(bool),
+    /// The question could not be asked.
+    ResolveFailed(String),
 }
+
+/// Dials the destination afresh (for asking how a migration ended).
+pub type Redial<C> = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<C, String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// What a [`MigrationSource`] is started with.
 pub struct SourceArgs<C: Connection> {
@@ -48,6 +59,8 @@ pub struct SourceArgs<C: Connection> {
     pub done: oneshot::Sender<MigrationReport>,
     /// Called with the VM's name once the destination runs it.
     pub on_vm_left: Box<dyn FnOnce(String) + Send>,
+    /// A fresh connection to the destination.
+    pub redial: Redial<C>,
 }
 
 /// The source of one migration.
@@ -72,6 +85,7 @@ pub struct SourceState<C: Connection> {
     on_vm_left: Option<Box<dyn FnOnce(String) + Send>>,
     vm_name: String,
     migration_id: u64,
+    redial: Redial<C>,
 }
 
 impl<C: Connection> Actor for MigrationSource<C> {
@@ -98,6 +112,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             on_vm_left: Some(args.on_vm_left),
             vm_name,
             migration_id,
+            redial: args.redial,
         })
     }
 
@@ -134,6 +149,8 @@ impl<C: Connection> Actor for MigrationSource<C> {
             SourcePump::Failed(why) => s.machine.handle_failure(now(), why),
             SourcePump::Tick => s.machine.handle_timeout(now()),
             SourcePump::Hashed(hash) => s.machine.handle_memory_hash(now(), hash),
+            SourcePump::Resolved(committed) => s.machine.handle_resolution(now(), committed),
+            SourcePump::ResolveFailed(why) => s.machine.handle_resolution_failed(now(), why),
         }
         pump(&myself, s).await;
         Ok(())
@@ -223,6 +240,7 @@ fn action_name(action: &SourceAction) -> &'static str {
         SourceAction::ReleaseOwnership { .. } => "release",
         SourceAction::ResumeLocal => "resume here",
         SourceAction::FreeVm => "free",
+        SourceAction::AskOutcome => "ask outcome",
         SourceAction::Close => "close",
     }
 }
@@ -329,6 +347,18 @@ async fn perform<C: Connection>(
                 left(s.vm_name.clone());
             }
         }
+        SourceAction::AskOutcome => {
+            let redial = s.redial.clone();
+            let id = s.migration_id;
+            let me = myself.clone();
+            tokio::spawn(async move {
+                let answer = ask_outcome(redial, id).await;
+                let _ = me.cast(match answer {
+                    Ok(committed) => SourcePump::Resolved(committed),
+                    Err(e) => SourcePump::ResolveFailed(format!("asking how it ended: {e}")),
+                });
+            });
+        }
         SourceAction::Close => {
             s.lanes.clear();
             if let Some(w) = s.writer.as_mut() {
@@ -337,6 +367,18 @@ async fn perform<C: Connection>(
         }
     }
     Ok(())
+}
+
+async fn ask_outcome<C: Connection>(redial: Redial<C>, migration_id: u64) -> Result<bool, String> {
+    let conn = redial().await?;
+    let (mut writer, mut reader) =
+        open_stream(&conn, &StreamIntro::Resolve { migration_id }).await?;
+    let answer = reader
+        .read_message::<crate::migration::wire::Resolution>(FrameKind::Control)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = writer.finish();
+    Ok(answer.committed)
 }
 
 async fn open_lanes<C: Connection>(
