@@ -34,7 +34,7 @@ async fn node(
         .iter()
         .map(|p| ((*p).to_owned(), (*p).to_owned()))
         .collect();
-    let ctx = Arc::new(NodeCtx::new(name.to_owned(), transport, peers));
+    let ctx = Arc::new(NodeCtx::new(name.to_owned(), transport, peers, 1));
     let capacity = Capacity {
         memory_bytes: memory_mib << 20,
         vcpus: 8,

@@ -28,6 +28,16 @@ pub struct Faults {
     pub partition_max: Duration,
     /// Clogs (a link slowed to 1% for a while) per simulated second.
     pub clogs_per_s: f64,
+    /// Host crashes per simulated second; the host comes back empty after
+    /// up to `down_max`.
+    pub crashes_per_s: f64,
+    /// Longest time a crashed host stays down.
+    pub down_max: Duration,
+    /// Clock jumps (simulated time leaps ahead by up to `jump_max`) per
+    /// simulated second.
+    pub jumps_per_s: f64,
+    /// Largest clock jump.
+    pub jump_max: Duration,
 }
 
 impl Faults {
@@ -37,6 +47,10 @@ impl Faults {
         partitions_per_s: 0.0,
         partition_max: Duration::ZERO,
         clogs_per_s: 0.0,
+        crashes_per_s: 0.0,
+        down_max: Duration::ZERO,
+        jumps_per_s: 0.0,
+        jump_max: Duration::ZERO,
     };
 }
 
@@ -117,6 +131,7 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     let world = Rc::new(World::start(net.clone(), s.hosts, s.host_memory_mib).await);
     let trace = Rc::new(RefCell::new(Trace::default()));
     let violations = Rc::new(RefCell::new(Vec::<String>::new()));
+    let maybe_lost = Rc::new(RefCell::new(std::collections::BTreeSet::<String>::new()));
 
     let mut vms = Vec::new();
     for i in 0..s.vms {
@@ -142,7 +157,7 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
         #[allow(clippy::cast_possible_truncation)] // the horizon is seconds
         let at = Duration::from_nanos(rng.below(s.horizon.as_nanos().max(1) as u64));
         let vm = rng.pick(&vms).clone();
-        let dest_pick = rng.below(s.hosts as u64) as usize;
+        let dest_pick = usize::try_from(rng.below(s.hosts as u64)).expect("host index fits");
         let world = world.clone();
         let trace = trace.clone();
         let violations = violations.clone();
@@ -159,9 +174,10 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                     .record(world.elapsed(), format!("m{k}: {vm} not running anywhere, skipped"));
                 return MigrationEnd::Rejected;
             };
-            let mut to = world.hosts[dest_pick].name.clone();
+            let names = world.names();
+            let mut to = names[dest_pick].clone();
             if to == owner {
-                to = world.hosts[(dest_pick + 1) % world.hosts.len()].name.clone();
+                to = names[(dest_pick + 1) % names.len()].clone();
             }
             let from = world.index_of(&owner).expect("owner is a host");
             trace
@@ -169,7 +185,7 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                 .record(world.elapsed(), format!("m{k}: {vm} {owner} -> {to}"));
             let r = match tokio::time::timeout(
                 MIGRATION_TIME_MAX,
-                world::migrate(&world.hosts[from].actor, &vm, &to, options),
+                world::migrate(&world.actor(from), &vm, &to, options),
             )
             .await
             {
@@ -218,10 +234,12 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
         let trace = trace.clone();
         let stop = stop.clone();
         let f = s.faults;
-        let names: Vec<String> = world.hosts.iter().map(|h| h.name.clone()).collect();
+        let names: Vec<String> = world.names().to_vec();
+        let maybe_lost = maybe_lost.clone();
         let mut rng = SimRng::new(rng.next_u64());
         tokio::task::spawn_local(async move {
-            let rate = f.cuts_per_s + f.partitions_per_s + f.clogs_per_s;
+            let rate =
+                f.cuts_per_s + f.partitions_per_s + f.clogs_per_s + f.crashes_per_s + f.jumps_per_s;
             if rate <= 0.0 || names.len() < 2 {
                 return;
             }
@@ -258,6 +276,41 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                         tokio::time::sleep(len).await;
                         net.heal(&a, &b);
                     });
+                } else if x >= f.cuts_per_s + f.partitions_per_s + f.clogs_per_s {
+                    if x < f.cuts_per_s + f.partitions_per_s + f.clogs_per_s + f.crashes_per_s {
+                        let index = world.index_of(&a).expect("a host");
+                        if !world.is_up(index) {
+                            continue;
+                        }
+                        // What lived there may be lost with it.
+                        if let crate::world::Census(Some(vms)) = world.host_vms(index).await {
+                            maybe_lost.borrow_mut().extend(vms);
+                        }
+                        #[allow(clippy::cast_possible_truncation)]
+                        let down =
+                            Duration::from_nanos(rng.below(f.down_max.as_nanos().max(1) as u64));
+                        trace
+                            .borrow_mut()
+                            .record(world.elapsed(), format!("fault: crash {a} for {down:?}"));
+                        world.crash(index);
+                        let world = world.clone();
+                        let trace = trace.clone();
+                        tokio::task::spawn_local(async move {
+                            tokio::time::sleep(down).await;
+                            world.restart(index).await;
+                            trace
+                                .borrow_mut()
+                                .record(world.elapsed(), format!("{a} back up, empty"));
+                        });
+                    } else {
+                        #[allow(clippy::cast_possible_truncation)]
+                        let jump =
+                            Duration::from_nanos(rng.below(f.jump_max.as_nanos().max(1) as u64));
+                        trace
+                            .borrow_mut()
+                            .record(world.elapsed(), format!("fault: clock jumps {jump:?}"));
+                        tokio::time::advance(jump).await;
+                    }
                 } else {
                     let mut slow = s.link;
                     slow.bandwidth_bytes_per_s /= 100.0;
@@ -307,13 +360,16 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     // Settle: heal the network, give timers (the destination's idle limit)
     // time to fire, then check the cluster's final state.
     net.heal_all();
+    for i in 0..world.names().len() {
+        world.restart(i).await;
+    }
     tokio::time::sleep(ferry_actors::migration::destination::IDLE_MAX + Duration::from_secs(1))
         .await;
     let census = world.census().await;
     if let Err(v) = world::at_most_one_running(&census) {
         violations.borrow_mut().push(format!("settled: {v}"));
     }
-    if let Err(v) = world::settled(&census, &vms) {
+    if let Err(v) = world::settled(&census, &vms, &maybe_lost.borrow()) {
         violations.borrow_mut().push(format!("settled: {v}"));
     }
     if ends.contains(&MigrationEnd::Lost) {

@@ -23,6 +23,9 @@ pub struct SimHost {
     pub name: String,
     /// Its host actor.
     pub actor: ActorRef<HostMsg<SimTransport>>,
+    transport: Arc<SimTransport>,
+    incarnation: u32,
+    up: bool,
 }
 
 /// Events in the order they happened, with their simulated time; the
@@ -59,9 +62,56 @@ impl Trace {
 pub struct World {
     /// The network.
     pub net: SimNetwork,
-    /// The hosts.
-    pub hosts: Vec<SimHost>,
+    hosts: std::cell::RefCell<Vec<SimHost>>,
+    names: Vec<String>,
+    memory_mib: u64,
     started: Instant,
+}
+
+async fn boot_host(
+    net: &SimNetwork,
+    name: &str,
+    names: &[String],
+    memory_mib: u64,
+    incarnation: u32,
+) -> SimHost {
+    let transport = Arc::new(net.endpoint(name, Role::Host));
+    let peers: BTreeMap<String, String> = names
+        .iter()
+        .filter(|n| *n != name)
+        .map(|n| (n.clone(), n.clone()))
+        .collect();
+    let ctx = Arc::new(NodeCtx::new(
+        name.to_owned(),
+        transport.clone(),
+        peers,
+        incarnation,
+    ));
+    let capacity = Capacity {
+        memory_bytes: memory_mib << 20,
+        vcpus: 1024,
+        cpu_features: ["sse2".to_owned()].into_iter().collect(),
+        kvm: false,
+    };
+    let (actor, _) = Actor::spawn(
+        None,
+        HostActor::default(),
+        HostArgs {
+            ctx: ctx.clone(),
+            capacity,
+            factory: Arc::new(SyntheticFactory),
+        },
+    )
+    .await
+    .expect("host actor");
+    tokio::spawn(net::serve(ctx, actor.clone()));
+    SimHost {
+        name: name.to_owned(),
+        actor,
+        transport,
+        incarnation,
+        up: true,
+    }
 }
 
 impl World {
@@ -70,41 +120,56 @@ impl World {
         let names: Vec<String> = (0..hosts).map(|i| format!("h{i:03}")).collect();
         let mut list = Vec::new();
         for name in &names {
-            let transport = Arc::new(net.endpoint(name, Role::Host));
-            let peers: BTreeMap<String, String> = names
-                .iter()
-                .filter(|n| *n != name)
-                .map(|n| (n.clone(), n.clone()))
-                .collect();
-            let ctx = Arc::new(NodeCtx::new(name.clone(), transport, peers));
-            let capacity = Capacity {
-                memory_bytes: memory_mib << 20,
-                vcpus: 1024,
-                cpu_features: ["sse2".to_owned()].into_iter().collect(),
-                kvm: false,
-            };
-            let (actor, _) = Actor::spawn(
-                None,
-                HostActor::default(),
-                HostArgs {
-                    ctx: ctx.clone(),
-                    capacity,
-                    factory: Arc::new(SyntheticFactory),
-                },
-            )
-            .await
-            .expect("host actor");
-            tokio::spawn(net::serve(ctx, actor.clone()));
-            list.push(SimHost {
-                name: name.clone(),
-                actor,
-            });
+            list.push(boot_host(&net, name, &names, memory_mib, 1).await);
         }
         Self {
             net,
-            hosts: list,
+            hosts: std::cell::RefCell::new(list),
+            names,
+            memory_mib,
             started: Instant::now(),
         }
+    }
+
+    /// Host names, by index.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Host `index`'s actor (its current life's).
+    pub fn actor(&self, index: usize) -> ActorRef<HostMsg<SimTransport>> {
+        self.hosts.borrow()[index].actor.clone()
+    }
+
+    /// Whether host `index` is up.
+    pub fn is_up(&self, index: usize) -> bool {
+        self.hosts.borrow()[index].up
+    }
+
+    /// Crashes host `index`: off the network, every actor stopped, its VMs
+    /// gone with it.
+    pub fn crash(&self, index: usize) {
+        let mut hosts = self.hosts.borrow_mut();
+        let h = &mut hosts[index];
+        if !h.up {
+            return;
+        }
+        h.up = false;
+        self.net.unplug(&h.transport);
+        let _ = h.actor.cast(HostMsg::PowerOff);
+    }
+
+    /// Boots host `index` again, empty, in its next life.
+    pub async fn restart(&self, index: usize) {
+        let (name, incarnation) = {
+            let hosts = self.hosts.borrow();
+            if hosts[index].up {
+                return;
+            }
+            (hosts[index].name.clone(), hosts[index].incarnation + 1)
+        };
+        let host = boot_host(&self.net, &name, &self.names, self.memory_mib, incarnation).await;
+        self.hosts.borrow_mut()[index] = host;
     }
 
     /// Simulated time since the start.
@@ -114,7 +179,11 @@ impl World {
 
     /// Sends `request` to host `index` and waits for its final reply.
     pub async fn request(&self, index: usize, request: ClientRequest) -> ClientReply {
-        request_to(&self.hosts[index].actor, request).await
+        if !self.is_up(index) {
+            return ClientReply::Error("host is down".into());
+        }
+        let actor = self.actor(index);
+        request_to(&actor, request).await
     }
 
     /// Creates and starts a VM on host `index`.
@@ -135,10 +204,18 @@ impl World {
         assert_eq!(started, ClientReply::Ok, "starting {name}");
     }
 
+    /// The VMs host `index` has (any phase).
+    pub async fn host_vms(&self, index: usize) -> Census {
+        match self.request(index, ClientRequest::ListVms).await {
+            ClientReply::Vms(vms) => Census(Some(vms.into_iter().map(|v| v.name).collect())),
+            _ => Census(None),
+        }
+    }
+
     /// Every VM each host reports, by VM name.
     pub async fn census(&self) -> BTreeMap<String, Vec<VmInfo>> {
         let mut all: BTreeMap<String, Vec<VmInfo>> = BTreeMap::new();
-        for (i, _) in self.hosts.iter().enumerate() {
+        for i in 0..self.names.len() {
             if let ClientReply::Vms(vms) = self.request(i, ClientRequest::ListVms).await {
                 for v in vms {
                     all.entry(v.name.clone()).or_default().push(v);
@@ -150,9 +227,12 @@ impl World {
 
     /// Host index by name.
     pub fn index_of(&self, host: &str) -> Option<usize> {
-        self.hosts.iter().position(|h| h.name == host)
+        self.names.iter().position(|h| h == host)
     }
 }
+
+/// VM names a host reported (`None`: it did not answer).
+pub struct Census(pub Option<Vec<String>>);
 
 /// Sends `request` to `host` and waits for its final reply.
 pub async fn request_to(
@@ -210,12 +290,21 @@ pub fn at_most_one_running(census: &BTreeMap<String, Vec<VmInfo>>) -> Result<(),
 }
 
 /// Checks the rules of a settled cluster (hosts up, no migration in
-/// flight): every VM of `expected` runs on exactly one host, and nothing
-/// is left half-way (no shadow, no VM still marked as leaving).
-pub fn settled(census: &BTreeMap<String, Vec<VmInfo>>, expected: &[String]) -> Result<(), String> {
+/// flight): every VM of `expected` runs on exactly one host (a VM in
+/// `maybe_lost` lived on a host that crashed: it may also be gone), and
+/// nothing is left half-way (no shadow, no VM still marked as leaving, no
+/// second copy).
+pub fn settled(
+    census: &BTreeMap<String, Vec<VmInfo>>,
+    expected: &[String],
+    maybe_lost: &std::collections::BTreeSet<String>,
+) -> Result<(), String> {
     for vm in expected {
         let copies = census.get(vm).map(Vec::as_slice).unwrap_or_default();
         let running = copies.iter().filter(|c| c.running).count();
+        if copies.is_empty() && maybe_lost.contains(vm) {
+            continue;
+        }
         if running != 1 {
             return Err(format!(
                 "{vm} runs on {running} hosts once settled: {:?}",

@@ -91,6 +91,7 @@ fn cut_and_clogged_links() {
             partitions_per_s: 0.0,
             partition_max: Duration::ZERO,
             clogs_per_s: 4.0,
+            ..Faults::NONE
         },
         ..base("cuts")
     };
@@ -105,6 +106,7 @@ fn partitions_heal() {
             partitions_per_s: 3.0,
             partition_max: Duration::from_millis(800),
             clogs_per_s: 0.0,
+            ..Faults::NONE
         },
         ..base("partitions")
     };
@@ -131,6 +133,7 @@ fn same_seed_same_trace() {
             partitions_per_s: 2.0,
             partition_max: Duration::from_millis(300),
             clogs_per_s: 3.0,
+            ..Faults::NONE
         },
         ..base("determinism")
     };
@@ -162,6 +165,7 @@ fn long_distance_links_with_cuts() {
             partitions_per_s: 1.0,
             partition_max: Duration::from_secs(1),
             clogs_per_s: 0.0,
+            ..Faults::NONE
         },
         options: MigrateOptions {
             downtime_ms: 200,
@@ -170,4 +174,58 @@ fn long_distance_links_with_cuts() {
         ..base("long-distance")
     };
     sweep(&s, 4000, 25);
+}
+
+#[test]
+fn hundred_hosts_thousand_vms_under_faults() {
+    let s = Scenario {
+        hosts: 100,
+        host_memory_mib: 64,
+        vms: 1000,
+        vm_memory_mib: 2,
+        wss_mib_max: 0,
+        migrations: 400,
+        horizon: Duration::from_secs(1),
+        link: LinkParams {
+            bandwidth_bytes_per_s: 1e9,
+            latency: Duration::from_micros(200),
+        },
+        faults: Faults {
+            cuts_per_s: 20.0,
+            partitions_per_s: 5.0,
+            partition_max: Duration::from_millis(300),
+            clogs_per_s: 10.0,
+            ..Faults::NONE
+        },
+        check_every: Duration::from_millis(50),
+        ..base("scale")
+    };
+    let results = sweep(&s, 5000, 1);
+    let r = &results[0];
+    println!(
+        "scale: {} hosts, {} VMs, {} migrations: {:.1} s simulated in {:.1} s wall",
+        s.hosts,
+        s.vms,
+        s.migrations,
+        r.simulated.as_secs_f64(),
+        r.wall.as_secs_f64()
+    );
+    assert!(r.completed > s.migrations / 4, "{} completed", r.completed);
+}
+
+#[test]
+fn hosts_crash_and_restart_clocks_jump() {
+    let s = Scenario {
+        faults: Faults {
+            cuts_per_s: 1.0,
+            crashes_per_s: 2.0,
+            down_max: Duration::from_millis(700),
+            jumps_per_s: 1.0,
+            jump_max: Duration::from_secs(3),
+            ..Faults::NONE
+        },
+        horizon: Duration::from_secs(3),
+        ..base("crashes")
+    };
+    sweep(&s, 6000, 25);
 }

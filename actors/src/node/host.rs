@@ -72,6 +72,9 @@ pub enum HostMsg<T: Transport> {
         /// Whether this host took the VM.
         reply: oneshot::Sender<bool>,
     },
+    /// Stop every actor of this host at once, VMs included, as a power
+    /// cut would (the simulation's host crash).
+    PowerOff,
     /// `mac` lives on `host` now.
     Announce {
         /// NIC address.
@@ -119,6 +122,8 @@ pub struct HostState<T: Transport> {
     outcomes: BTreeMap<(String, u64), bool>,
     /// Questions waiting for an incoming migration to end.
     resolves: BTreeMap<(String, u64), Vec<oneshot::Sender<bool>>>,
+    /// Outgoing migrations (stopped ones linger until the next power-off).
+    outgoing: Vec<ractor::ActorCell>,
 }
 
 /// Incoming outcomes remembered for sources that lost the link.
@@ -134,6 +139,7 @@ impl<T: Transport> Actor for HostActor<T> {
         _myself: ActorRef<HostMsg<T>>,
         args: HostArgs<T>,
     ) -> Result<HostState<T>, ActorProcessingErr> {
+        let next_migration_id = (u64::from(args.ctx.incarnation) << 32) | 1;
         Ok(HostState {
             ctx: args.ctx,
             capacity: args.capacity,
@@ -141,9 +147,10 @@ impl<T: Transport> Actor for HostActor<T> {
             vms: BTreeMap::new(),
             incoming: BTreeMap::new(),
             macs: BTreeMap::new(),
-            next_migration_id: 1,
+            next_migration_id,
             outcomes: BTreeMap::new(),
             resolves: BTreeMap::new(),
+            outgoing: Vec::new(),
         })
     }
 
@@ -155,6 +162,20 @@ impl<T: Transport> Actor for HostActor<T> {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             HostMsg::Client(request, reply) => client_request(&myself, s, request, reply).await,
+            HostMsg::PowerOff => {
+                for cell in s.outgoing.drain(..) {
+                    cell.stop(Some("power off".into()));
+                }
+                for dest in s.incoming.values() {
+                    dest.stop(Some("power off".into()));
+                }
+                for entry in s.vms.values() {
+                    if let Some(vm) = &entry.actor {
+                        vm.stop(Some("power off".into()));
+                    }
+                }
+                myself.stop(Some("power off".into()));
+            }
             HostMsg::IncomingMigration {
                 peer,
                 offer,
@@ -602,9 +623,16 @@ async fn start_migration<T: Transport>(
         }),
         redial,
     };
-    if let Err(e) = Actor::spawn(None, MigrationSource::default(), args).await {
-        let _ = vm.cast(VmMsg::MigrationAborted);
-        return Err(NodeError::Gone(format!("migration actor ({e})")));
+    match Actor::spawn(None, MigrationSource::default(), args).await {
+        Ok((source, _)) => {
+            s.outgoing
+                .retain(|c| c.get_status() != ractor::ActorStatus::Stopped);
+            s.outgoing.push(source.get_cell());
+        }
+        Err(e) => {
+            let _ = vm.cast(VmMsg::MigrationAborted);
+            return Err(NodeError::Gone(format!("migration actor ({e})")));
+        }
     }
     Ok(MigrationTask {
         report: done_rx,

@@ -107,16 +107,26 @@ pub struct NodeCtx<T: Transport> {
     pub transport: Arc<T>,
     /// Peer hosts by name.
     pub peers: BTreeMap<String, T::Addr>,
+    /// Which life of this host this is: migration ids carry it, so that a
+    /// restarted host's ids never match what peers remember of its
+    /// previous life. Production nodes take it from the boot time.
+    pub incarnation: u32,
     links: tokio::sync::Mutex<BTreeMap<String, T::Connection>>,
 }
 
 impl<T: Transport> NodeCtx<T> {
-    /// A context for host `name`.
-    pub fn new(name: String, transport: Arc<T>, peers: BTreeMap<String, T::Addr>) -> Self {
+    /// A context for host `name` in its `incarnation`-th life.
+    pub fn new(
+        name: String,
+        transport: Arc<T>,
+        peers: BTreeMap<String, T::Addr>,
+        incarnation: u32,
+    ) -> Self {
         Self {
             name,
             transport,
             peers,
+            incarnation,
             links: tokio::sync::Mutex::new(BTreeMap::new()),
         }
     }

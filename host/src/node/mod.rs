@@ -32,7 +32,14 @@ impl<T: Transport> Node<T> {
         capacity: Capacity,
         factory: Arc<dyn GuestFactory>,
     ) -> anyhow::Result<Self> {
-        let ctx = Arc::new(NodeCtx::new(name.to_owned(), transport, peers));
+        // Seconds since the epoch, wrapped: a restarted node gets a new
+        // incarnation, so its migration ids never match its previous life's.
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() % (1 << 32))
+            .unwrap_or(0);
+        let incarnation = u32::try_from(boot).unwrap_or(0);
+        let ctx = Arc::new(NodeCtx::new(name.to_owned(), transport, peers, incarnation));
         let (host, _) = Actor::spawn(
             None,
             HostActor::default(),
