@@ -11,12 +11,10 @@ use ferry_actors::migration::{Capacity, Outcome};
 use ferry_actors::node::NodeCtx;
 use ferry_actors::node::client::VmSpec;
 use ferry_actors::node::factory::SyntheticFactory;
-use ferry_actors::node::host::{HostActor, HostArgs};
-use ferry_actors::node::net;
+use ferry_actors::node::host::start_host;
 use ferry_actors::node::vm::VmPhase;
 use ferry_transport::mem::{MemNetwork, MemTransport};
 use ferry_transport::{Connection, PeerIdentity, Role};
-use ractor::Actor;
 
 struct Node {
     ctx: Arc<NodeCtx<MemTransport>>,
@@ -44,18 +42,9 @@ async fn node(
             .collect::<BTreeSet<_>>(),
         kvm: false,
     };
-    let (host, _) = Actor::spawn(
-        None,
-        HostActor::default(),
-        HostArgs {
-            ctx: ctx.clone(),
-            capacity,
-            factory: Arc::new(SyntheticFactory),
-        },
-    )
-    .await
-    .expect("host actor");
-    tokio::spawn(net::serve(ctx.clone(), host));
+    start_host(ctx.clone(), capacity, Arc::new(SyntheticFactory))
+        .await
+        .expect("host");
     Node { ctx }
 }
 

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_actors::migration::Outcome;
-use ferry_actors::node::client::VmSpec;
 use ferry_actors::node::vm::VmPhase;
 use ferry_host::kvm;
 use ferry_host::node::factory::HostFactory;
@@ -35,24 +34,9 @@ async fn cluster(test: &str, b: LocalCapacity) -> LocalCluster {
 }
 
 async fn running_vm(c: &LocalCluster, name: &str, memory_mib: u64, wss_mib: u64) {
-    c.client
-        .create_vm(
-            "host-a",
-            VmSpec {
-                name: name.into(),
-                memory_mib,
-                vcpus: 1,
-                wss_mib,
-                synthetic: !c.kvm,
-                cpu_features: Vec::new(),
-            },
-        )
+    c.start_vm("host-a", name, memory_mib, wss_mib)
         .await
-        .expect("create");
-    c.client.vm(name).start().await.expect("start");
-    c.wait_for_pass("host-a", name, 2, Duration::from_secs(60))
-        .await
-        .expect("guest runs");
+        .expect("a running guest");
 }
 
 async fn phase(c: &LocalCluster, node: &str, vm: &str) -> Option<VmPhase> {

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ferry_actors::migration::{Capacity, MigrationReport};
+use ferry_actors::node::NodeCtx;
 use ferry_actors::node::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
 use ferry_actors::node::factory::SyntheticFactory;
-use ferry_actors::node::host::{HostActor, HostArgs, HostMsg};
+use ferry_actors::node::host::{HostMsg, start_host};
 use ferry_actors::node::vm::{VmInfo, VmPhase};
-use ferry_actors::node::{NodeCtx, net};
 use ferry_transport::Role;
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -93,18 +93,9 @@ async fn boot_host(
         cpu_features: ["sse2".to_owned()].into_iter().collect(),
         kvm: false,
     };
-    let (actor, _) = Actor::spawn(
-        None,
-        HostActor::default(),
-        HostArgs {
-            ctx: ctx.clone(),
-            capacity,
-            factory: Arc::new(SyntheticFactory),
-        },
-    )
-    .await
-    .expect("host actor");
-    tokio::spawn(net::serve(ctx, actor.clone()));
+    let actor = start_host(ctx, capacity, Arc::new(SyntheticFactory))
+        .await
+        .expect("host actor");
     SimHost {
         name: name.to_owned(),
         actor,

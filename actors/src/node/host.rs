@@ -639,3 +639,24 @@ async fn start_migration<T: Transport>(
         progress: progress_rx,
     })
 }
+
+/// Starts a host: its actor, and the accept loop serving `ctx`'s transport.
+pub async fn start_host<T: Transport>(
+    ctx: Arc<NodeCtx<T>>,
+    capacity: Capacity,
+    factory: Arc<dyn GuestFactory>,
+) -> Result<ActorRef<HostMsg<T>>, NodeError> {
+    let (host, _) = Actor::spawn(
+        None,
+        HostActor::default(),
+        HostArgs {
+            ctx: ctx.clone(),
+            capacity,
+            factory,
+        },
+    )
+    .await
+    .map_err(|e| NodeError::Gone(format!("host actor ({e})")))?;
+    tokio::spawn(super::net::serve(ctx, host.clone()));
+    Ok(host)
+}

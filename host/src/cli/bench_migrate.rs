@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::Args;
 use ferry_actors::migration::MigrationReport;
-use ferry_actors::node::client::VmSpec;
 
 use crate::node::factory::HostFactory;
 use crate::node::local::{LocalCapacity, LocalCluster};
@@ -95,24 +94,7 @@ async fn bench(args: &MigrateArgs) -> anyhow::Result<Vec<MigrationReport>> {
             pool.prepare(memory_bytes);
         }
         let vm = format!("bench-{run}");
-        local
-            .client
-            .create_vm(
-                "host-a",
-                VmSpec {
-                    name: vm.clone(),
-                    memory_mib: args.memory,
-                    vcpus: 1,
-                    wss_mib: args.wss,
-                    synthetic: !local.kvm,
-                    cpu_features: Vec::new(),
-                },
-            )
-            .await?;
-        local.client.vm(&vm).start().await?;
-        local
-            .wait_for_pass("host-a", &vm, 2, Duration::from_secs(300))
-            .await?;
+        local.start_vm("host-a", &vm, args.memory, args.wss).await?;
         if !args.no_pool && local.kvm {
             let pool = pool.clone();
             tokio::task::spawn_blocking(move || {

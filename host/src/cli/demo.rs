@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::Args;
 use ferry_actors::migration::MigrationReport;
-use ferry_actors::node::client::VmSpec;
 use serde::Serialize;
 
 use super::progress::ProgressBar;
@@ -108,25 +107,8 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         args.memory, args.wss
     ));
     let vm = "demo-vm";
-    local
-        .client
-        .create_vm(
-            "host-a",
-            VmSpec {
-                name: vm.into(),
-                memory_mib: args.memory,
-                vcpus: 1,
-                wss_mib: args.wss,
-                synthetic: !local.kvm,
-                cpu_features: Vec::new(),
-            },
-        )
-        .await?;
-    local.client.vm(vm).start().await?;
     say("guest filling its memory...".into());
-    local
-        .wait_for_pass("host-a", vm, 2, Duration::from_secs(120))
-        .await?;
+    local.start_vm("host-a", vm, args.memory, args.wss).await?;
     let bar = ProgressBar::new(args.json);
     let progress = bar.clone();
     let migration = local

@@ -268,16 +268,11 @@ impl KvmVm {
             .get_host_address(GuestAddress(0))
             .map_err(|_| KvmError::OutOfRange(0))?;
         let len = usize::try_from(self.memory_bytes).expect("checked at create");
-        // SAFETY: the range is exactly the guest memory mapping; populating
-        // only faults pages in and does not change their contents.
-        let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
-        if rc != 0 {
-            return Err(KvmError::Memory {
-                bytes: self.memory_bytes,
-                reason: format!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error()),
-            });
-        }
-        Ok(())
+        // SAFETY: the range is exactly the guest memory mapping `self` owns.
+        unsafe { pool::populate(host, len) }.map_err(|reason| KvmError::Memory {
+            bytes: self.memory_bytes,
+            reason,
+        })
     }
 
     /// Guest memory size.

@@ -99,28 +99,45 @@ impl MemoryPool {
     }
 }
 
-fn populated(bytes: u64) -> Result<Region, String> {
-    let len = usize::try_from(bytes).map_err(|_| "too large".to_owned())?;
-    let region = Region::new(len).map_err(|e| e.to_string())?;
-    let started = Instant::now();
-    // In 64 MiB steps: one call holds the process's mmap lock throughout,
-    // and KVM needs that lock to set up other VMs meanwhile.
-    let step = 64 << 20;
-    let mut at = 0;
-    while at < len {
-        let n = step.min(len - at);
-        // SAFETY: the range lies inside the fresh mapping `region` owns;
-        // populating faults pages in (zeroed) and changes no contents.
-        let rc =
-            unsafe { libc::madvise(region.as_ptr().add(at).cast(), n, libc::MADV_POPULATE_WRITE) };
+/// Faults in `len` bytes from `base` (`MADV_POPULATE_WRITE`), in 64 MiB
+/// steps from the top down. One call over gigabytes would hold the
+/// process's mmap lock for seconds, and KVM needs that lock to set up other
+/// VMs meanwhile; top-down, a destination's populate meets the lanes (which
+/// write upwards) in the middle instead of contending with them.
+///
+/// # Safety
+/// `base..base + len` must be a live, writable private mapping; populating
+/// faults pages in and changes no contents.
+pub unsafe fn populate(base: *mut u8, len: usize) -> Result<(), String> {
+    const STEP: usize = 64 << 20;
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(STEP);
+        // SAFETY: inside the mapping the caller vouches for.
+        let rc = unsafe {
+            libc::madvise(
+                base.add(start).cast(),
+                end - start,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
         if rc != 0 {
             return Err(format!(
                 "MADV_POPULATE_WRITE: {}",
                 std::io::Error::last_os_error()
             ));
         }
-        at += n;
+        end = start;
     }
+    Ok(())
+}
+
+fn populated(bytes: u64) -> Result<Region, String> {
+    let len = usize::try_from(bytes).map_err(|_| "too large".to_owned())?;
+    let region = Region::new(len).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    // SAFETY: exactly the fresh mapping `region` owns.
+    unsafe { populate(region.as_ptr(), len) }?;
     tracing::debug!(
         mib = bytes >> 20,
         ms = started.elapsed().as_secs_f64() * 1e3,

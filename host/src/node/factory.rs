@@ -99,31 +99,10 @@ fn prepare_in_background(vm: &KvmVm) {
             return;
         };
         let started = std::time::Instant::now();
-        // Populate in 64 MiB steps from the top down: the lanes send pages
-        // in ascending order, so the two meet in the middle instead of
-        // contending for the same pages.
-        let step = 64 << 20;
-        let mut end = len;
-        while end > 0 {
-            let start = end.saturating_sub(step);
-            // SAFETY: the range lies inside the guest memory mapping, which
-            // `memory` keeps alive; MADV_POPULATE_WRITE only faults pages in
-            // and never changes their contents.
-            let rc = unsafe {
-                libc::madvise(
-                    host.add(start).cast(),
-                    end - start,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            if rc != 0 {
-                tracing::warn!(
-                    "populating shadow memory: {}",
-                    std::io::Error::last_os_error()
-                );
-                return;
-            }
-            end = start;
+        // SAFETY: the whole guest memory mapping, kept alive by `memory`.
+        if let Err(e) = unsafe { crate::kvm::pool::populate(host, len) } {
+            tracing::warn!("populating shadow memory: {e}");
+            return;
         }
         tracing::debug!(
             mib = bytes >> 20,

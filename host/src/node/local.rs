@@ -117,6 +117,31 @@ impl LocalCluster {
         })
     }
 
+    /// Creates VM `name` on `node` (a KVM guest where the cluster has KVM),
+    /// starts it and waits until its workload runs (the KVM guest fills
+    /// its memory first).
+    pub async fn start_vm(
+        &self,
+        node: &str,
+        name: &str,
+        memory_mib: u64,
+        wss_mib: u64,
+    ) -> anyhow::Result<()> {
+        let spec = ferry_actors::node::client::VmSpec {
+            name: name.to_owned(),
+            memory_mib,
+            vcpus: 1,
+            wss_mib,
+            synthetic: !self.kvm,
+            cpu_features: Vec::new(),
+        };
+        self.client.create_vm(node, spec).await?;
+        self.client.vm(name).start().await?;
+        self.wait_for_pass(node, name, 2, Duration::from_secs(300))
+            .await?;
+        Ok(())
+    }
+
     /// Waits until VM `vm` on `node` has completed `passes` passes of its
     /// workload (the KVM guest fills its memory first).
     pub async fn wait_for_pass(

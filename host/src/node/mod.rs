@@ -11,9 +11,9 @@ use std::sync::Arc;
 use ferry_actors::migration::Capacity;
 use ferry_actors::node::NodeCtx;
 use ferry_actors::node::factory::GuestFactory;
-use ferry_actors::node::host::{HostActor, HostArgs, HostMsg};
+use ferry_actors::node::host::{HostMsg, start_host};
 use ferry_transport::Transport;
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 
 /// A running node.
 pub struct Node<T: Transport> {
@@ -40,18 +40,7 @@ impl<T: Transport> Node<T> {
             .unwrap_or(0);
         let incarnation = u32::try_from(boot).unwrap_or(0);
         let ctx = Arc::new(NodeCtx::new(name.to_owned(), transport, peers, incarnation));
-        let (host, _) = Actor::spawn(
-            None,
-            HostActor::default(),
-            HostArgs {
-                ctx: ctx.clone(),
-                capacity,
-                factory,
-            },
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("starting the host actor: {e}"))?;
-        tokio::spawn(ferry_actors::node::net::serve(ctx.clone(), host.clone()));
+        let host = start_host(ctx.clone(), capacity, factory).await?;
         Ok(Self { ctx, host })
     }
 }
