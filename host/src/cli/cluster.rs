@@ -110,6 +110,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
                 vcpus: args.vcpus,
             },
             synthetic_guests: false,
+            memory_pool_mib: Vec::new(),
             peers: peers.iter().filter(|p| &p.name != name).cloned().collect(),
         };
         write_new(

@@ -35,7 +35,7 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         let factory = if config.synthetic_guests {
             HostFactory::synthetic_only()
         } else {
-            HostFactory::probe()
+            HostFactory::probe().with_pool(&config.memory_pool_mib)
         };
         if !factory.kvm() && !config.synthetic_guests {
             eprintln!("WARNING: /dev/kvm is not usable here: this node runs synthetic guests only");

@@ -46,6 +46,16 @@ impl MemoryPool {
 
     /// Starts preparing one region of `bytes` on a thread of its own.
     pub fn prepare(&self, bytes: u64) {
+        self.spawn_prepare(bytes, false);
+    }
+
+    /// As [`Self::prepare`], on a thread at the lowest CPU priority (nice
+    /// 19): a refill while a migration runs must not slow it down.
+    pub fn refill(&self, bytes: u64) {
+        self.spawn_prepare(bytes, true);
+    }
+
+    fn spawn_prepare(&self, bytes: u64, low_priority: bool) {
         let (lock, _) = &*self.shelves;
         *lock
             .lock()
@@ -55,6 +65,13 @@ impl MemoryPool {
             .or_default() += 1;
         let pool = self.clone();
         std::thread::spawn(move || {
+            if low_priority {
+                // SAFETY: plain syscalls on this thread (who = 0 with
+                // PRIO_PROCESS names the calling thread on Linux).
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                }
+            }
             let region = populated(bytes);
             let (lock, ready) = &*pool.shelves;
             let mut s = lock.lock().expect("pool lock");
@@ -161,5 +178,10 @@ mod tests {
         // SAFETY: reading the first byte of the live mapping.
         assert_eq!(unsafe { *r.as_ptr() }, 0);
         assert!(!pool.wait_ready(8 << 20, Duration::from_millis(1)));
+        pool.refill(4 << 20);
+        assert!(
+            pool.wait_ready(4 << 20, Duration::from_secs(10)),
+            "refilled"
+        );
     }
 }

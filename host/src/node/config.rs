@@ -8,6 +8,8 @@
 //! cert = "certs/host-a.pem"
 //! key = "certs/host-a.key"
 //!
+//! memory_pool_mib = [4096]      # keep 4 GiB faulted in for incoming guests
+//!
 //! [capacity]
 //! memory_mib = 16384
 //! vcpus = 8
@@ -76,6 +78,11 @@ pub struct NodeConfig {
     /// Use synthetic guests even where KVM works.
     #[serde(default)]
     pub synthetic_guests: bool,
+    /// Guest sizes (MiB) to keep memory faulted in for, so incoming
+    /// migrations of that size do not pay for first touch (slow on these
+    /// machines); each is refilled at low priority after use.
+    #[serde(default)]
+    pub memory_pool_mib: Vec<u64>,
     /// The other hosts.
     #[serde(default)]
     pub peers: Vec<Peer>,

@@ -17,6 +17,7 @@ use crate::kvm::{self, KvmVm};
 pub struct HostFactory {
     kvm: bool,
     pool: MemoryPool,
+    refill: bool,
 }
 
 impl HostFactory {
@@ -25,7 +26,18 @@ impl HostFactory {
         Self {
             kvm: kvm::available().is_ok(),
             pool: MemoryPool::new(),
+            refill: false,
         }
+    }
+
+    /// Keeps one region of each of `sizes_mib` faulted in for incoming
+    /// guests of that size, refilled (at low priority) after each use.
+    pub fn with_pool(mut self, sizes_mib: &[u64]) -> Self {
+        for mib in sizes_mib {
+            self.pool.prepare(mib << 20);
+        }
+        self.refill = !sizes_mib.is_empty();
+        self
     }
 
     /// Synthetic guests only.
@@ -33,6 +45,7 @@ impl HostFactory {
         Self {
             kvm: false,
             pool: MemoryPool::new(),
+            refill: false,
         }
     }
 
@@ -66,6 +79,9 @@ impl GuestFactory for HostFactory {
         match config.kind {
             GuestKind::Kvm { .. } => {
                 if let Some(region) = self.pool.take(config.memory_bytes) {
+                    if self.refill {
+                        self.pool.refill(config.memory_bytes);
+                    }
                     let vm = KvmVm::create_with_region(region, config.vcpus)
                         .map_err(kvm_err("create shadow VM"))?;
                     return Ok(Box::new(vm));
