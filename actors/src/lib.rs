@@ -28,6 +28,7 @@
 //! ```
 
 pub mod api;
+pub mod disk;
 pub mod guest;
 pub mod migration;
 pub mod node;

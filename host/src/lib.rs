@@ -6,5 +6,6 @@
 //! library, so every command is usable from Rust too.
 
 pub mod cli;
+pub mod datastore;
 pub mod kvm;
 pub mod node;

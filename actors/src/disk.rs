@@ -1,0 +1,218 @@
+//! The block backend: what a disk migration needs from a virtual disk.
+//!
+//! Implemented by file disks on a datastore in `ferry-host` and by
+//! [`MemDisk`] here (the simulation's disk, with a durability model: what
+//! was not flushed is lost in a crash). Both pass the suite in
+//! [`conformance`].
+
+pub mod conformance;
+
+use std::ops::Range;
+
+/// Bytes per sector, the unit guests address disks in.
+pub const SECTOR_BYTES: u64 = 512;
+
+/// Why a disk operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiskError {
+    /// The range lies beyond the end of the disk.
+    #[error("bytes {start}..{end} lie beyond the disk's {len} bytes")]
+    OutOfRange {
+        /// First byte asked for.
+        start: u64,
+        /// One past the last.
+        end: u64,
+        /// Disk size.
+        len: u64,
+    },
+    /// Another owner holds the disk's lock.
+    #[error("disk is locked by another owner: {0}")]
+    Locked(String),
+    /// The device failed the operation.
+    #[error("{op}: {reason}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// What storage migration needs from a disk.
+pub trait BlockBackend: Send {
+    /// Size in bytes.
+    fn len_bytes(&self) -> u64;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
+
+    /// Writes `data` at `offset`; durable only after [`Self::flush`].
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError>;
+
+    /// Makes every write so far durable.
+    fn flush(&mut self) -> Result<(), DiskError>;
+
+    /// Ranges that may hold data, ascending; everything else reads as
+    /// zero (holes of a sparse file), so a copy may skip it.
+    fn allocated(&self) -> Result<Vec<Range<u64>>, DiskError>;
+}
+
+/// Checks that `offset..offset + len` fits a disk of `disk_len` bytes.
+pub fn check_range(offset: u64, len: usize, disk_len: u64) -> Result<Range<u64>, DiskError> {
+    let end = offset.checked_add(len as u64);
+    match end {
+        Some(end) if end <= disk_len => Ok(offset..end),
+        _ => Err(DiskError::OutOfRange {
+            start: offset,
+            end: end.unwrap_or(u64::MAX),
+            len: disk_len,
+        }),
+    }
+}
+
+/// An in-memory disk with a durability model: writes land in a volatile
+/// image, [`BlockBackend::flush`] copies them to the durable one, and
+/// [`MemDisk::crash`] throws the volatile image away. Faults can be set to
+/// fail writes.
+#[derive(Debug, Clone)]
+pub struct MemDisk {
+    volatile: Vec<u8>,
+    durable: Vec<u8>,
+    /// Byte ranges written since the last flush.
+    unflushed: Vec<Range<u64>>,
+    written: Vec<Range<u64>>,
+    fail_writes: bool,
+}
+
+impl MemDisk {
+    /// A zeroed disk of `len_bytes` (a whole number of sectors).
+    ///
+    /// # Panics
+    /// If the size is not whole sectors or does not fit memory.
+    pub fn new(len_bytes: u64) -> Self {
+        assert!(len_bytes.is_multiple_of(SECTOR_BYTES), "whole sectors");
+        let len = usize::try_from(len_bytes).expect("disk fits memory");
+        Self {
+            volatile: vec![0; len],
+            durable: vec![0; len],
+            unflushed: Vec::new(),
+            written: Vec::new(),
+            fail_writes: false,
+        }
+    }
+
+    /// Loses every write not yet flushed, as a power cut would.
+    pub fn crash(&mut self) {
+        self.volatile.clone_from(&self.durable);
+        self.unflushed.clear();
+    }
+
+    /// Makes later writes (and flushes) fail, or succeed again.
+    pub fn set_fail_writes(&mut self, fail: bool) {
+        self.fail_writes = fail;
+    }
+
+    fn span(r: &Range<u64>) -> Range<usize> {
+        usize::try_from(r.start).expect("fits")..usize::try_from(r.end).expect("fits")
+    }
+}
+
+impl BlockBackend for MemDisk {
+    fn len_bytes(&self) -> u64 {
+        self.volatile.len() as u64
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let r = check_range(offset, buf.len(), self.len_bytes())?;
+        buf.copy_from_slice(&self.volatile[Self::span(&r)]);
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        let r = check_range(offset, data.len(), self.len_bytes())?;
+        if self.fail_writes {
+            return Err(DiskError::Io {
+                op: "write",
+                reason: "injected write error".into(),
+            });
+        }
+        self.volatile[Self::span(&r)].copy_from_slice(data);
+        self.unflushed.push(r.clone());
+        self.written.push(r);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        if self.fail_writes {
+            return Err(DiskError::Io {
+                op: "flush",
+                reason: "injected write error".into(),
+            });
+        }
+        for r in self.unflushed.drain(..) {
+            let s = Self::span(&r);
+            self.durable[s.clone()].copy_from_slice(&self.volatile[s]);
+        }
+        Ok(())
+    }
+
+    fn allocated(&self) -> Result<Vec<Range<u64>>, DiskError> {
+        // Whole 64 KiB extents around everything ever written, merged.
+        const EXTENT: u64 = 64 << 10;
+        let mut extents: Vec<Range<u64>> = self
+            .written
+            .iter()
+            .map(|r| {
+                let start = r.start / EXTENT * EXTENT;
+                let end = r.end.div_ceil(EXTENT) * EXTENT;
+                start..end.min(self.len_bytes())
+            })
+            .collect();
+        extents.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for r in extents {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        Ok(merged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conformance::DiskHarness;
+
+    struct Mem;
+
+    impl DiskHarness for Mem {
+        type Disk = MemDisk;
+        fn fresh(&mut self, len_bytes: u64) -> MemDisk {
+            MemDisk::new(len_bytes)
+        }
+        fn reopen_after_crash(&mut self, mut disk: MemDisk) -> MemDisk {
+            disk.crash();
+            disk
+        }
+        fn loses_unflushed_writes(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn mem_disk_passes_the_conformance_suite() {
+        conformance::run_all(&mut Mem);
+    }
+
+    #[test]
+    fn injected_write_errors_fail_writes_and_flushes() {
+        let mut d = MemDisk::new(4096);
+        d.set_fail_writes(true);
+        assert!(d.write_at(0, &[1; 512]).is_err());
+        assert!(d.flush().is_err());
+        d.set_fail_writes(false);
+        d.write_at(0, &[1; 512]).expect("write");
+    }
+}
