@@ -94,6 +94,17 @@ async fn phase_on(w: &World, node: &str, vm: &str) -> Option<VmPhase> {
         .map(|v| v.phase)
 }
 
+/// Polls b every 20 ms, `tries` times, until it no longer lists `vm`.
+async fn assert_shadow_dropped(w: &World, vm: &str, tries: u32) {
+    for _ in 0..tries {
+        if phase_on(w, "b", vm).await.is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("b kept the shadow of {vm}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_moves_the_vm_and_its_mac() {
     let w = world(1024, &["sse2"]).await;
@@ -178,13 +189,7 @@ async fn non_convergence_aborts_with_the_vm_running_on_the_source() {
     assert!(reason.contains("did not converge"), "{reason}");
     assert_eq!(phase_on(&w, "a", "busy-1").await, Some(VmPhase::Running));
     // The shadow is gone from b.
-    for _ in 0..50 {
-        if phase_on(&w, "b", "busy-1").await.is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("b kept the shadow");
+    assert_shadow_dropped(&w, "busy-1", 50).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,13 +224,7 @@ async fn broken_connection_mid_migration_leaves_the_vm_on_the_source() {
     };
     assert!(reason.contains("test cuts the link"), "{reason}");
     assert_eq!(phase_on(&w, "a", "web-2").await, Some(VmPhase::Running));
-    for _ in 0..100 {
-        if phase_on(&w, "b", "web-2").await.is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("b kept the shadow");
+    assert_shadow_dropped(&w, "web-2", 100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
