@@ -55,6 +55,25 @@ pub trait BlockBackend: Send {
     /// Ranges that may hold data, ascending; everything else reads as
     /// zero (holes of a sparse file), so a copy may skip it.
     fn allocated(&self) -> Result<Vec<Range<u64>>, DiskError>;
+
+    /// Copies `range` of this disk into the same range of `dst` inside the
+    /// kernel (`copy_file_range`, or a reflink where the file system has
+    /// them), when both are files; `Ok(false)` when it cannot, and the
+    /// caller copies through memory.
+    fn copy_to(&self, range: Range<u64>, dst: &mut dyn BlockBackend) -> Result<bool, DiskError>;
+
+    /// The file descriptor behind the disk, if it is a file (for
+    /// [`Self::copy_to`]).
+    fn raw_fd(&self) -> Option<i32>;
+}
+
+/// A disk shared between the actor that owns it and the blocking pool
+/// that does its I/O.
+pub type SharedDisk = std::sync::Arc<std::sync::Mutex<Box<dyn BlockBackend>>>;
+
+/// Wraps a backend as a [`SharedDisk`].
+pub fn shared(disk: Box<dyn BlockBackend>) -> SharedDisk {
+    std::sync::Arc::new(std::sync::Mutex::new(disk))
 }
 
 /// Checks that `offset..offset + len` fits a disk of `disk_len` bytes.
@@ -177,6 +196,14 @@ impl BlockBackend for MemDisk {
             }
         }
         Ok(merged)
+    }
+
+    fn copy_to(&self, _range: Range<u64>, _dst: &mut dyn BlockBackend) -> Result<bool, DiskError> {
+        Ok(false)
+    }
+
+    fn raw_fd(&self) -> Option<i32> {
+        None
     }
 }
 

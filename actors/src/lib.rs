@@ -33,4 +33,5 @@ pub mod guest;
 pub mod migration;
 pub mod node;
 pub mod ram;
+pub mod storage;
 pub mod synthetic;

@@ -14,6 +14,7 @@
 
 pub mod client;
 pub mod destination;
+pub mod disk;
 pub mod factory;
 pub mod host;
 pub mod lanes;

@@ -1,0 +1,782 @@
+//! `DiskActor`: one virtual disk on a datastore. The guest's I/O and the
+//! steps of a storage migration pass through it one message at a time, so
+//! a guest write never races the chunk being copied: a write behind the
+//! mirror's cursor goes to both copies, a write ahead of it is copied when
+//! the cursor gets there.
+//!
+//! Guest writes are durable before they are acknowledged (write-through):
+//! an acknowledged write survives a crash and any move.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::{now, offload};
+use crate::disk::{BlockBackend, DiskError, SharedDisk};
+use crate::storage::datastore::Datastores;
+use crate::storage::pattern::{PATTERN_BLOCK_BYTES, WritePattern};
+use crate::storage::plan::{BLOCK_BYTES, MovePlan, Route, Step};
+use crate::storage::target::DiskTarget;
+use crate::storage::{DiskMoveReport, MoveOptions};
+
+/// Where a disk lives: datastore and path on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlace {
+    /// Datastore name.
+    pub datastore: String,
+    /// Path inside it.
+    pub path: String,
+}
+
+impl std::fmt::Display for DiskPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.datastore, self.path)
+    }
+}
+
+/// What a copy step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyProgress {
+    /// Copied a chunk; the first pass stands at `cursor` of `len`.
+    Copied {
+        /// First-pass cursor.
+        cursor: u64,
+        /// Disk size.
+        len: u64,
+        /// Bytes sent so far.
+        sent: u64,
+    },
+    /// Rate-limited until then.
+    Wait(Instant),
+    /// Ready for [`DiskMsg::Finish`].
+    Converged,
+}
+
+/// A disk as `ferry vm list` and tests see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Disk name.
+    pub name: String,
+    /// Where it is.
+    pub place: DiskPlace,
+    /// Size in bytes.
+    pub len: u64,
+    /// Guest writes acknowledged.
+    pub writes: u64,
+    /// Whether a move runs.
+    pub moving: bool,
+}
+
+/// Messages to a [`DiskActor`].
+pub enum DiskMsg {
+    /// A guest read.
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u32,
+        /// The data.
+        reply: RpcReplyPort<Result<Vec<u8>, DiskError>>,
+    },
+    /// A guest write, acknowledged once durable (on both copies where the
+    /// move mirrors it).
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// Data.
+        data: Vec<u8>,
+        /// Done.
+        reply: RpcReplyPort<Result<(), DiskError>>,
+    },
+    /// Describe the disk.
+    Info(RpcReplyPort<DiskInfo>),
+    /// Start moving the disk to `target` (at `to`).
+    StartMove {
+        /// How.
+        options: MoveOptions,
+        /// The copy.
+        target: Box<dyn DiskTarget>,
+        /// Where the copy is, for the report and the switch.
+        to: DiskPlace,
+        /// Started.
+        reply: RpcReplyPort<Result<(), DiskError>>,
+    },
+    /// Copy the next chunk.
+    CopyStep(RpcReplyPort<Result<CopyProgress, DiskError>>),
+    /// The target failed: reconnect it and resume the copy where the
+    /// target's durable data ends.
+    Resume(RpcReplyPort<Result<(), DiskError>>),
+    /// Guest I/O stops for this step: copy what is left, make the target
+    /// durable and switch to it (local) or hand it over (remote).
+    Finish(RpcReplyPort<Result<DiskMoveReport, DiskError>>),
+    /// The switchover committed: delete the source (and overlay). After a
+    /// remote move the actor stops.
+    Commit(RpcReplyPort<Result<(), DiskError>>),
+    /// The move failed: the source (with the overlay merged back) stays the
+    /// disk, and the target is deleted.
+    Abort {
+        /// Why.
+        reason: String,
+        /// Done.
+        reply: RpcReplyPort<DiskMoveReport>,
+    },
+    /// Close the disk (releasing its lock) and stop.
+    Release(RpcReplyPort<()>),
+}
+
+/// What a disk actor starts with.
+pub struct DiskArgs {
+    /// Disk name (e.g. `disk0`).
+    pub name: String,
+    /// The open, locked disk.
+    pub disk: SharedDisk,
+    /// Where it is.
+    pub place: DiskPlace,
+    /// This host's datastores.
+    pub stores: Arc<dyn Datastores>,
+}
+
+/// One disk.
+#[derive(Debug, Default)]
+pub struct DiskActor;
+
+struct Moving {
+    plan: MovePlan,
+    target: Option<Box<dyn DiskTarget>>,
+    to: DiskPlace,
+    overlay: Option<(SharedDisk, DiskPlace)>,
+    started: Instant,
+    converged_at: Option<Instant>,
+    report: DiskMoveReport,
+    finished: bool,
+}
+
+/// The actor's state.
+pub struct DiskState {
+    name: String,
+    disk: SharedDisk,
+    place: DiskPlace,
+    stores: Arc<dyn Datastores>,
+    moving: Option<Moving>,
+    /// After a remote finish: the disk lives on elsewhere; I/O is refused.
+    handed_over: bool,
+    writes: u64,
+}
+
+fn refused(op: &'static str, reason: &str) -> DiskError {
+    DiskError::Io {
+        op,
+        reason: reason.to_owned(),
+    }
+}
+
+impl Actor for DiskActor {
+    type Msg = DiskMsg;
+    type State = DiskState;
+    type Arguments = DiskArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<DiskMsg>,
+        a: DiskArgs,
+    ) -> Result<DiskState, ActorProcessingErr> {
+        Ok(DiskState {
+            name: a.name,
+            disk: a.disk,
+            place: a.place,
+            stores: a.stores,
+            moving: None,
+            handed_over: false,
+            writes: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<DiskMsg>,
+        msg: DiskMsg,
+        s: &mut DiskState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DiskMsg::Read { offset, len, reply } => {
+                let _ = reply.send(s.read(offset, len).await);
+            }
+            DiskMsg::Write {
+                offset,
+                data,
+                reply,
+            } => {
+                let r = s.write(offset, data).await;
+                s.writes += u64::from(r.is_ok());
+                let _ = reply.send(r);
+            }
+            DiskMsg::Info(reply) => {
+                let len = s.disk.lock().expect("disk").len_bytes();
+                let _ = reply.send(DiskInfo {
+                    name: s.name.clone(),
+                    place: s.place.clone(),
+                    len,
+                    writes: s.writes,
+                    moving: s.moving.is_some(),
+                });
+            }
+            DiskMsg::StartMove {
+                options,
+                target,
+                to,
+                reply,
+            } => {
+                let _ = reply.send(s.start_move(options, target, to).await);
+            }
+            DiskMsg::CopyStep(reply) => {
+                let _ = reply.send(s.copy_step().await);
+            }
+            DiskMsg::Resume(reply) => {
+                let _ = reply.send(s.resume().await);
+            }
+            DiskMsg::Finish(reply) => {
+                let _ = reply.send(s.finish().await);
+            }
+            DiskMsg::Commit(reply) => {
+                let r = s.commit().await;
+                let stop = s.handed_over;
+                let _ = reply.send(r);
+                if stop {
+                    myself.stop(None);
+                }
+            }
+            DiskMsg::Abort { reason, reply } => {
+                let _ = reply.send(s.abort(reason).await);
+            }
+            DiskMsg::Release(reply) => {
+                if let Some(m) = s.moving.take()
+                    && let Some(t) = m.target
+                {
+                    t.discard().await;
+                }
+                s.close();
+                let _ = reply.send(());
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DiskState {
+    /// Closes the disk now (releasing its lock), not when the actor's
+    /// state is dropped some time after it stopped.
+    fn close(&mut self) {
+        *self.disk.lock().expect("disk") = Box::new(crate::disk::MemDisk::new(0));
+        self.handed_over = true;
+    }
+
+    fn check_open(&self, op: &'static str) -> Result<(), DiskError> {
+        if self.handed_over {
+            return Err(refused(op, "the disk has moved to another host"));
+        }
+        Ok(())
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
+        self.check_open("read")?;
+        let disk = self.disk.clone();
+        let overlay = self.moving.as_ref().and_then(|m| {
+            let o = m.overlay.as_ref()?;
+            let blocks: Vec<bool> = (offset / BLOCK_BYTES
+                ..(offset + u64::from(len)).div_ceil(BLOCK_BYTES))
+                .map(|b| m.plan.in_overlay(b))
+                .collect();
+            blocks.iter().any(|b| *b).then(|| (o.0.clone(), blocks))
+        });
+        offload(move || {
+            let mut buf = vec![0u8; len as usize];
+            let Some((overlay, blocks)) = overlay else {
+                disk.lock().expect("disk").read_at(offset, &mut buf)?;
+                return Ok(buf);
+            };
+            // Block by block: overlay blocks from the overlay, the rest
+            // from the base.
+            let first = offset / BLOCK_BYTES;
+            let mut at = offset;
+            let end = offset + u64::from(len);
+            while at < end {
+                let b = at / BLOCK_BYTES;
+                let stop = ((b + 1) * BLOCK_BYTES).min(end);
+                let dst = &mut buf[(at - offset) as usize..(stop - offset) as usize];
+                if blocks[(b - first) as usize] {
+                    overlay.lock().expect("overlay").read_at(at, dst)?;
+                } else {
+                    disk.lock().expect("disk").read_at(at, dst)?;
+                }
+                at = stop;
+            }
+            Ok(buf)
+        })
+        .await
+    }
+
+    async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), DiskError> {
+        self.check_open("write")?;
+        let len = self.disk.lock().expect("disk").len_bytes();
+        let range = crate::disk::check_range(offset, data.len(), len)?;
+        let Some(m) = self.moving.as_mut().filter(|m| !m.finished) else {
+            let disk = self.disk.clone();
+            return offload(move || write_through(&disk, offset, &data)).await;
+        };
+        // Blocks the overlay does not have yet are copied into it first
+        // (copy on write), so a partial write keeps the rest of the block.
+        let fresh: Vec<u64> = (range.start / BLOCK_BYTES..range.end.div_ceil(BLOCK_BYTES))
+            .filter(|b| !m.plan.in_overlay(*b))
+            .collect();
+        match m.plan.route_write(&range) {
+            Route::Source => {
+                let disk = self.disk.clone();
+                offload(move || write_through(&disk, offset, &data)).await
+            }
+            Route::Both => {
+                let data = Arc::new(data);
+                let disk = self.disk.clone();
+                let local = data.clone();
+                let target = m.target.as_mut().expect("target while moving");
+                let (a, b) = tokio::join!(
+                    offload(move || write_through(&disk, offset, &local)),
+                    async {
+                        target.write(offset, data).await?;
+                        target.flush().await
+                    }
+                );
+                a.and(b)
+            }
+            Route::Overlay => {
+                let (overlay, _) = m.overlay.clone().expect("overlay for a snapshot move");
+                let base = self.disk.clone();
+                offload(move || {
+                    let mut o = overlay.lock().expect("overlay");
+                    let len = o.len_bytes();
+                    let mut block = vec![0u8; BLOCK_BYTES as usize];
+                    for b in fresh {
+                        let r = b * BLOCK_BYTES..((b + 1) * BLOCK_BYTES).min(len);
+                        let buf = &mut block[..(r.end - r.start) as usize];
+                        base.lock().expect("disk").read_at(r.start, buf)?;
+                        o.write_at(r.start, buf)?;
+                    }
+                    o.write_at(offset, &data)?;
+                    o.flush()
+                })
+                .await
+            }
+        }
+    }
+
+    async fn start_move(
+        &mut self,
+        options: MoveOptions,
+        target: Box<dyn DiskTarget>,
+        to: DiskPlace,
+    ) -> Result<(), DiskError> {
+        self.check_open("move")?;
+        if self.moving.is_some() {
+            target.discard().await;
+            return Err(refused("move", "a move of this disk is already running"));
+        }
+        options.check().map_err(|e| refused("move", &e))?;
+        let disk = self.disk.clone();
+        let (len, allocated) = offload(move || {
+            let d = disk.lock().expect("disk");
+            d.allocated().map(|a| (d.len_bytes(), a))
+        })
+        .await?;
+        let overlay = if options.method == crate::storage::Method::Snapshot {
+            let place = DiskPlace {
+                datastore: self.place.datastore.clone(),
+                path: format!("{}.delta", self.place.path),
+            };
+            let (stores, p) = (self.stores.clone(), place.clone());
+            let o = offload(move || {
+                let _ = stores.remove(&p.datastore, &p.path);
+                stores.create_disk(&p.datastore, &p.path, len)
+            })
+            .await;
+            match o {
+                Ok(o) => Some((crate::disk::shared(o), place)),
+                Err(e) => {
+                    target.discard().await;
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let t = now();
+        let plan = MovePlan::new(t, options, len, allocated);
+        tracing::info!(disk = %self.name, from = %self.place, to = %to, method = %options.method, "disk move starts");
+        self.moving = Some(Moving {
+            report: DiskMoveReport {
+                disk: self.name.clone(),
+                method: options.method.to_string(),
+                from: self.place.datastore.clone(),
+                to: to.datastore.clone(),
+                disk_bytes: len,
+                skipped_bytes: plan.hole_bytes(),
+                ..DiskMoveReport::default()
+            },
+            plan,
+            target: Some(target),
+            to,
+            overlay,
+            started: t,
+            converged_at: None,
+            finished: false,
+        });
+        Ok(())
+    }
+
+    async fn copy_step(&mut self) -> Result<CopyProgress, DiskError> {
+        let m = self
+            .moving
+            .as_mut()
+            .filter(|m| !m.finished)
+            .ok_or_else(|| refused("copy", "no move is running"))?;
+        let t = now();
+        match m.plan.next_step(t) {
+            Step::Wait(until) => Ok(CopyProgress::Wait(until)),
+            Step::Converged => {
+                m.converged_at.get_or_insert(t);
+                Ok(CopyProgress::Converged)
+            }
+            Step::Copy(range) => {
+                let target = m.target.as_mut().expect("target while moving");
+                let sent = copy_range(&self.disk, target.as_mut(), range.clone()).await?;
+                m.report.skipped_bytes += (range.end - range.start) - sent;
+                m.plan.copied(&range, sent);
+                Ok(CopyProgress::Copied {
+                    cursor: m.plan.cursor(),
+                    len: m.plan.len(),
+                    sent: m.plan.copied_bytes(),
+                })
+            }
+        }
+    }
+
+    async fn resume(&mut self) -> Result<(), DiskError> {
+        let m = self
+            .moving
+            .as_mut()
+            .ok_or_else(|| refused("resume", "no move is running"))?;
+        let target = m.target.as_mut().expect("target while moving");
+        let durable = target.reconnect().await?;
+        m.plan
+            .resume_from(durable)
+            .map_err(|e| refused("resume", &e))?;
+        tracing::info!(disk = %self.name, durable, "disk copy resumes after a broken link");
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<DiskMoveReport, DiskError> {
+        let m = self
+            .moving
+            .as_mut()
+            .filter(|m| !m.finished)
+            .ok_or_else(|| refused("finish", "no move is running"))?;
+        if !m.plan.converged() {
+            return Err(refused("finish", "the copy has not converged"));
+        }
+        let paused_at = now();
+        let ranges = m.plan.final_ranges();
+        let source = match &m.overlay {
+            Some((overlay, _)) => overlay.clone(),
+            None => self.disk.clone(),
+        };
+        let target = m.target.as_mut().expect("target while moving");
+        let mut sent = 0;
+        for r in ranges {
+            sent += copy_range(&source, target.as_mut(), r).await?;
+        }
+        target.flush().await?;
+        m.plan.copied(&(0..0), sent);
+        let done = now();
+        let mut report = m.report.clone();
+        report.copied_bytes = m.plan.copied_bytes();
+        report.rounds = m.plan.rounds();
+        report.mirrored_writes = m.plan.mirrored_writes();
+        report.overlay_blocks = m.plan.overlay_blocks();
+        report.resumes = m.plan.resumes();
+        report.total_ms = (done - m.started).as_secs_f64() * 1e3;
+        report.pause_ms = (done - paused_at).as_secs_f64() * 1e3;
+        let converge = m.converged_at.unwrap_or(done) - m.started;
+        report.copy_mb_per_s = report.copied_bytes as f64 / converge.as_secs_f64().max(1e-9) / 1e6;
+        let target = m.target.take().expect("target while moving");
+        match target.finish().await? {
+            Some(local) => {
+                // The copy is the disk now; the old files go at commit.
+                self.disk = local;
+                std::mem::swap(&mut self.place, &mut m.to);
+            }
+            None => self.handed_over = true,
+        }
+        m.finished = true;
+        tracing::info!(disk = %self.name, pause_ms = report.pause_ms, copied = report.copied_bytes, "disk move finished");
+        Ok(report)
+    }
+
+    async fn commit(&mut self) -> Result<(), DiskError> {
+        let Some(m) = self.moving.take() else {
+            return Ok(());
+        };
+        if !m.finished {
+            self.moving = Some(m);
+            return Err(refused("commit", "the move has not finished"));
+        }
+        // After a local switch `m.to` names the old place; after a remote
+        // one the source is still `self.place`.
+        let old = if self.handed_over {
+            self.place.clone()
+        } else {
+            m.to.clone()
+        };
+        let overlay = m.overlay.map(|(d, p)| {
+            drop(d);
+            p
+        });
+        if self.handed_over {
+            // Close the source before deleting it.
+            self.close();
+        }
+        let stores = self.stores.clone();
+        offload(move || {
+            if let Some(p) = overlay {
+                stores.remove(&p.datastore, &p.path)?;
+            }
+            stores.remove(&old.datastore, &old.path)
+        })
+        .await
+    }
+
+    async fn abort(&mut self, reason: String) -> DiskMoveReport {
+        let Some(mut m) = self.moving.take() else {
+            return DiskMoveReport {
+                error: Some(reason),
+                ..DiskMoveReport::default()
+            };
+        };
+        if m.finished && !self.handed_over {
+            // A local switch already happened: nothing to undo.
+            self.moving = None;
+            return m.report;
+        }
+        if m.finished {
+            // The source was handed over but the VM stays: it is ours again.
+            self.handed_over = false;
+        }
+        if let Some(t) = m.target.take() {
+            t.discard().await;
+        }
+        if let Some((overlay, place)) = m.overlay.take() {
+            let ranges = m.plan.overlay_ranges();
+            let disk = self.disk.clone();
+            let stores = self.stores.clone();
+            let merged = offload(move || {
+                let mut buf = vec![0u8; BLOCK_BYTES as usize];
+                let o = overlay.lock().expect("overlay");
+                let mut d = disk.lock().expect("disk");
+                for r in ranges {
+                    let mut at = r.start;
+                    while at < r.end {
+                        let n = (r.end - at).min(BLOCK_BYTES);
+                        o.read_at(at, &mut buf[..n as usize])?;
+                        d.write_at(at, &buf[..n as usize])?;
+                        at += n;
+                    }
+                }
+                d.flush()?;
+                drop(o);
+                stores.remove(&place.datastore, &place.path)
+            })
+            .await;
+            if let Err(e) = merged {
+                tracing::error!(disk = %self.name, "merging the overlay back: {e}");
+            }
+        }
+        tracing::warn!(disk = %self.name, %reason, "disk move aborted; the source stays");
+        let mut report = m.report;
+        report.error = Some(reason);
+        report
+    }
+}
+
+fn write_through(disk: &SharedDisk, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+    let mut d = disk.lock().expect("disk");
+    d.write_at(offset, data)?;
+    d.flush()
+}
+
+/// Copies `range` of `source` to `target`: in the kernel where both are
+/// files, else through one buffer, leaving all-zero extents out (the copy
+/// stays sparse). Returns the bytes sent.
+async fn copy_range(
+    source: &SharedDisk,
+    target: &mut dyn DiskTarget,
+    range: Range<u64>,
+) -> Result<u64, DiskError> {
+    if let Some(n) = target.copy_from(source.clone(), range.clone()).await? {
+        return Ok(n);
+    }
+    const EXTENT: u64 = 64 << 10;
+    let src = source.clone();
+    let r = range.clone();
+    let buf = offload(move || {
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        src.lock()
+            .expect("disk")
+            .read_at(r.start, &mut buf)
+            .map(|()| buf)
+    })
+    .await?;
+    if ferry_transport::batch::is_zero(&buf) {
+        return Ok(0);
+    }
+    // Send only the non-zero extents of the chunk.
+    let mut sent = 0;
+    let mut at = 0usize;
+    while at < buf.len() {
+        let n = (buf.len() - at).min(EXTENT as usize);
+        let mut end = at + n;
+        if ferry_transport::batch::is_zero(&buf[at..end]) {
+            at = end;
+            continue;
+        }
+        while end < buf.len() {
+            let next = (end + EXTENT as usize).min(buf.len());
+            if ferry_transport::batch::is_zero(&buf[end..next]) {
+                break;
+            }
+            end = next;
+        }
+        target
+            .write(range.start + at as u64, Arc::new(buf[at..end].to_vec()))
+            .await?;
+        sent += (end - at) as u64;
+        at = end;
+    }
+    Ok(sent)
+}
+
+/// Drives a move started with [`DiskMsg::StartMove`] until it converges
+/// (or fails): copy steps, rate waits, and resumes after a broken link
+/// (up to `resumes_max`). `on_progress` sees each step.
+pub async fn copy_until_converged(
+    disk: &ActorRef<DiskMsg>,
+    resumes_max: u32,
+    mut on_progress: impl FnMut(&CopyProgress),
+) -> Result<(), DiskError> {
+    let mut resumes = 0;
+    loop {
+        match call(disk, DiskMsg::CopyStep).await? {
+            Ok(CopyProgress::Wait(until)) => {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+            }
+            Ok(CopyProgress::Converged) => {
+                on_progress(&CopyProgress::Converged);
+                return Ok(());
+            }
+            Ok(p) => on_progress(&p),
+            Err(e) if resumes < resumes_max => {
+                resumes += 1;
+                tracing::warn!("disk copy step failed ({e}); resuming");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match call(disk, DiskMsg::Resume).await? {
+                    Ok(()) => {}
+                    Err(r) => return Err(refused("resume", &format!("{e}; then {r}"))),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Calls `disk` with a request that replies.
+pub async fn call<T: Send + 'static>(
+    disk: &ActorRef<DiskMsg>,
+    msg: impl FnOnce(RpcReplyPort<T>) -> DiskMsg,
+) -> Result<T, DiskError> {
+    match disk.call(msg, None).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
+        _ => Err(refused("disk", "the disk actor is gone")),
+    }
+}
+
+/// What a pattern writer did.
+#[derive(Debug, Clone, Default)]
+pub struct WriterStats {
+    /// Writes acknowledged.
+    pub acked: u64,
+    /// Latency of each acknowledged write.
+    pub latencies: Vec<Duration>,
+    /// Why it stopped, if a write failed.
+    pub error: Option<String>,
+}
+
+/// The synthetic guest's disk workload: writes the [`WritePattern`] through
+/// `disk`, one write at a time (each waits for its acknowledgement), from
+/// sequence `acked + 1`, storing each acknowledged sequence number in
+/// `acked`, until `stop` turns true or a write fails. `gap` spaces the
+/// writes out (zero: back to back).
+pub async fn run_pattern_writer(
+    disk: ActorRef<DiskMsg>,
+    pattern: WritePattern,
+    acked: Arc<AtomicU64>,
+    gap: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> WriterStats {
+    let mut stats = WriterStats::default();
+    let mut buf = vec![0u8; PATTERN_BLOCK_BYTES as usize];
+    loop {
+        if *stop.borrow() {
+            return stats;
+        }
+        let seq = acked.load(Ordering::SeqCst) + 1;
+        pattern.fill(seq, &mut buf);
+        let offset = pattern.offset_of(seq);
+        let data = buf.clone();
+        let t = tokio::time::Instant::now();
+        match call(&disk, |reply| DiskMsg::Write {
+            offset,
+            data,
+            reply,
+        })
+        .await
+        .and_then(|r| r)
+        {
+            Ok(()) => {
+                acked.store(seq, Ordering::SeqCst);
+                stats.acked += 1;
+                stats.latencies.push(t.elapsed());
+            }
+            Err(e) => {
+                stats.error = Some(e.to_string());
+                return stats;
+            }
+        }
+        if gap.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::select! {
+                () = tokio::time::sleep(gap) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+/// Checks that `disk` holds every write of `pattern` up to `acked`.
+pub fn verify_pattern(
+    disk: &dyn BlockBackend,
+    pattern: &WritePattern,
+    acked: u64,
+) -> Result<u64, crate::storage::pattern::PatternError> {
+    pattern.verify(acked, 0, |offset, buf| disk.read_at(offset, buf))
+}

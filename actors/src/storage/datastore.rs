@@ -1,0 +1,290 @@
+//! The datastores a host mounts, behind one narrow trait: files in
+//! directories in `ferry-host`, [`MemDatastores`] in tests and the
+//! simulation.
+//!
+//! A VM's home is the folder `VM/` on a datastore: its definition
+//! (`vm.toml`), its log (`vm.log`) and its disks (`DISK.raw`). Hosts whose
+//! datastores have the same [`Datastores::location`] share them: a VM
+//! moving between them moves only its disks' locks.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use crate::disk::{BlockBackend, DiskError, MemDisk};
+
+/// What storage migration needs from the datastores of a host.
+pub trait Datastores: Send + Sync + 'static {
+    /// The datastores' names.
+    fn names(&self) -> Vec<String>;
+
+    /// Where datastore `ds` really is; equal locations are shared.
+    fn location(&self, ds: &str) -> Result<String, DiskError>;
+
+    /// Creates a zeroed sparse disk at `path` on `ds` (its folder too),
+    /// locked for this host; refuses to replace a file.
+    fn create_disk(
+        &self,
+        ds: &str,
+        path: &str,
+        len: u64,
+    ) -> Result<Box<dyn BlockBackend>, DiskError>;
+
+    /// Opens the disk at `path` on `ds` and takes its lock.
+    fn open_disk(&self, ds: &str, path: &str) -> Result<Box<dyn BlockBackend>, DiskError>;
+
+    /// Writes a small file durably (replacing it).
+    fn write_file(&self, ds: &str, path: &str, bytes: &[u8]) -> Result<(), DiskError>;
+
+    /// Reads a small file.
+    fn read_file(&self, ds: &str, path: &str) -> Result<Vec<u8>, DiskError>;
+
+    /// Removes a file (a missing one is fine) and its folder once empty.
+    fn remove(&self, ds: &str, path: &str) -> Result<(), DiskError>;
+
+    /// The files (not disks' lock state) in folder `dir` of `ds`.
+    fn list(&self, ds: &str, dir: &str) -> Result<Vec<String>, DiskError>;
+}
+
+/// Finds datastore `name` among `names`, with a clear error.
+pub fn check_datastore(stores: &dyn Datastores, name: &str) -> Result<(), DiskError> {
+    let names = stores.names();
+    if names.iter().any(|n| n == name) {
+        Ok(())
+    } else {
+        Err(DiskError::Io {
+            op: "find datastore",
+            reason: format!(
+                "no datastore named {name} (this host has: {})",
+                names.join(", ")
+            ),
+        })
+    }
+}
+
+/// Storage shared by every host of a test or simulation (a SAN): files by
+/// (location, path).
+#[derive(Debug, Clone, Default)]
+pub struct MemStorage {
+    files: Arc<Mutex<BTreeMap<(String, String), MemFile>>>,
+}
+
+#[derive(Debug)]
+enum MemFile {
+    Disk {
+        disk: Arc<Mutex<MemDisk>>,
+        locked: Arc<Mutex<bool>>,
+    },
+    Small(Vec<u8>),
+}
+
+impl MemStorage {
+    /// Empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every file as (location, path).
+    pub fn files(&self) -> Vec<(String, String)> {
+        self.files
+            .lock()
+            .expect("storage")
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A host's datastores in [`MemStorage`]: name → location.
+#[derive(Debug, Clone)]
+pub struct MemDatastores {
+    storage: MemStorage,
+    stores: BTreeMap<String, String>,
+}
+
+impl MemDatastores {
+    /// Datastores `(name, location)` in `storage`.
+    pub fn new(storage: MemStorage, stores: &[(&str, &str)]) -> Self {
+        Self {
+            storage,
+            stores: stores
+                .iter()
+                .map(|(n, l)| ((*n).to_owned(), (*l).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn key(&self, ds: &str, path: &str) -> Result<(String, String), DiskError> {
+        self.location(ds).map(|l| (l, path.to_owned()))
+    }
+}
+
+/// An open [`MemDisk`] holding its file's lock until dropped.
+#[derive(Debug)]
+pub struct MemDiskHandle {
+    disk: Arc<Mutex<MemDisk>>,
+    locked: Arc<Mutex<bool>>,
+}
+
+impl Drop for MemDiskHandle {
+    fn drop(&mut self) {
+        *self.locked.lock().expect("lock flag") = false;
+    }
+}
+
+impl BlockBackend for MemDiskHandle {
+    fn len_bytes(&self) -> u64 {
+        self.disk.lock().expect("disk").len_bytes()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.disk.lock().expect("disk").read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.disk.lock().expect("disk").write_at(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.disk.lock().expect("disk").flush()
+    }
+    fn allocated(&self) -> Result<Vec<Range<u64>>, DiskError> {
+        self.disk.lock().expect("disk").allocated()
+    }
+    fn copy_to(&self, _range: Range<u64>, _dst: &mut dyn BlockBackend) -> Result<bool, DiskError> {
+        Ok(false)
+    }
+    fn raw_fd(&self) -> Option<i32> {
+        None
+    }
+}
+
+fn no_file(path: &str) -> DiskError {
+    DiskError::Io {
+        op: "open",
+        reason: format!("{path}: no such file"),
+    }
+}
+
+impl Datastores for MemDatastores {
+    fn names(&self) -> Vec<String> {
+        self.stores.keys().cloned().collect()
+    }
+
+    fn location(&self, ds: &str) -> Result<String, DiskError> {
+        self.stores.get(ds).cloned().ok_or_else(|| DiskError::Io {
+            op: "find datastore",
+            reason: format!(
+                "no datastore named {ds} (this host has: {})",
+                self.names().join(", ")
+            ),
+        })
+    }
+
+    fn create_disk(
+        &self,
+        ds: &str,
+        path: &str,
+        len: u64,
+    ) -> Result<Box<dyn BlockBackend>, DiskError> {
+        let key = self.key(ds, path)?;
+        let mut files = self.storage.files.lock().expect("storage");
+        if files.contains_key(&key) {
+            return Err(DiskError::Io {
+                op: "create disk",
+                reason: format!("{path} exists on {ds}"),
+            });
+        }
+        let disk = Arc::new(Mutex::new(MemDisk::new(len)));
+        let locked = Arc::new(Mutex::new(true));
+        files.insert(
+            key,
+            MemFile::Disk {
+                disk: disk.clone(),
+                locked: locked.clone(),
+            },
+        );
+        Ok(Box::new(MemDiskHandle { disk, locked }))
+    }
+
+    fn open_disk(&self, ds: &str, path: &str) -> Result<Box<dyn BlockBackend>, DiskError> {
+        let key = self.key(ds, path)?;
+        let files = self.storage.files.lock().expect("storage");
+        match files.get(&key) {
+            Some(MemFile::Disk { disk, locked }) => {
+                let mut l = locked.lock().expect("lock flag");
+                if *l {
+                    return Err(DiskError::Locked(format!("{ds}:{path}")));
+                }
+                *l = true;
+                Ok(Box::new(MemDiskHandle {
+                    disk: disk.clone(),
+                    locked: locked.clone(),
+                }))
+            }
+            _ => Err(no_file(path)),
+        }
+    }
+
+    fn write_file(&self, ds: &str, path: &str, bytes: &[u8]) -> Result<(), DiskError> {
+        let key = self.key(ds, path)?;
+        self.storage
+            .files
+            .lock()
+            .expect("storage")
+            .insert(key, MemFile::Small(bytes.to_vec()));
+        Ok(())
+    }
+
+    fn read_file(&self, ds: &str, path: &str) -> Result<Vec<u8>, DiskError> {
+        let key = self.key(ds, path)?;
+        match self.storage.files.lock().expect("storage").get(&key) {
+            Some(MemFile::Small(b)) => Ok(b.clone()),
+            _ => Err(no_file(path)),
+        }
+    }
+
+    fn remove(&self, ds: &str, path: &str) -> Result<(), DiskError> {
+        let key = self.key(ds, path)?;
+        self.storage.files.lock().expect("storage").remove(&key);
+        Ok(())
+    }
+
+    fn list(&self, ds: &str, dir: &str) -> Result<Vec<String>, DiskError> {
+        let location = self.location(ds)?;
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        Ok(self
+            .storage
+            .files
+            .lock()
+            .expect("storage")
+            .keys()
+            .filter(|(l, p)| *l == location && p.starts_with(&prefix))
+            .map(|(_, p)| p.clone())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_is_locked_while_open_and_shared_locations_see_one_file() {
+        let san = MemStorage::new();
+        let a = MemDatastores::new(san.clone(), &[("shared", "san-1"), ("local-a", "a")]);
+        let b = MemDatastores::new(san, &[("shared", "san-1")]);
+        let mut disk = a
+            .create_disk("shared", "vm/disk0.raw", 1 << 20)
+            .expect("create");
+        disk.write_at(0, &[7; 512]).expect("write");
+        assert!(matches!(
+            b.open_disk("shared", "vm/disk0.raw"),
+            Err(DiskError::Locked(_))
+        ));
+        drop(disk);
+        let other = b.open_disk("shared", "vm/disk0.raw").expect("lock moved");
+        let mut buf = [0u8; 512];
+        other.read_at(0, &mut buf).expect("read");
+        assert_eq!(buf, [7; 512]);
+        assert!(b.open_disk("local-a", "x").is_err(), "b has no local-a");
+        assert_eq!(a.list("shared", "vm").expect("list"), vec!["vm/disk0.raw"]);
+    }
+}
