@@ -38,6 +38,7 @@ async fn move_under_writes(method: Method, fail_target: bool) {
                 path: "vm/disk0.raw".into(),
             },
             stores: stores.clone(),
+            workload_acked: Arc::default(),
         },
     )
     .await

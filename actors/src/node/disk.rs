@@ -68,6 +68,11 @@ pub struct DiskInfo {
     pub writes: u64,
     /// Whether a move runs.
     pub moving: bool,
+    /// The synthetic workload's last acknowledged write.
+    pub workload_acked: u64,
+    /// Median latency of the workload's writes since the last
+    /// [`DiskMsg::Info`], in microseconds (0: none).
+    pub write_latency_us_p50: u64,
 }
 
 /// Messages to a [`DiskActor`].
@@ -125,6 +130,12 @@ pub enum DiskMsg {
     },
     /// Close the disk (releasing its lock) and stop.
     Release(RpcReplyPort<()>),
+    /// Run the synthetic guest's disk workload (the [`WritePattern`], one
+    /// write every `gap`), or stop it with `None`.
+    Workload(Option<Duration>),
+    /// The workload's next write (sent by the actor to itself; ticks of
+    /// an earlier run of the workload are ignored).
+    WorkloadTick(u64),
 }
 
 /// What a disk actor starts with.
@@ -137,6 +148,9 @@ pub struct DiskArgs {
     pub place: DiskPlace,
     /// This host's datastores.
     pub stores: Arc<dyn Datastores>,
+    /// The synthetic workload's last acknowledged write (shared with the
+    /// host, which carries it along when the disk moves to another host).
+    pub workload_acked: Arc<AtomicU64>,
 }
 
 /// One disk.
@@ -164,7 +178,14 @@ pub struct DiskState {
     /// After a remote finish: the disk lives on elsewhere; I/O is refused.
     handed_over: bool,
     writes: u64,
+    workload_gap: Option<Duration>,
+    workload_run: u64,
+    workload_acked: Arc<AtomicU64>,
+    latencies: Vec<Duration>,
 }
+
+/// Workload latencies kept between two [`DiskMsg::Info`] calls.
+const LATENCIES_KEPT: usize = 1 << 16;
 
 fn refused(op: &'static str, reason: &str) -> DiskError {
     DiskError::Io {
@@ -191,6 +212,10 @@ impl Actor for DiskActor {
             moving: None,
             handed_over: false,
             writes: 0,
+            workload_gap: None,
+            workload_run: 0,
+            workload_acked: a.workload_acked,
+            latencies: Vec::new(),
         })
     }
 
@@ -215,13 +240,57 @@ impl Actor for DiskActor {
             }
             DiskMsg::Info(reply) => {
                 let len = s.disk.lock().expect("disk").len_bytes();
+                let mut l = std::mem::take(&mut s.latencies);
+                l.sort_unstable();
                 let _ = reply.send(DiskInfo {
                     name: s.name.clone(),
                     place: s.place.clone(),
                     len,
                     writes: s.writes,
                     moving: s.moving.is_some(),
+                    workload_acked: s.workload_acked.load(Ordering::SeqCst),
+                    write_latency_us_p50: l
+                        .get(l.len() / 2)
+                        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                 });
+            }
+            DiskMsg::Workload(gap) => {
+                let was = s.workload_gap.is_some();
+                s.workload_gap = gap;
+                if gap.is_some() && !was {
+                    s.workload_run += 1;
+                    let _ = myself.cast(DiskMsg::WorkloadTick(s.workload_run));
+                }
+            }
+            DiskMsg::WorkloadTick(run) => {
+                let Some(gap) = s.workload_gap.filter(|_| run == s.workload_run) else {
+                    return Ok(());
+                };
+                if s.handed_over {
+                    s.workload_gap = None;
+                    return Ok(());
+                }
+                let len = s.disk.lock().expect("disk").len_bytes();
+                let pattern = WritePattern::new(len);
+                let seq = s.workload_acked.load(Ordering::SeqCst) + 1;
+                let mut data = vec![0u8; PATTERN_BLOCK_BYTES as usize];
+                pattern.fill(seq, &mut data);
+                let t = now();
+                match s.write(pattern.offset_of(seq), data).await {
+                    Ok(()) => {
+                        s.writes += 1;
+                        s.workload_acked.store(seq, Ordering::SeqCst);
+                        if s.latencies.len() < LATENCIES_KEPT {
+                            s.latencies.push(now() - t);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(disk = %s.name, "workload write failed, workload stops: {e}");
+                        s.workload_gap = None;
+                        return Ok(());
+                    }
+                }
+                myself.send_after(gap, move || DiskMsg::WorkloadTick(run));
             }
             DiskMsg::StartMove {
                 options,
@@ -449,8 +518,9 @@ impl DiskState {
                 Ok(CopyProgress::Converged)
             }
             Step::Copy(range) => {
+                let fresh = m.plan.in_first_pass();
                 let target = m.target.as_mut().expect("target while moving");
-                let sent = copy_range(&self.disk, target.as_mut(), range.clone()).await?;
+                let sent = copy_range(&self.disk, target.as_mut(), range.clone(), fresh).await?;
                 m.report.skipped_bytes += (range.end - range.start) - sent;
                 m.plan.copied(&range, sent);
                 Ok(CopyProgress::Copied {
@@ -494,7 +564,7 @@ impl DiskState {
         let target = m.target.as_mut().expect("target while moving");
         let mut sent = 0;
         for r in ranges {
-            sent += copy_range(&source, target.as_mut(), r).await?;
+            sent += copy_range(&source, target.as_mut(), r, false).await?;
         }
         target.flush().await?;
         m.plan.copied(&(0..0), sent);
@@ -615,12 +685,15 @@ fn write_through(disk: &SharedDisk, offset: u64, data: &[u8]) -> Result<(), Disk
 }
 
 /// Copies `range` of `source` to `target`: in the kernel where both are
-/// files, else through one buffer, leaving all-zero extents out (the copy
-/// stays sparse). Returns the bytes sent.
+/// files, else through one buffer. Where the target range is `fresh`
+/// (never written), all-zero extents are left out and the copy stays
+/// sparse; elsewhere zeros must overwrite what the target holds. Returns
+/// the bytes sent.
 async fn copy_range(
     source: &SharedDisk,
     target: &mut dyn DiskTarget,
     range: Range<u64>,
+    fresh: bool,
 ) -> Result<u64, DiskError> {
     if let Some(n) = target.copy_from(source.clone(), range.clone()).await? {
         return Ok(n);
@@ -636,6 +709,11 @@ async fn copy_range(
             .map(|()| buf)
     })
     .await?;
+    if !fresh {
+        let n = buf.len() as u64;
+        target.write(range.start, Arc::new(buf)).await?;
+        return Ok(n);
+    }
     if ferry_transport::batch::is_zero(&buf) {
         return Ok(0);
     }

@@ -39,6 +39,7 @@
 pub mod datastore;
 pub mod pattern;
 pub mod plan;
+pub mod remote;
 
 pub mod target;
 

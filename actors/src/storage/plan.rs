@@ -263,6 +263,12 @@ impl MovePlan {
         self.overlay.contains(block)
     }
 
+    /// Whether the ordered first pass runs: its target ranges are still
+    /// untouched, so zero extents need not be sent.
+    pub fn in_first_pass(&self) -> bool {
+        self.phase == Phase::FirstPass
+    }
+
     /// Whether the plan has converged.
     pub fn converged(&self) -> bool {
         self.phase == Phase::Converged
