@@ -54,7 +54,8 @@ pub enum ClientError {
     Unexpected(String),
 }
 
-type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+/// A progress callback.
+pub type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
 
 /// A client of a ferry cluster.
 pub struct Cluster<T: Transport> {
@@ -228,6 +229,47 @@ impl<'a, T: Transport> VmHandle<'a, T> {
             .await
     }
 
+    /// Moves its disks to `datastore` on its host, live, by `method`.
+    pub async fn move_storage(
+        &self,
+        datastore: &str,
+        method: crate::storage::Method,
+        on_progress: Option<ProgressFn>,
+    ) -> Result<Vec<crate::storage::DiskMoveReport>, ClientError> {
+        let node = self.cluster.locate(&self.name).await?;
+        let request = ClientRequest::MoveStorage {
+            vm: self.name.clone(),
+            datastore: datastore.to_owned(),
+            method,
+        };
+        let mut on_progress = on_progress;
+        match self
+            .cluster
+            .request(&node, &request, on_progress.as_mut())
+            .await?
+        {
+            ClientReply::StorageMoved(r) => Ok(r),
+            _ => Err(ClientError::Unexpected(node)),
+        }
+    }
+
+    /// Its disks; with `verify`, each checked against the synthetic disk
+    /// workload's pattern (every acknowledged write present).
+    pub async fn disks(
+        &self,
+        verify: bool,
+    ) -> Result<Vec<crate::node::client::DiskView>, ClientError> {
+        let node = self.cluster.locate(&self.name).await?;
+        let request = ClientRequest::Disks {
+            vm: self.name.clone(),
+            verify,
+        };
+        match self.cluster.request(&node, &request, None).await? {
+            ClientReply::Disks(d) => Ok(d),
+            _ => Err(ClientError::Unexpected(node)),
+        }
+    }
+
     /// A migration to `host`, to be configured and awaited.
     pub fn migrate_to(self, host: &str) -> Migrate<'a, T> {
         Migrate {
@@ -284,6 +326,14 @@ impl<'a, T: Transport> Migrate<'a, T> {
     /// Cold migration of a stopped VM.
     pub fn cold(mut self, on: bool) -> Self {
         self.options.cold = on;
+        self
+    }
+
+    /// Move the disks along to `datastore` on the destination, by
+    /// `method` (one switchover for memory and disks).
+    pub fn storage(mut self, datastore: &str, method: crate::storage::Method) -> Self {
+        self.options.datastore = datastore.to_owned();
+        self.options.method = method;
         self
     }
 

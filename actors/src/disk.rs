@@ -76,6 +76,12 @@ pub fn shared(disk: Box<dyn BlockBackend>) -> SharedDisk {
     std::sync::Arc::new(std::sync::Mutex::new(disk))
 }
 
+/// A byte count or offset inside memory as `usize` (buffers are in
+/// memory, so it fits on every target ferry runs on).
+pub fn to_usize(v: u64) -> usize {
+    usize::try_from(v).expect("a buffer length fits the address space")
+}
+
 /// Checks that `offset..offset + len` fits a disk of `disk_len` bytes.
 pub fn check_range(offset: u64, len: usize, disk_len: u64) -> Result<Range<u64>, DiskError> {
     let end = offset.checked_add(len as u64);

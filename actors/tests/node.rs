@@ -2,6 +2,7 @@
 //! transport with synthetic guests: the production protocol code end to
 //! end, without KVM or QUIC (`host/tests/` runs those).
 
+use ferry_actors::storage::datastore::{MemDatastores, MemStorage};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +10,11 @@ use std::time::Duration;
 use ferry_actors::api::{ClientError, Cluster};
 use ferry_actors::migration::{Capacity, Outcome};
 use ferry_actors::node::NodeCtx;
-use ferry_actors::node::client::VmSpec;
+use ferry_actors::node::client::{DiskSpec, VmSpec};
 use ferry_actors::node::factory::SyntheticFactory;
 use ferry_actors::node::host::start_host;
 use ferry_actors::node::vm::VmPhase;
+use ferry_actors::storage::Method;
 use ferry_transport::mem::{MemNetwork, MemTransport};
 use ferry_transport::{Connection, PeerIdentity, Role};
 
@@ -26,6 +28,7 @@ async fn node(
     peers: &[&str],
     memory_mib: u64,
     features: &[&str],
+    storage: &MemStorage,
 ) -> Node {
     let transport = Arc::new(net.endpoint(PeerIdentity::new(name, Role::Host)));
     let peers: BTreeMap<String, String> = peers
@@ -42,27 +45,46 @@ async fn node(
             .collect::<BTreeSet<_>>(),
         kvm: false,
     };
-    start_host(ctx.clone(), capacity, Arc::new(SyntheticFactory))
-        .await
-        .expect("host");
+    let stores = MemDatastores::new(
+        storage.clone(),
+        &[
+            ("local", name),
+            ("archive", &format!("{name}-archive")),
+            ("shared", "san"),
+        ],
+    );
+    start_host(
+        ctx.clone(),
+        capacity,
+        Arc::new(SyntheticFactory),
+        Arc::new(stores),
+    )
+    .await
+    .expect("host");
     Node { ctx }
 }
 
 struct World {
     a: Node,
     cluster: Cluster<MemTransport>,
+    storage: MemStorage,
 }
 
 async fn world(b_memory_mib: u64, b_features: &[&str]) -> World {
     let net = MemNetwork::new();
-    let a = node(&net, "a", &["b"], 1024, &["sse2", "avx512f"]).await;
-    let _b = node(&net, "b", &["a"], b_memory_mib, b_features).await;
+    let storage = MemStorage::new();
+    let a = node(&net, "a", &["b"], 1024, &["sse2", "avx512f"], &storage).await;
+    let _b = node(&net, "b", &["a"], b_memory_mib, b_features, &storage).await;
     let client = Arc::new(net.endpoint(PeerIdentity::new("ops", Role::Operator)));
     let cluster = Cluster::new(
         client,
         vec![("a".into(), "a".into()), ("b".into(), "b".into())],
     );
-    World { a, cluster }
+    World {
+        a,
+        cluster,
+        storage,
+    }
 }
 
 fn spec(name: &str, memory_mib: u64, wss_mib: u64, features: &[&str]) -> VmSpec {
@@ -73,6 +95,8 @@ fn spec(name: &str, memory_mib: u64, wss_mib: u64, features: &[&str]) -> VmSpec 
         wss_mib,
         synthetic: true,
         cpu_features: features.iter().map(|s| (*s).to_owned()).collect(),
+        disks: Vec::new(),
+        disk_workload: false,
     }
 }
 
@@ -253,7 +277,7 @@ async fn cold_migration_moves_a_stopped_vm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viewers_may_look_but_not_migrate() {
     let net = MemNetwork::new();
-    let _a = node(&net, "a", &[], 64, &["sse2"]).await;
+    let _a = node(&net, "a", &[], 64, &["sse2"], &MemStorage::new()).await;
     let viewer = Cluster::new(
         Arc::new(net.endpoint(PeerIdentity::new("eve", Role::Viewer))),
         vec![("a".into(), "a".into())],
@@ -263,5 +287,160 @@ async fn viewers_may_look_but_not_migrate() {
     assert!(
         matches!(denied, Err(ClientError::Node { ref reason, .. }) if reason.contains("permission denied")),
         "{denied:?}"
+    );
+}
+
+fn disk_spec(name: &str, datastore: &str) -> VmSpec {
+    let mut s = spec(name, 16, 2, &["sse2"]);
+    s.disks = vec![DiskSpec {
+        size_mib: 8,
+        datastore: datastore.into(),
+    }];
+    s.disk_workload = true;
+    s
+}
+
+/// Waits until the VM's disk workload has acknowledged `writes` more writes.
+async fn disk_writes(w: &World, vm: &str, writes: u64) -> u64 {
+    let start = w.cluster.vm(vm).disks(false).await.expect("disks")[0].workload_acked;
+    loop {
+        let now = w.cluster.vm(vm).disks(false).await.expect("disks")[0].workload_acked;
+        if now >= start + writes {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every acknowledged write of the disk workload is on the VM's disk,
+/// which lives on `datastore` and keeps taking writes.
+async fn assert_disk_intact(w: &World, vm: &str, datastore: &str, acked_before: u64) {
+    let after = disk_writes(w, vm, 20).await;
+    assert!(after > acked_before + 20, "the workload continued");
+    let disks = w.cluster.vm(vm).disks(true).await.expect("verify");
+    assert_eq!(disks[0].datastore, datastore);
+    assert_eq!(disks[0].verify_error, None);
+    assert!(disks[0].verified_blocks.unwrap_or(0) > 0);
+}
+
+fn files_at(w: &World, location: &str, vm: &str) -> Vec<String> {
+    w.storage
+        .files()
+        .into_iter()
+        .filter(|(l, p)| l == location && p.starts_with(&format!("{vm}/")))
+        .map(|(_, p)| p)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_moves_between_datastores_of_one_host_by_each_method() {
+    let w = world(1024, &["sse2"]).await;
+    for (i, method) in Method::ALL.into_iter().enumerate() {
+        let vm = format!("db-{i}");
+        w.cluster
+            .create_vm("a", disk_spec(&vm, "local"))
+            .await
+            .expect("create");
+        w.cluster.vm(&vm).start().await.expect("start");
+        let before = disk_writes(&w, &vm, 50).await;
+        let reports = w
+            .cluster
+            .vm(&vm)
+            .move_storage("archive", method, None)
+            .await
+            .expect("move");
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].method, method.name());
+        assert_disk_intact(&w, &vm, "archive", before).await;
+        assert!(
+            files_at(&w, "a", &vm).is_empty(),
+            "{method}: source left behind"
+        );
+        let moved = files_at(&w, "a-archive", &vm);
+        assert!(
+            moved.contains(&format!("{vm}/vm.toml")),
+            "home moved: {moved:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_and_storage_move_to_another_host_in_one_switchover() {
+    let w = world(1024, &["sse2"]).await;
+    for (i, method) in Method::ALL.into_iter().enumerate() {
+        let vm = format!("app-{i}");
+        w.cluster
+            .create_vm("a", disk_spec(&vm, "local"))
+            .await
+            .expect("create");
+        w.cluster.vm(&vm).start().await.expect("start");
+        let before = disk_writes(&w, &vm, 50).await;
+        let report = w
+            .cluster
+            .vm(&vm)
+            .migrate_to("b")
+            .storage("local", method)
+            .downtime_ms(200)
+            .await
+            .expect("migrate");
+        assert_eq!(report.outcome, Outcome::Completed, "{method}");
+        assert_eq!(report.disks.len(), 1);
+        assert_eq!(w.cluster.locate(&vm).await.expect("where"), "b");
+        assert_disk_intact(&w, &vm, "local", before).await;
+        assert!(
+            files_at(&w, "a", &vm).is_empty(),
+            "{method}: source left behind"
+        );
+        assert!(!files_at(&w, "b", &vm).is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_datastore_moves_only_the_lock() {
+    let w = world(1024, &["sse2"]).await;
+    w.cluster
+        .create_vm("a", disk_spec("web", "shared"))
+        .await
+        .expect("create");
+    w.cluster.vm("web").start().await.expect("start");
+    let before = disk_writes(&w, "web", 50).await;
+    let report = w
+        .cluster
+        .vm("web")
+        .migrate_to("b")
+        .downtime_ms(200)
+        .await
+        .expect("migrate");
+    assert_eq!(report.outcome, Outcome::Completed);
+    assert!(report.disks.is_empty(), "no copy: the lock moved");
+    assert_disk_intact(&w, "web", "shared", before).await;
+    assert_eq!(files_at(&w, "san", "web").len(), 3, "disk and home stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_on_unshared_storage_needs_a_storage_move() {
+    let w = world(1024, &["sse2"]).await;
+    w.cluster
+        .create_vm("a", disk_spec("solo", "local"))
+        .await
+        .expect("create");
+    w.cluster.vm("solo").start().await.expect("start");
+    let before = disk_writes(&w, "solo", 20).await;
+    let report = w.cluster.vm("solo").migrate_to("b").await.expect("migrate");
+    let Outcome::Aborted { reason } = report.outcome else {
+        panic!("must be refused: {:?}", report.outcome)
+    };
+    assert!(reason.contains("does not share"), "{reason}");
+    assert_eq!(w.cluster.locate("solo").await.expect("where"), "a");
+    assert_disk_intact(&w, "solo", "local", before).await;
+    let refused = w
+        .cluster
+        .vm("solo")
+        .move_storage("nowhere", Method::Mirror, None)
+        .await
+        .expect_err("no such datastore");
+    assert!(
+        refused.to_string().contains("no datastore named nowhere"),
+        "{refused}"
     );
 }

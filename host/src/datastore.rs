@@ -181,4 +181,182 @@ impl BlockBackend for FileDisk {
         }
         Ok(extents)
     }
+
+    fn copy_to(&self, range: Range<u64>, dst: &mut dyn BlockBackend) -> Result<bool, DiskError> {
+        let Some(out) = dst.raw_fd() else {
+            return Ok(false);
+        };
+        check_range(range.start, 0, self.len)?;
+        let mut off_in = libc::loff_t::try_from(range.start).map_err(|_| too_large())?;
+        let mut off_out = off_in;
+        let mut left = range.end - range.start;
+        while left > 0 {
+            let want = usize::try_from(left.min(1 << 30)).expect("at most 1 GiB");
+            // SAFETY: copy_file_range between two open descriptors, with
+            // offsets we own; the kernel reads and writes no user memory.
+            let n = unsafe {
+                libc::copy_file_range(
+                    self.file.as_raw_fd(),
+                    &mut off_in,
+                    out,
+                    &mut off_out,
+                    want,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                ) && left == range.end - range.start
+                {
+                    // Not offered between these files: copy through memory.
+                    return Ok(false);
+                }
+                return Err(io("copy range")(e));
+            }
+            if n == 0 {
+                return Err(DiskError::Io {
+                    op: "copy range",
+                    reason: "source ended early".into(),
+                });
+            }
+            left -= n.cast_unsigned() as u64;
+        }
+        Ok(true)
+    }
+
+    fn raw_fd(&self) -> Option<i32> {
+        Some(self.file.as_raw_fd())
+    }
+}
+
+fn too_large() -> DiskError {
+    DiskError::Io {
+        op: "copy range",
+        reason: "offset too large".into(),
+    }
+}
+
+/// The datastores of a node: names mapped to directories.
+#[derive(Debug, Clone, Default)]
+pub struct FileDatastores {
+    stores: std::collections::BTreeMap<String, Datastore>,
+}
+
+impl FileDatastores {
+    /// Opens every `(name, directory)`; directories must exist.
+    pub fn open(list: &[(String, PathBuf)]) -> Result<Self, DiskError> {
+        let mut stores = std::collections::BTreeMap::new();
+        for (name, root) in list {
+            stores.insert(name.clone(), Datastore::open(name, root)?);
+        }
+        Ok(Self { stores })
+    }
+
+    fn store(&self, ds: &str) -> Result<&Datastore, DiskError> {
+        self.stores.get(ds).ok_or_else(|| DiskError::Io {
+            op: "find datastore",
+            reason: format!(
+                "no datastore named {ds} (this host has: {})",
+                self.stores.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })
+    }
+
+    fn file(&self, ds: &str, path: &str) -> Result<PathBuf, DiskError> {
+        if path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(DiskError::Io {
+                op: "find file",
+                reason: format!("{path:?} is not a plain relative path"),
+            });
+        }
+        Ok(self.store(ds)?.path(path))
+    }
+}
+
+impl ferry_actors::storage::datastore::Datastores for FileDatastores {
+    fn names(&self) -> Vec<String> {
+        self.stores.keys().cloned().collect()
+    }
+
+    fn location(&self, ds: &str) -> Result<String, DiskError> {
+        let root = &self.store(ds)?.root;
+        Ok(std::fs::canonicalize(root)
+            .unwrap_or_else(|_| root.clone())
+            .display()
+            .to_string())
+    }
+
+    fn create_disk(
+        &self,
+        ds: &str,
+        path: &str,
+        len: u64,
+    ) -> Result<Box<dyn BlockBackend>, DiskError> {
+        let file = self.file(ds, path)?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(io("create VM folder"))?;
+        }
+        Ok(Box::new(FileDisk::create(&file, len)?))
+    }
+
+    fn open_disk(&self, ds: &str, path: &str) -> Result<Box<dyn BlockBackend>, DiskError> {
+        Ok(Box::new(FileDisk::open(&self.file(ds, path)?)?))
+    }
+
+    fn write_file(&self, ds: &str, path: &str, bytes: &[u8]) -> Result<(), DiskError> {
+        let file = self.file(ds, path)?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(io("create VM folder"))?;
+        }
+        // Write aside, sync, rename: a crash leaves the old or the new file.
+        let tmp = file.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io("write file"))?;
+        std::io::Write::write_all(&mut f, bytes).map_err(io("write file"))?;
+        f.sync_all().map_err(io("sync file"))?;
+        std::fs::rename(&tmp, &file).map_err(io("rename file"))
+    }
+
+    fn read_file(&self, ds: &str, path: &str) -> Result<Vec<u8>, DiskError> {
+        std::fs::read(self.file(ds, path)?).map_err(io("read file"))
+    }
+
+    fn remove(&self, ds: &str, path: &str) -> Result<(), DiskError> {
+        let file = self.file(ds, path)?;
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove file")(e)),
+        }
+        if let Some(dir) = file.parent()
+            && dir != self.store(ds)?.root
+        {
+            // Only succeeds once the folder is empty.
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+
+    fn list(&self, ds: &str, dir: &str) -> Result<Vec<String>, DiskError> {
+        let folder = self.file(ds, dir)?;
+        let entries = match std::fs::read_dir(&folder) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("list folder")(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io("list folder"))?;
+            if e.file_type().map_err(io("list folder"))?.is_file() {
+                out.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
 }

@@ -1,6 +1,7 @@
 //! A simulated cluster: hosts running the production host actors over the
 //! simulated network, synthetic guests, a trace, and the invariant checks.
 
+use ferry_actors::storage::datastore::{MemDatastores, MemStorage};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -66,6 +67,9 @@ pub struct World {
     names: Vec<String>,
     memory_mib: u64,
     started: Instant,
+    /// Every host's datastores: `local` (its own) and `shared` (a SAN
+    /// every host sees).
+    pub storage: MemStorage,
 }
 
 async fn boot_host(
@@ -74,6 +78,7 @@ async fn boot_host(
     names: &[String],
     memory_mib: u64,
     incarnation: u32,
+    storage: &MemStorage,
 ) -> SimHost {
     let transport = Arc::new(net.endpoint(name, Role::Host));
     let peers: BTreeMap<String, String> = names
@@ -93,7 +98,15 @@ async fn boot_host(
         cpu_features: ["sse2".to_owned()].into_iter().collect(),
         kvm: false,
     };
-    let actor = start_host(ctx, capacity, Arc::new(SyntheticFactory))
+    let stores = MemDatastores::new(
+        storage.clone(),
+        &[
+            ("local", name),
+            ("archive", &format!("{name}-archive")),
+            ("shared", "san"),
+        ],
+    );
+    let actor = start_host(ctx, capacity, Arc::new(SyntheticFactory), Arc::new(stores))
         .await
         .expect("host actor");
     SimHost {
@@ -110,14 +123,16 @@ impl World {
     pub async fn start(net: SimNetwork, hosts: usize, memory_mib: u64) -> Self {
         let names: Vec<String> = (0..hosts).map(|i| format!("h{i:03}")).collect();
         let mut list = Vec::new();
+        let storage = MemStorage::new();
         for name in &names {
-            list.push(boot_host(&net, name, &names, memory_mib, 1).await);
+            list.push(boot_host(&net, name, &names, memory_mib, 1, &storage).await);
         }
         Self {
             net,
             hosts: std::cell::RefCell::new(list),
             names,
             memory_mib,
+            storage,
             started: Instant::now(),
         }
     }
@@ -159,7 +174,15 @@ impl World {
             }
             (hosts[index].name.clone(), hosts[index].incarnation + 1)
         };
-        let host = boot_host(&self.net, &name, &self.names, self.memory_mib, incarnation).await;
+        let host = boot_host(
+            &self.net,
+            &name,
+            &self.names,
+            self.memory_mib,
+            incarnation,
+            &self.storage,
+        )
+        .await;
         self.hosts.borrow_mut()[index] = host;
     }
 
@@ -186,6 +209,8 @@ impl World {
             wss_mib,
             synthetic: true,
             cpu_features: Vec::new(),
+            disks: Vec::new(),
+            disk_workload: false,
         };
         let created = self.request(index, ClientRequest::CreateVm(spec)).await;
         assert_eq!(created, ClientReply::Ok, "creating {name}");

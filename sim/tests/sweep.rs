@@ -17,6 +17,7 @@ fn options() -> MigrateOptions {
         lanes: 2,
         verify_memory: true,
         cold: false,
+        ..MigrateOptions::default()
     }
 }
 

@@ -93,11 +93,13 @@ mod tests {
                     seed: 1,
                     writes_per_sec: 1,
                 },
+                disks: Vec::new(),
             },
             generation: 1,
             cold: false,
             lanes: 4,
             verify_memory: false,
+            storage: None,
         }
     }
 

@@ -36,6 +36,9 @@ pub struct MigrationOptions {
     pub verify_memory: bool,
     /// A stopped VM: copy memory and state, no rounds, no resume.
     pub cold: bool,
+    /// Move the disks too, to this datastore on the destination, by this
+    /// method (one switchover for memory and disks).
+    pub storage: Option<super::wire::StorageMove>,
 }
 
 impl Default for MigrationOptions {
@@ -55,6 +58,7 @@ impl Default for MigrationOptions {
             resume_cost: Duration::from_millis(1),
             verify_memory: false,
             cold: false,
+            storage: None,
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct MigrationReport {
     /// Destination memory equalled source memory at the pause (`None`: not
     /// checked).
     pub memory_verified: Option<bool>,
+    /// The disks' moves, when storage moved along.
+    pub disks: Vec<crate::storage::DiskMoveReport>,
 }
 
 impl MigrationReport {

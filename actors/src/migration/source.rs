@@ -63,6 +63,17 @@ pub enum SourceAction {
     AskOutcome,
     /// Close the lanes and the control stream.
     Close,
+    /// Start copying the disks to the destination's datastore; call
+    /// [`SourceMachine::handle_storage_converged`] once every copy has
+    /// converged (or [`SourceMachine::handle_failure`]).
+    StartStorage,
+    /// The vCPUs are paused: copy the disks' last changes, make them
+    /// durable on the destination and hand the disks over, then call
+    /// [`SourceMachine::handle_storage_finished`].
+    FinishStorage,
+    /// The migration failed: the disks stay (or become again) the
+    /// source's — copies discarded, overlays merged back, locks retaken.
+    AbortStorage,
 }
 
 /// What the source reports to its caller.
@@ -82,6 +93,8 @@ enum State {
     Copying { round: u32 },
     /// Round `round` arrived; waiting for the dirty set.
     Collecting { round: u32 },
+    /// Memory converged before the disks: `pending` waits for them.
+    WaitingForDisks { round: u32, pending: DirtyBitmap },
     /// Pause requested; `pending` pages still to send.
     Pausing {
         pending: DirtyBitmap,
@@ -146,6 +159,9 @@ pub struct SourceMachine {
     lanes: u32,
     /// A completed report waiting for the source's memory hash.
     held: Option<MigrationReport>,
+    /// Disks still copying: the switchover waits for them.
+    storage_pending: bool,
+    disk_reports: Vec<crate::storage::DiskMoveReport>,
 }
 
 impl SourceMachine {
@@ -170,7 +186,9 @@ impl SourceMachine {
             cold: options.cold,
             lanes: options.lanes,
             verify_memory: options.verify_memory,
+            storage: options.storage.clone(),
         };
+        let storage_pending = offer.storage.is_some();
         Self {
             offer,
             from,
@@ -195,6 +213,8 @@ impl SourceMachine {
             dest_hash: None,
             lanes: 0,
             held: None,
+            storage_pending,
+            disk_reports: Vec::new(),
         }
     }
 
@@ -252,6 +272,9 @@ impl SourceMachine {
                 }
                 self.lanes = lanes;
                 if !self.offer.cold {
+                    if self.offer.storage.is_some() {
+                        self.actions.push_back(SourceAction::StartStorage);
+                    }
                     self.actions.push_back(SourceAction::StartDirtyLog);
                     self.logging = true;
                 }
@@ -356,6 +379,16 @@ impl SourceMachine {
                     self.options.resume_cost,
                 );
                 self.predicted = predicted;
+                if predicted <= self.options.downtime_max && self.storage_pending {
+                    // Memory is ready but the disks are not: hold the
+                    // dirty set until they are, then go on with rounds.
+                    self.progress("waiting for disks", round + 1, count);
+                    self.state = State::WaitingForDisks {
+                        round,
+                        pending: dirty,
+                    };
+                    return;
+                }
                 if predicted <= self.options.downtime_max {
                     self.state = State::Pausing {
                         pending: dirty,
@@ -430,10 +463,34 @@ impl SourceMachine {
                     pending,
                     paused_at: now,
                 };
+                if self.offer.storage.is_some() {
+                    self.actions.push_back(SourceAction::FinishStorage);
+                }
                 self.actions.push_back(SourceAction::CollectDirty);
             }
             other => panic!("paused in state {other:?}"),
         }
+    }
+
+    /// Every disk copy has converged: the switchover may come.
+    pub fn handle_storage_converged(&mut self, now: Instant) {
+        self.storage_pending = false;
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::WaitingForDisks { round, pending } => {
+                self.send_round(now, round + 1, pending, false);
+            }
+            other => self.state = other,
+        }
+    }
+
+    /// The disks are on the destination, durable, after
+    /// [`SourceAction::FinishStorage`].
+    pub fn handle_storage_finished(
+        &mut self,
+        _now: Instant,
+        reports: Vec<crate::storage::DiskMoveReport>,
+    ) {
+        self.disk_reports = reports;
     }
 
     /// State saved after [`SourceAction::SaveState`].
@@ -495,6 +552,9 @@ impl SourceMachine {
         } else {
             // The destination dropped the shadow and will never run it:
             // the VM is ours again.
+            if !self.offer.vm.disks.is_empty() {
+                self.actions.push_back(SourceAction::AbortStorage);
+            }
             self.actions.push_back(SourceAction::ResumeLocal);
             self.finish(
                 now,
@@ -553,12 +613,14 @@ impl SourceMachine {
         let reason = match self.state {
             State::Done => return,
             State::Offered => format!("{} did not answer the offer", self.to),
-            State::Copying { .. } | State::Collecting { .. } => format!(
-                "did not converge within {} s (predicted downtime {:.1} ms, budget {} ms)",
-                self.options.precopy_time_max.as_secs(),
-                self.predicted.as_secs_f64() * 1e3,
-                self.options.downtime_max.as_millis()
-            ),
+            State::Copying { .. } | State::Collecting { .. } | State::WaitingForDisks { .. } => {
+                format!(
+                    "did not converge within {} s (predicted downtime {:.1} ms, budget {} ms)",
+                    self.options.precopy_time_max.as_secs(),
+                    self.predicted.as_secs_f64() * 1e3,
+                    self.options.downtime_max.as_millis()
+                )
+            }
             _ => format!(
                 "switchover took longer than {} ms",
                 self.options.switchover_time_max.as_millis()
@@ -684,6 +746,9 @@ impl SourceMachine {
                     self.throttle = 0;
                     self.actions.push_back(SourceAction::SetThrottle(0));
                 }
+                if !self.offer.vm.disks.is_empty() {
+                    self.actions.push_back(SourceAction::AbortStorage);
+                }
                 if self.paused && !self.offer.cold {
                     self.actions.push_back(SourceAction::ResumeLocal);
                 }
@@ -724,6 +789,7 @@ impl SourceMachine {
             throttle_max_percent: self.throttle_max,
             state_bytes: self.state_bytes,
             memory_verified,
+            disks: self.disk_reports.clone(),
         };
         let hash_pending = report.outcome == Outcome::Completed
             && self.offer.verify_memory

@@ -84,6 +84,7 @@ fn run(case: Case) -> Ending {
             seed: 9,
             writes_per_sec: case.writes_per_sec,
         },
+        disks: Vec::new(),
     };
     let capacity = Capacity {
         memory_bytes: 1 << 30,
@@ -114,6 +115,9 @@ fn run(case: Case) -> Ending {
                 SourceAction::Send(m) => wire.push_back(Msg::ToDest(m)),
                 SourceAction::StartDirtyLog => src_guest.start_dirty_log().expect("log"),
                 SourceAction::StopDirtyLog => src_guest.stop_dirty_log().expect("log"),
+                SourceAction::StartStorage
+                | SourceAction::FinishStorage
+                | SourceAction::AbortStorage => panic!("these VMs have no disks"),
                 SourceAction::SendRound {
                     round,
                     pages,

@@ -61,6 +61,41 @@ pub struct VmConfig {
     pub mac: Mac,
     /// Backend and workload.
     pub kind: GuestKind,
+    /// Its disks.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One of a VM's disks.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct DiskConfig {
+    /// Name (`disk0`, …), unique in the VM.
+    pub name: String,
+    /// Size in bytes.
+    pub len_bytes: u64,
+    /// Datastore it lives on.
+    pub datastore: String,
+    /// Path on the datastore.
+    pub path: String,
+    /// Where the datastore really is (hosts that see the same location
+    /// share it).
+    pub location: String,
+    /// Whether the synthetic guest's disk workload writes to it.
+    pub workload: bool,
+}
+
+/// A storage move that rides along a VM migration: every disk goes to
+/// `datastore` on the destination, copied by `method`, and the one
+/// switchover covers memory and disks.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct StorageMove {
+    /// Destination datastore.
+    pub datastore: String,
+    /// Copy method.
+    pub method: crate::storage::Method,
 }
 
 /// The first message on every stream a node opens to another.
@@ -77,6 +112,12 @@ pub enum StreamIntro {
     },
     /// A client's request stream.
     Client,
+    /// One disk of migration `migration_id`; a
+    /// [`crate::storage::remote::DiskOpen`] follows.
+    Disk {
+        /// The migration.
+        migration_id: u64,
+    },
     /// The source lost the link after releasing the VM and asks how
     /// migration `migration_id` ended; a [`Resolution`] answers.
     Resolve {
@@ -108,6 +149,9 @@ pub struct Offer {
     pub lanes: u32,
     /// Hash destination memory before resuming, for the report.
     pub verify_memory: bool,
+    /// Disks move too (shared-nothing migration); without it the disks
+    /// must be on datastores both hosts share, and only their locks move.
+    pub storage: Option<StorageMove>,
 }
 
 /// Why a destination said no.
@@ -139,11 +183,14 @@ pub enum Refusal {
     ShadowFailed(String),
     /// The offer itself is malformed.
     BadOffer(String),
+    /// A disk cannot be placed here.
+    Datastore(String),
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::Datastore(why) => write!(f, "storage: {why}"),
             Self::MissingCpuFeatures(list) => {
                 write!(f, "missing CPU features: {}", list.join(", "))
             }

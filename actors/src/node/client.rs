@@ -30,6 +30,45 @@ pub struct VmSpec {
     pub synthetic: bool,
     /// CPU features the guest is declared to use (empty: the host's).
     pub cpu_features: Vec<String>,
+    /// Disks to create.
+    pub disks: Vec<DiskSpec>,
+    /// Run the synthetic guest's disk workload (the verifiable write
+    /// pattern) on its disks while the VM runs.
+    pub disk_workload: bool,
+}
+
+/// A disk to create with a VM.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DiskSpec {
+    /// Size in MiB.
+    pub size_mib: u64,
+    /// Datastore to create it on.
+    pub datastore: String,
+}
+
+/// A disk as `ferry vm disks` shows it.
+#[derive(
+    Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, serde::Serialize,
+)]
+pub struct DiskView {
+    /// Disk name.
+    pub name: String,
+    /// Datastore.
+    pub datastore: String,
+    /// Path on it.
+    pub path: String,
+    /// Size in bytes.
+    pub len_bytes: u64,
+    /// Guest writes acknowledged by this disk actor.
+    pub writes: u64,
+    /// The synthetic workload's last acknowledged write.
+    pub workload_acked: u64,
+    /// Median workload write latency since the last look, microseconds.
+    pub write_latency_us_p50: u64,
+    /// With `verify`: blocks checked against the workload's pattern.
+    pub verified_blocks: Option<u64>,
+    /// With `verify`: the first acknowledged write found missing.
+    pub verify_error: Option<String>,
 }
 
 /// Migration options as a client sends them.
@@ -47,6 +86,11 @@ pub struct MigrateOptions {
     pub verify_memory: bool,
     /// Cold migration (the VM must be stopped).
     pub cold: bool,
+    /// Move the disks to this datastore on the destination (empty: the
+    /// disks stay, on storage both hosts share).
+    pub datastore: String,
+    /// How the disks move.
+    pub method: crate::storage::Method,
 }
 
 impl Default for MigrateOptions {
@@ -59,6 +103,8 @@ impl Default for MigrateOptions {
             lanes: d.lanes,
             verify_memory: d.verify_memory,
             cold: d.cold,
+            datastore: String::new(),
+            method: crate::storage::Method::Mirror,
         }
     }
 }
@@ -73,6 +119,10 @@ impl MigrateOptions {
             lanes: self.lanes,
             verify_memory: self.verify_memory,
             cold: self.cold,
+            storage: (!self.datastore.is_empty()).then(|| crate::migration::wire::StorageMove {
+                datastore: self.datastore.clone(),
+                method: self.method,
+            }),
             ..MigrationOptions::default()
         }
     }
@@ -102,6 +152,23 @@ pub enum ClientRequest {
     },
     /// Where this node believes each MAC lives.
     MacTable,
+    /// Move a VM's disks to another datastore of its host, live.
+    MoveStorage {
+        /// The VM.
+        vm: String,
+        /// Destination datastore.
+        datastore: String,
+        /// How.
+        method: crate::storage::Method,
+    },
+    /// A VM's disks; with `verify`, each is checked against the synthetic
+    /// workload's pattern (every acknowledged write present).
+    Disks {
+        /// The VM.
+        vm: String,
+        /// Check the pattern.
+        verify: bool,
+    },
 }
 
 /// A reply.
@@ -117,6 +184,10 @@ pub enum ClientReply {
     Report(MigrationReport),
     /// MAC table entries: MAC, host.
     Macs(Vec<(String, String)>),
+    /// A VM's disks.
+    Disks(Vec<DiskView>),
+    /// Storage moved on one host (final).
+    StorageMoved(Vec<crate::storage::DiskMoveReport>),
     /// The request failed.
     Error(String),
 }
@@ -126,6 +197,9 @@ pub fn allowed(role: ferry_transport::Role, request: &ClientRequest) -> bool {
     use ferry_transport::Role;
     match request {
         ClientRequest::ListVms | ClientRequest::MacTable => true,
+        ClientRequest::Disks { verify, .. } => {
+            !verify || matches!(role, Role::Admin | Role::Operator)
+        }
         _ => matches!(role, Role::Admin | Role::Operator),
     }
 }

@@ -133,6 +133,10 @@ pub enum DiskMsg {
     /// Run the synthetic guest's disk workload (the [`WritePattern`], one
     /// write every `gap`), or stop it with `None`.
     Workload(Option<Duration>),
+    /// Check that every write the synthetic workload had acknowledged is
+    /// on the disk (through the read path, overlay included); returns the
+    /// blocks checked.
+    VerifyWorkload(RpcReplyPort<Result<u64, String>>),
     /// The workload's next write (sent by the actor to itself; ticks of
     /// an earlier run of the workload are ignored).
     WorkloadTick(u64),
@@ -183,6 +187,9 @@ pub struct DiskState {
     workload_acked: Arc<AtomicU64>,
     latencies: Vec<Duration>,
 }
+
+/// One pattern write, as a read length.
+const PATTERN_WRITE_BYTES: u32 = 4096;
 
 /// Workload latencies kept between two [`DiskMsg::Info`] calls.
 const LATENCIES_KEPT: usize = 1 << 16;
@@ -254,6 +261,9 @@ impl Actor for DiskActor {
                         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                 });
             }
+            DiskMsg::VerifyWorkload(reply) => {
+                let _ = reply.send(s.verify_workload().await);
+            }
             DiskMsg::Workload(gap) => {
                 let was = s.workload_gap.is_some();
                 s.workload_gap = gap;
@@ -273,7 +283,7 @@ impl Actor for DiskActor {
                 let len = s.disk.lock().expect("disk").len_bytes();
                 let pattern = WritePattern::new(len);
                 let seq = s.workload_acked.load(Ordering::SeqCst) + 1;
-                let mut data = vec![0u8; PATTERN_BLOCK_BYTES as usize];
+                let mut data = vec![0u8; crate::disk::to_usize(PATTERN_BLOCK_BYTES)];
                 pattern.fill(seq, &mut data);
                 let t = now();
                 match s.write(pattern.offset_of(seq), data).await {
@@ -350,6 +360,29 @@ impl DiskState {
         Ok(())
     }
 
+    async fn verify_workload(&self) -> Result<u64, String> {
+        let len = self.disk.lock().expect("disk").len_bytes();
+        let pattern = WritePattern::new(len);
+        let acked = self.workload_acked.load(Ordering::SeqCst);
+        let first = acked.saturating_sub(pattern.blocks() - 1).max(1);
+        let mut checked = 0;
+        for expected in first..=acked {
+            let block = pattern.block_of(expected);
+            let buf = self
+                .read(block * PATTERN_BLOCK_BYTES, PATTERN_WRITE_BYTES)
+                .await
+                .map_err(|e| format!("reading block {block}: {e}"))?;
+            let found = pattern.decode(block, &buf);
+            if found < expected || found > acked {
+                return Err(format!(
+                    "block {block}: acknowledged write {expected} is missing (found {found})"
+                ));
+            }
+            checked += 1;
+        }
+        Ok(checked)
+    }
+
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
         self.check_open("read")?;
         let disk = self.disk.clone();
@@ -362,7 +395,7 @@ impl DiskState {
             blocks.iter().any(|b| *b).then(|| (o.0.clone(), blocks))
         });
         offload(move || {
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = vec![0u8; crate::disk::to_usize(u64::from(len))];
             let Some((overlay, blocks)) = overlay else {
                 disk.lock().expect("disk").read_at(offset, &mut buf)?;
                 return Ok(buf);
@@ -375,8 +408,9 @@ impl DiskState {
             while at < end {
                 let b = at / BLOCK_BYTES;
                 let stop = ((b + 1) * BLOCK_BYTES).min(end);
-                let dst = &mut buf[(at - offset) as usize..(stop - offset) as usize];
-                if blocks[(b - first) as usize] {
+                let dst = &mut buf
+                    [crate::disk::to_usize(at - offset)..crate::disk::to_usize(stop - offset)];
+                if blocks[crate::disk::to_usize(b - first)] {
                     overlay.lock().expect("overlay").read_at(at, dst)?;
                 } else {
                     disk.lock().expect("disk").read_at(at, dst)?;
@@ -426,10 +460,10 @@ impl DiskState {
                 offload(move || {
                     let mut o = overlay.lock().expect("overlay");
                     let len = o.len_bytes();
-                    let mut block = vec![0u8; BLOCK_BYTES as usize];
+                    let mut block = vec![0u8; crate::disk::to_usize(BLOCK_BYTES)];
                     for b in fresh {
                         let r = b * BLOCK_BYTES..((b + 1) * BLOCK_BYTES).min(len);
-                        let buf = &mut block[..(r.end - r.start) as usize];
+                        let buf = &mut block[..crate::disk::to_usize(r.end - r.start)];
                         base.lock().expect("disk").read_at(r.start, buf)?;
                         o.write_at(r.start, buf)?;
                     }
@@ -650,7 +684,7 @@ impl DiskState {
             let disk = self.disk.clone();
             let stores = self.stores.clone();
             let merged = offload(move || {
-                let mut buf = vec![0u8; BLOCK_BYTES as usize];
+                let mut buf = vec![0u8; crate::disk::to_usize(BLOCK_BYTES)];
                 let o = overlay.lock().expect("overlay");
                 let mut d = disk.lock().expect("disk");
                 for r in ranges {
@@ -702,7 +736,7 @@ async fn copy_range(
     let src = source.clone();
     let r = range.clone();
     let buf = offload(move || {
-        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        let mut buf = vec![0u8; crate::disk::to_usize(r.end - r.start)];
         src.lock()
             .expect("disk")
             .read_at(r.start, &mut buf)
@@ -721,14 +755,14 @@ async fn copy_range(
     let mut sent = 0;
     let mut at = 0usize;
     while at < buf.len() {
-        let n = (buf.len() - at).min(EXTENT as usize);
+        let n = (buf.len() - at).min(crate::disk::to_usize(EXTENT));
         let mut end = at + n;
         if ferry_transport::batch::is_zero(&buf[at..end]) {
             at = end;
             continue;
         }
         while end < buf.len() {
-            let next = (end + EXTENT as usize).min(buf.len());
+            let next = (end + crate::disk::to_usize(EXTENT)).min(buf.len());
             if ferry_transport::batch::is_zero(&buf[end..next]) {
                 break;
             }
@@ -811,7 +845,7 @@ pub async fn run_pattern_writer(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> WriterStats {
     let mut stats = WriterStats::default();
-    let mut buf = vec![0u8; PATTERN_BLOCK_BYTES as usize];
+    let mut buf = vec![0u8; crate::disk::to_usize(PATTERN_BLOCK_BYTES)];
     loop {
         if *stop.borrow() {
             return stats;

@@ -21,6 +21,7 @@ pub mod lanes;
 pub mod net;
 pub mod source;
 pub mod vm;
+pub mod vm_disks;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;

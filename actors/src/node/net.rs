@@ -114,6 +114,48 @@ async fn serve_stream<T: Transport>(
                 }
             }
         }
+        StreamIntro::Disk { migration_id } => {
+            let open = match reader
+                .read_message::<crate::storage::remote::DiskOpen>(FrameKind::Control)
+                .await
+            {
+                Ok(o) if o.migration_id == migration_id => o,
+                Ok(_) => {
+                    tracing::warn!(peer = %peer.name, "disk stream names another migration");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer.name, "reading a disk open: {e}");
+                    return;
+                }
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = host.cast(HostMsg::IncomingDisk {
+                peer: peer.name.clone(),
+                open,
+                reply: tx,
+            });
+            match rx.await {
+                Ok(Ok(incoming)) => {
+                    if let Err(e) =
+                        crate::storage::remote::receive_disk(writer, reader, incoming).await
+                    {
+                        tracing::warn!(peer = %peer.name, migration_id, "disk stream: {e}");
+                    }
+                }
+                Ok(Err(reason)) => {
+                    let _ = writer
+                        .send_message(
+                            FrameKind::Control,
+                            &crate::storage::remote::DiskReply::Failed { reason },
+                        )
+                        .await;
+                    let _ = writer.finish();
+                    let _ = reader.next_header().await;
+                }
+                Err(_) => {}
+            }
+        }
         StreamIntro::Announce { mac, host: owner } => {
             let _ = host.cast(HostMsg::Announce { mac, host: owner });
         }

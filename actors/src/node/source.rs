@@ -34,6 +34,8 @@ pub enum SourcePump {
     Resolved(bool),
     /// The question could not be asked.
     ResolveFailed(String),
+    /// Every disk copy has converged.
+    StorageConverged,
 }
 
 /// Dials the destination afresh (for asking how a migration ended).
@@ -61,6 +63,8 @@ pub struct SourceArgs<C: Connection> {
     pub on_vm_left: Box<dyn FnOnce(String) + Send>,
     /// A fresh connection to the destination.
     pub redial: Redial<C>,
+    /// The VM's disks.
+    pub disks: super::vm_disks::MigratingDisks<C>,
 }
 
 /// The source of one migration.
@@ -86,6 +90,7 @@ pub struct SourceState<C: Connection> {
     vm_name: String,
     migration_id: u64,
     redial: Redial<C>,
+    disks: super::vm_disks::MigratingDisks<C>,
 }
 
 impl<C: Connection> Actor for MigrationSource<C> {
@@ -113,6 +118,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             vm_name,
             migration_id,
             redial: args.redial,
+            disks: args.disks,
         })
     }
 
@@ -151,6 +157,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             SourcePump::Hashed(hash) => s.machine.handle_memory_hash(now(), hash),
             SourcePump::Resolved(committed) => s.machine.handle_resolution(now(), committed),
             SourcePump::ResolveFailed(why) => s.machine.handle_resolution_failed(now(), why),
+            SourcePump::StorageConverged => s.machine.handle_storage_converged(now()),
         }
         pump(&myself, s).await;
         Ok(())
@@ -242,6 +249,9 @@ fn action_name(action: &SourceAction) -> &'static str {
         SourceAction::FreeVm => "free",
         SourceAction::AskOutcome => "ask outcome",
         SourceAction::Close => "close",
+        SourceAction::StartStorage => "start disk copies",
+        SourceAction::FinishStorage => "finish disk copies",
+        SourceAction::AbortStorage => "abort disk copies",
     }
 }
 
@@ -331,7 +341,21 @@ async fn perform<C: Connection>(
                 let _ = me.cast(SourcePump::Hashed(hash));
             });
         }
+        SourceAction::StartStorage => {
+            let to = s.machine.offer().vm.name.clone();
+            let peer = s.conn.peer().name.clone();
+            tracing::info!(vm = %to, %peer, "disk copies start");
+            s.disks.start(&peer, s.migration_id, myself.clone()).await?;
+        }
+        SourceAction::FinishStorage => {
+            let reports = s.disks.finish().await?;
+            s.machine.handle_storage_finished(now(), reports);
+        }
+        SourceAction::AbortStorage => {
+            s.disks.abort("the migration failed").await;
+        }
         SourceAction::ReleaseOwnership { .. } => {
+            s.disks.release().await;
             s.vm.cast(VmMsg::Released)
                 .map_err(|_| "the VM actor is gone".to_owned())?;
             s.machine.handle_released(now());
@@ -343,6 +367,7 @@ async fn perform<C: Connection>(
                 .map_err(|e| format!("resume on the source: {e}"))?;
         }
         SourceAction::FreeVm => {
+            s.disks.commit().await;
             if let Some(left) = s.on_vm_left.take() {
                 left(s.vm_name.clone());
             }

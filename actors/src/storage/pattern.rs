@@ -13,7 +13,7 @@ use super::super::disk::DiskError;
 
 /// Bytes per pattern write (and per checked block).
 pub const PATTERN_BLOCK_BYTES: u64 = 4096;
-const WORDS: usize = (PATTERN_BLOCK_BYTES / 8) as usize;
+const WORDS: usize = 512;
 const K_SEQ: u64 = 0x9E37_79B9_7F4A_7C15;
 const K_BLOCK: u64 = 0xC2B2_AE3D_27D4_EB4F;
 
@@ -65,9 +65,9 @@ impl WritePattern {
     pub fn new(disk_bytes: u64) -> Self {
         let blocks = disk_bytes / PATTERN_BLOCK_BYTES;
         assert!(blocks > 0, "a pattern needs at least one block");
-        // A stride near the golden ratio spreads consecutive writes over
+        // A stride near the golden ratio (5/8) spreads consecutive writes over
         // the disk; it must be coprime with the block count to visit all.
-        let mut stride = ((blocks as f64 * 0.618) as u64).max(1) | 1;
+        let mut stride = (blocks / 8 * 5).max(1) | 1;
         while gcd(stride, blocks) != 1 {
             stride += 2;
         }
@@ -86,7 +86,8 @@ impl WritePattern {
 
     /// The block write `seq` (from 1) goes to.
     pub fn block_of(&self, seq: u64) -> u64 {
-        ((u128::from(seq) * u128::from(self.stride)) % u128::from(self.blocks)) as u64
+        let block = (u128::from(seq) * u128::from(self.stride)) % u128::from(self.blocks);
+        u64::try_from(block).expect("below the block count")
     }
 
     /// The byte offset write `seq` goes to.
@@ -125,7 +126,7 @@ impl WritePattern {
         in_flight: u64,
         mut read: impl FnMut(u64, &mut [u8]) -> Result<(), DiskError>,
     ) -> Result<u64, PatternError> {
-        let mut buf = vec![0u8; PATTERN_BLOCK_BYTES as usize];
+        let mut buf = vec![0u8; crate::disk::to_usize(PATTERN_BLOCK_BYTES)];
         let first = acked.saturating_sub(self.blocks - 1).max(1);
         let mut checked = 0;
         for expected in first..=acked {
@@ -174,7 +175,7 @@ mod tests {
         let len = 64 * PATTERN_BLOCK_BYTES;
         let p = WritePattern::new(len);
         let mut disk = MemDisk::new(len);
-        let mut buf = vec![0u8; PATTERN_BLOCK_BYTES as usize];
+        let mut buf = vec![0u8; crate::disk::to_usize(PATTERN_BLOCK_BYTES)];
         let mut old = Vec::new();
         for seq in 1..=150 {
             p.fill(seq, &mut buf);

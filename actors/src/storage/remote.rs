@@ -215,8 +215,14 @@ impl<C: Connection> DiskTarget for RemoteTarget<C> {
                 .as_mut()
                 .ok_or_else(|| link("write remote disk")("the stream is broken".into()))?;
             let mut batch = BatchBuilder::new(BatchKind::Extents);
-            for (i, piece) in data.chunks(ferry_transport::limits::EXTENT_BYTES_MAX).enumerate() {
-                batch.push_extent(offset + (i * ferry_transport::limits::EXTENT_BYTES_MAX) as u64, piece);
+            for (i, piece) in data
+                .chunks(ferry_transport::limits::EXTENT_BYTES_MAX)
+                .enumerate()
+            {
+                batch.push_extent(
+                    offset + (i * ferry_transport::limits::EXTENT_BYTES_MAX) as u64,
+                    piece,
+                );
             }
             let r = s.writer.send_batch(batch.finish()).await;
             if let Err(e) = r {
@@ -289,6 +295,8 @@ pub struct IncomingDisk {
     pub done: Mutex<Option<u64>>,
     /// Set by [`DiskCmd::Discard`].
     pub discarded: std::sync::atomic::AtomicBool,
+    /// The VM home files written with it (deleted with it).
+    pub home: Vec<String>,
 }
 
 /// Writes extents straight into a buffer, then to the disk.

@@ -43,6 +43,16 @@ pub struct CreateArgs {
     /// Use the synthetic guest even where KVM works.
     #[arg(long)]
     pub synthetic: bool,
+    /// A disk of this many MiB (repeat for more disks).
+    #[arg(long = "disk-mib")]
+    pub disk_mib: Vec<u64>,
+    /// Datastore for the disks and the VM's home.
+    #[arg(long, default_value = "local")]
+    pub datastore: String,
+    /// Run the synthetic disk workload (a verifiable write pattern) on the
+    /// disks while the VM runs.
+    #[arg(long)]
+    pub disk_workload: bool,
     /// The client file.
     #[command(flatten)]
     pub client: ClientArgs,
@@ -84,12 +94,146 @@ pub struct MigrateArgs {
     /// Bulk streams.
     #[arg(long, default_value_t = 4)]
     pub lanes: u32,
+    /// Move the disks too, to this datastore on the destination
+    /// (shared-nothing migration, one switchover for memory and disks).
+    /// Without it, the disks must be on a datastore both hosts share.
+    #[arg(long)]
+    pub datastore: Option<String>,
+    /// How the disks move: mirror, cbt or snapshot.
+    #[arg(long, default_value = "mirror")]
+    pub method: ferry_actors::storage::Method,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
     /// The client file.
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// Options of `ferry vm move-storage`.
+#[derive(Debug, Args)]
+pub struct MoveStorageArgs {
+    /// VM name.
+    pub vm: String,
+    /// Destination datastore (on the VM's host).
+    #[arg(long)]
+    pub datastore: String,
+    /// How the disks move: mirror, cbt or snapshot.
+    #[arg(long, default_value = "mirror")]
+    pub method: ferry_actors::storage::Method,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of `ferry vm disks`.
+#[derive(Debug, Args)]
+pub struct DisksArgs {
+    /// VM name.
+    pub vm: String,
+    /// Check every acknowledged write of the synthetic disk workload.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `ferry vm move-storage`.
+pub fn move_storage(args: &MoveStorageArgs) -> anyhow::Result<()> {
+    let reports = block_on(async {
+        let cluster = connect(&args.client)?;
+        let quiet = args.json;
+        let progress: Box<dyn FnMut(&ferry_actors::migration::Progress) + Send> =
+            Box::new(move |p| {
+                if !quiet {
+                    eprint!(
+                        "\r{}: {:>5.1}% copied   ",
+                        p.phase,
+                        100.0 * (1.0 - p.pages_left as f64 / p.pages_total.max(1) as f64)
+                    );
+                }
+            });
+        let r = cluster
+            .vm(&args.vm)
+            .move_storage(&args.datastore, args.method, Some(progress))
+            .await?;
+        if !quiet {
+            eprintln!();
+        }
+        Ok(r)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for r in &reports {
+            println!("{}", disk_report_text(r));
+        }
+    }
+    Ok(())
+}
+
+/// One disk move as a line.
+pub fn disk_report_text(r: &ferry_actors::storage::DiskMoveReport) -> String {
+    format!(
+        "{} {} -> {} by {}: {:.1} MiB copied ({:.1} MiB of holes/zeros skipped) at {:.0} MB/s, {} rounds, {} mirrored writes, {} overlay blocks, pause {:.1} ms, total {:.0} ms",
+        r.disk,
+        r.from,
+        r.to,
+        r.method,
+        r.copied_bytes as f64 / (1 << 20) as f64,
+        r.skipped_bytes as f64 / (1 << 20) as f64,
+        r.copy_mb_per_s,
+        r.rounds,
+        r.mirrored_writes,
+        r.overlay_blocks,
+        r.pause_ms,
+        r.total_ms
+    )
+}
+
+/// `ferry vm disks`.
+pub fn disks(args: &DisksArgs) -> anyhow::Result<()> {
+    let disks = block_on(async {
+        let cluster = connect(&args.client)?;
+        Ok(cluster.vm(&args.vm).disks(args.verify).await?)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&disks)?);
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<10} {:<24} {:>8} {:>10} {:>12}  verified",
+        "disk", "datastore", "path", "MiB", "writes", "workload"
+    );
+    let mut bad = false;
+    for d in &disks {
+        let verified = match (&d.verified_blocks, &d.verify_error) {
+            (Some(n), _) => format!("{n} blocks ok"),
+            (None, Some(e)) => {
+                bad = true;
+                format!("FAILED: {e}")
+            }
+            _ => "-".into(),
+        };
+        println!(
+            "{:<8} {:<10} {:<24} {:>8} {:>10} {:>12}  {verified}",
+            d.name,
+            d.datastore,
+            d.path,
+            d.len_bytes >> 20,
+            d.writes,
+            d.workload_acked
+        );
+    }
+    anyhow::ensure!(!bad, "an acknowledged write is missing");
+    Ok(())
 }
 
 fn connect(args: &ClientArgs) -> anyhow::Result<Cluster<QuicTransport>> {
@@ -136,6 +280,15 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
                     wss_mib: args.wss,
                     synthetic: args.synthetic,
                     cpu_features: args.cpu_features.clone(),
+                    disks: args
+                        .disk_mib
+                        .iter()
+                        .map(|&size_mib| ferry_actors::node::client::DiskSpec {
+                            size_mib,
+                            datastore: args.datastore.clone(),
+                        })
+                        .collect(),
+                    disk_workload: args.disk_workload,
                 },
             )
             .await?;
@@ -206,7 +359,7 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         let cluster = connect(&args.client)?;
         let bar = ProgressBar::new(args.json);
         let progress = bar.clone();
-        let report = cluster
+        let migrate = cluster
             .vm(&args.vm)
             .migrate_to(&args.to)
             .downtime_ms(args.downtime_ms)
@@ -214,9 +367,12 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
             .auto_converge(!args.no_auto_converge)
             .cold(args.cold)
             .verify_memory(args.verify)
-            .lanes(args.lanes)
-            .on_progress(move |p| progress.update(p))
-            .await?;
+            .lanes(args.lanes);
+        let migrate = match &args.datastore {
+            Some(ds) => migrate.storage(ds, args.method),
+            None => migrate,
+        };
+        let report = migrate.on_progress(move |p| progress.update(p)).await?;
         bar.finish();
         Ok(report)
     })?;

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use ferry_transport::Role;
 use ferry_transport::pki::ClusterCa;
 
-use crate::node::config::{CapacityConfig, ClientConfig, NodeConfig, Peer};
+use crate::node::config::{CapacityConfig, ClientConfig, DatastoreConfig, NodeConfig, Peer};
 
 /// Cluster commands.
 #[derive(Debug, Subcommand)]
@@ -111,6 +111,20 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
             },
             synthetic_guests: false,
             memory_pool_mib: Vec::new(),
+            datastores: vec![
+                DatastoreConfig {
+                    name: "local".into(),
+                    path: format!("datastores/{name}/local").into(),
+                },
+                DatastoreConfig {
+                    name: "archive".into(),
+                    path: format!("datastores/{name}/archive").into(),
+                },
+                DatastoreConfig {
+                    name: "shared".into(),
+                    path: "datastores/shared".into(),
+                },
+            ],
             peers: peers.iter().filter(|p| &p.name != name).cloned().collect(),
         };
         write_new(

@@ -1,5 +1,6 @@
 //! `ferry node`: run this host's node until interrupted.
 
+use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -52,8 +53,22 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             .iter()
             .map(|p| (p.name.clone(), p.quic()))
             .collect();
-        let _node =
-            Node::start(&config.name, transport, peers, capacity, Arc::new(factory)).await?;
+        let mut list = Vec::new();
+        for d in &config.datastores {
+            std::fs::create_dir_all(&d.path)
+                .with_context(|| format!("datastore {} at {}", d.name, d.path.display()))?;
+            list.push((d.name.clone(), d.path.clone()));
+        }
+        let stores = crate::datastore::FileDatastores::open(&list)?;
+        let _node = Node::start(
+            &config.name,
+            transport,
+            peers,
+            capacity,
+            Arc::new(factory),
+            Arc::new(stores),
+        )
+        .await?;
         eprintln!(
             "node {} listening on {} ({} peers); Ctrl-C stops it",
             config.name,

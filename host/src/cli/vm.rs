@@ -24,6 +24,12 @@ pub enum VmCommand {
     Delete(super::client::NameArgs),
     /// The VMs on every node.
     List(super::client::ClientArgs),
+    /// Move a VM's disks to another datastore of its host while it runs
+    /// (Storage vMotion).
+    MoveStorage(super::client::MoveStorageArgs),
+    /// A VM's disks (with --verify: check every acknowledged write of the
+    /// synthetic disk workload).
+    Disks(super::client::DisksArgs),
     /// Run the built-in test guest and show its progress.
     Run(RunArgs),
     /// Write the built-in test guest as a flat boot image (load at 0x7c00,
@@ -97,6 +103,8 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
         VmCommand::Stop(args) => super::client::lifecycle(&args, "stop"),
         VmCommand::Delete(args) => super::client::lifecycle(&args, "delete"),
         VmCommand::List(args) => super::client::list(&args),
+        VmCommand::MoveStorage(args) => super::client::move_storage(&args),
+        VmCommand::Disks(args) => super::client::disks(&args),
         VmCommand::Run(args) => run_guest(&args),
         VmCommand::Image(args) => {
             let image = image::build(&args.guest.params()?)

@@ -83,9 +83,24 @@ pub struct NodeConfig {
     /// machines); each is refilled at low priority after use.
     #[serde(default)]
     pub memory_pool_mib: Vec<u64>,
+    /// Datastores: directories for VM homes and disks. Hosts that name
+    /// the same directory share the datastore (a VM moving between them
+    /// moves only its disks' locks).
+    #[serde(default)]
+    pub datastores: Vec<DatastoreConfig>,
     /// The other hosts.
     #[serde(default)]
     pub peers: Vec<Peer>,
+}
+
+/// One datastore of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreConfig {
+    /// Name VMs and `--datastore` use.
+    pub name: String,
+    /// Its directory (created if missing).
+    pub path: PathBuf,
 }
 
 /// `client.toml`.
@@ -130,8 +145,19 @@ fn parse<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<(T, Path
 impl NodeConfig {
     /// Loads and checks a node file, returning it with its credentials.
     pub fn load(path: &Path) -> anyhow::Result<(Self, Credentials)> {
-        let (config, base): (Self, _) = parse(path)?;
+        let (mut config, base): (Self, _) = parse(path)?;
         let creds = credentials(&base, &config.ca, &config.cert, &config.key)?;
+        // Datastore folders are relative to the node file, like the keys.
+        for d in &mut config.datastores {
+            d.path = base.join(&d.path);
+        }
+        let mut names: Vec<&str> = config.datastores.iter().map(|d| d.name.as_str()).collect();
+        names.sort_unstable();
+        anyhow::ensure!(
+            names.windows(2).all(|w| w[0] != w[1]),
+            "{}: two datastores share a name",
+            path.display()
+        );
         anyhow::ensure!(
             creds.identity().name == config.name,
             "{}: name is {:?} but the certificate is for {:?}",

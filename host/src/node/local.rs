@@ -25,6 +25,9 @@ pub struct LocalCluster {
     pub client: Cluster<QuicTransport>,
     /// Whether guests are KVM ones.
     pub kvm: bool,
+    /// Every node's datastores live under here: `NODE/local`,
+    /// `NODE/archive`, and `shared` (seen by every node).
+    pub storage: tempfile::TempDir,
 }
 
 /// What each node of a [`LocalCluster`] may give its VMs.
@@ -67,8 +70,22 @@ impl LocalCluster {
             let addr = t.local_addr()?;
             endpoints.push((name.to_string(), Arc::new(t), addr));
         }
+        let storage = tempfile::Builder::new()
+            .prefix("ferry-datastores-")
+            .tempdir()
+            .context("datastore folder")?;
         let mut nodes = Vec::new();
         for ((name, t, _), (_, capacity)) in endpoints.iter().zip(hosts) {
+            let mut list = Vec::new();
+            for (ds, dir) in [
+                ("local", storage.path().join(name).join("local")),
+                ("archive", storage.path().join(name).join("archive")),
+                ("shared", storage.path().join("shared")),
+            ] {
+                std::fs::create_dir_all(&dir)?;
+                list.push((ds.to_owned(), dir));
+            }
+            let stores = Arc::new(crate::datastore::FileDatastores::open(&list)?);
             let peers: BTreeMap<String, QuicAddr> = endpoints
                 .iter()
                 .filter(|(n, _, _)| n != name)
@@ -91,7 +108,9 @@ impl LocalCluster {
                     .unwrap_or_else(super::cpu_features),
                 kvm: factory.kvm(),
             };
-            nodes.push(Node::start(name, t.clone(), peers, capacity, factory.clone()).await?);
+            nodes.push(
+                Node::start(name, t.clone(), peers, capacity, factory.clone(), stores).await?,
+            );
         }
         let client_creds = ca.credentials("demo-admin", Role::Admin)?;
         let client_t = Arc::new(QuicTransport::bind(loopback(), &client_creds, &tuning)?);
@@ -114,6 +133,7 @@ impl LocalCluster {
             nodes,
             client,
             kvm: factory.kvm(),
+            storage,
         })
     }
 
@@ -134,6 +154,8 @@ impl LocalCluster {
             wss_mib,
             synthetic: !self.kvm,
             cpu_features: Vec::new(),
+            disks: Vec::new(),
+            disk_workload: false,
         };
         self.client.create_vm(node, spec).await?;
         self.client.vm(name).start().await?;

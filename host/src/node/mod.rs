@@ -12,6 +12,7 @@ use ferry_actors::migration::Capacity;
 use ferry_actors::node::NodeCtx;
 use ferry_actors::node::factory::GuestFactory;
 use ferry_actors::node::host::{HostMsg, start_host};
+use ferry_actors::storage::datastore::Datastores;
 use ferry_transport::Transport;
 use ractor::ActorRef;
 
@@ -31,6 +32,7 @@ impl<T: Transport> Node<T> {
         peers: BTreeMap<String, T::Addr>,
         capacity: Capacity,
         factory: Arc<dyn GuestFactory>,
+        stores: Arc<dyn Datastores>,
     ) -> anyhow::Result<Self> {
         // Seconds since the epoch, wrapped: a restarted node gets a new
         // incarnation, so its migration ids never match its previous life's.
@@ -40,7 +42,7 @@ impl<T: Transport> Node<T> {
             .unwrap_or(0);
         let incarnation = u32::try_from(boot).unwrap_or(0);
         let ctx = Arc::new(NodeCtx::new(name.to_owned(), transport, peers, incarnation));
-        let host = start_host(ctx.clone(), capacity, factory).await?;
+        let host = start_host(ctx.clone(), capacity, factory, stores).await?;
         Ok(Self { ctx, host })
     }
 }

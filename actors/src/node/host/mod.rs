@@ -1,6 +1,8 @@
 //! `HostActor`: one per node. Owns the VMs, admits incoming migrations,
 //! starts outgoing ones and keeps the virtual network's MAC table.
 
+mod disks;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -13,12 +15,15 @@ use super::destination::{DestArgs, DestEnd, DestPump, MigrationDestination};
 use super::factory::GuestFactory;
 use super::source::{MigrationSource, SourceArgs};
 use super::vm::{VmActor, VmArgs, VmInfo, VmMsg, VmPhase, with_guest};
+use super::vm_disks::{MigratingDisks, VmDisk};
 use super::{NodeCtx, NodeError, open_stream};
 use crate::migration::wire::mac_string;
 use crate::migration::{
     Capacity, DestMachine, DestMsg, GuestKind, Mac, Offer, SourceMachine, StreamIntro, Usage,
     VmConfig, admit,
 };
+use crate::storage::datastore::Datastores;
+use crate::storage::remote::{DiskOpen, IncomingDisk};
 use crate::synthetic::WRITES_PER_SEC_DEFAULT;
 
 type Conn<T> = <T as Transport>::Connection;
@@ -75,6 +80,25 @@ pub enum HostMsg<T: Transport> {
     /// Stop every actor of this host at once, VMs included, as a power
     /// cut would (the simulation's host crash).
     PowerOff,
+    /// A disk stream of an incoming migration opened.
+    IncomingDisk {
+        /// The peer host.
+        peer: String,
+        /// What it opens.
+        open: DiskOpen,
+        /// The disk to fill.
+        reply: oneshot::Sender<Result<Arc<IncomingDisk>, String>>,
+    },
+    /// A migration away failed after the disks' locks were handed over:
+    /// open them again.
+    ReopenDisks(String),
+    /// A VM's disks moved to other datastores of this host.
+    DisksMoved {
+        /// The VM.
+        vm: String,
+        /// Their definitions now.
+        disks: Vec<crate::migration::wire::DiskConfig>,
+    },
     /// `mac` lives on `host` now.
     Announce {
         /// NIC address.
@@ -92,12 +116,16 @@ pub struct HostArgs<T: Transport> {
     pub capacity: Capacity,
     /// Makes guests.
     pub factory: Arc<dyn GuestFactory>,
+    /// The datastores this host mounts.
+    pub stores: Arc<dyn Datastores>,
 }
 
 struct VmEntry {
     config: VmConfig,
     /// `None` while an incoming migration holds the reservation.
     actor: Option<ActorRef<VmMsg>>,
+    /// Its disks here.
+    disks: Vec<VmDisk>,
 }
 
 /// The host actor.
@@ -114,6 +142,8 @@ pub struct HostState<T: Transport> {
     ctx: Arc<NodeCtx<T>>,
     capacity: Capacity,
     factory: Arc<dyn GuestFactory>,
+    stores: Arc<dyn Datastores>,
+    incoming_disks: disks::IncomingDisks,
     vms: BTreeMap<String, VmEntry>,
     incoming: BTreeMap<(String, u64), ActorRef<DestPump<Conn<T>>>>,
     macs: BTreeMap<Mac, String>,
@@ -144,6 +174,8 @@ impl<T: Transport> Actor for HostActor<T> {
             ctx: args.ctx,
             capacity: args.capacity,
             factory: args.factory,
+            stores: args.stores,
+            incoming_disks: BTreeMap::new(),
             vms: BTreeMap::new(),
             incoming: BTreeMap::new(),
             macs: BTreeMap::new(),
@@ -172,6 +204,9 @@ impl<T: Transport> Actor for HostActor<T> {
                 for entry in s.vms.values() {
                     if let Some(vm) = &entry.actor {
                         vm.stop(Some("power off".into()));
+                    }
+                    for d in &entry.disks {
+                        d.actor.stop(Some("power off".into()));
                     }
                 }
                 myself.stop(Some("power off".into()));
@@ -206,11 +241,17 @@ impl<T: Transport> Actor for HostActor<T> {
                 }
                 match end {
                     DestEnd::Adopted(actor) => {
-                        if let Some(entry) = s.vms.get_mut(&vm) {
-                            entry.actor = Some(actor);
+                        if let Some(mut config) = s.vms.get(&vm).map(|e| e.config.clone()) {
+                            let vm_disks = disks::adopt(s, &key, &mut config, &actor).await;
+                            if let Some(entry) = s.vms.get_mut(&vm) {
+                                entry.actor = Some(actor);
+                                entry.disks = vm_disks;
+                                entry.config = config;
+                            }
                         }
                     }
                     DestEnd::Discarded => {
+                        disks::discard_incoming(s, &key).await;
                         if s.vms.get(&vm).is_some_and(|e| e.actor.is_none()) {
                             s.vms.remove(&vm);
                         }
@@ -244,6 +285,39 @@ impl<T: Transport> Actor for HostActor<T> {
                     // Never heard of it (or forgotten): this host does not
                     // have the VM.
                     let _ = reply.send(false);
+                }
+            }
+            HostMsg::IncomingDisk { peer, open, reply } => {
+                let _ = reply.send(disks::incoming_disk(s, peer, open).await);
+            }
+            HostMsg::ReopenDisks(name) => {
+                if let Some(config) = s.vms.get(&name).map(|e| e.config.clone()) {
+                    let mut opened = Vec::new();
+                    for c in config.disks {
+                        match super::vm_disks::open_disk(c, s.stores.clone()).await {
+                            Ok(d) => opened.push(d),
+                            Err(e) => tracing::error!(vm = %name, "reopening a disk: {e}"),
+                        }
+                    }
+                    if let Some(entry) = s.vms.get_mut(&name) {
+                        if let Some(vm) = &entry.actor {
+                            let running = with_guest(vm, |g| g.is_running()).await.unwrap_or(false);
+                            disks::set_workload(&opened, running);
+                        }
+                        entry.disks = opened;
+                    }
+                }
+            }
+            HostMsg::DisksMoved { vm, disks: moved } => {
+                if let Some(entry) = s.vms.get_mut(&vm) {
+                    for c in moved {
+                        if let Some(d) = entry.disks.iter_mut().find(|d| d.config.name == c.name) {
+                            d.config = c.clone();
+                        }
+                        if let Some(d) = entry.config.disks.iter_mut().find(|d| d.name == c.name) {
+                            *d = c;
+                        }
+                    }
                 }
             }
             HostMsg::Announce { mac, host } => {
@@ -309,13 +383,57 @@ async fn client_request<T: Transport>(
     match request {
         ClientRequest::CreateVm(spec) => answer(create_vm(myself, s, spec).await),
         ClientRequest::StartVm(name) => answer(match s.vm(&name) {
-            Ok(vm) => call(&vm, VmMsg::Start).await.map(|()| ClientReply::Ok),
+            Ok(vm) => call(&vm, VmMsg::Start).await.map(|()| {
+                disks::set_workload(&s.vms[&name].disks, true);
+                ClientReply::Ok
+            }),
             Err(e) => Err(e),
         }),
         ClientRequest::StopVm(name) => answer(match s.vm(&name) {
-            Ok(vm) => call(&vm, VmMsg::Stop).await.map(|()| ClientReply::Ok),
+            Ok(vm) => call(&vm, VmMsg::Stop).await.map(|()| {
+                disks::set_workload(&s.vms[&name].disks, false);
+                ClientReply::Ok
+            }),
             Err(e) => Err(e),
         }),
+        ClientRequest::Disks { vm, verify } => answer(match s.vm(&vm) {
+            Ok(_) => Ok(ClientReply::Disks(
+                disks::views(&s.vms[&vm].disks, verify).await,
+            )),
+            Err(e) => Err(e),
+        }),
+        ClientRequest::MoveStorage {
+            vm,
+            datastore,
+            method,
+        } => match s.vm(&vm) {
+            Ok(actor) => {
+                let entry = &s.vms[&vm];
+                let (config, vm_disks) = (entry.config.clone(), entry.disks.clone());
+                let stores = s.stores.clone();
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    let r = disks::move_storage(
+                        stores,
+                        config,
+                        vm_disks,
+                        actor,
+                        datastore,
+                        method,
+                        reply.clone(),
+                    )
+                    .await;
+                    let _ = reply.send(match r {
+                        Ok((configs, reports)) => {
+                            let _ = me.cast(HostMsg::DisksMoved { vm, disks: configs });
+                            ClientReply::StorageMoved(reports)
+                        }
+                        Err(e) => ClientReply::Error(e.to_string()),
+                    });
+                });
+            }
+            Err(e) => answer(Err(e)),
+        },
         ClientRequest::DeleteVm(name) => answer(delete_vm(s, &name).await),
         ClientRequest::ListVms => {
             let mut list = Vec::new();
@@ -412,6 +530,8 @@ async fn create_vm<T: Transport>(
     } else {
         spec.cpu_features
     };
+    let disk_configs =
+        disks::create_disks(&s.stores, &spec.name, &spec.disks, spec.disk_workload).await?;
     let config = VmConfig {
         name: spec.name.clone(),
         memory_bytes,
@@ -419,12 +539,14 @@ async fn create_vm<T: Transport>(
         cpu_features,
         mac: mac_for(&spec.name),
         kind,
+        disks: disk_configs,
     };
     let factory = s.factory.clone();
     let boot_config = config.clone();
     let guest = super::offload(move || factory.boot(&boot_config))
         .await
         .map_err(|e| NodeError::Guest(e.to_string()))?;
+    let vm_disks = disks::materialize(&s.stores, &config).await?;
     let (actor, _) = Actor::spawn(
         None,
         VmActor,
@@ -444,6 +566,7 @@ async fn create_vm<T: Transport>(
         VmEntry {
             config,
             actor: Some(actor),
+            disks: vm_disks,
         },
     );
     Ok(ClientReply::Ok)
@@ -464,7 +587,9 @@ async fn delete_vm<T: Transport>(
             info.phase
         )));
     }
-    s.vms.remove(name);
+    if let Some(entry) = s.vms.remove(name) {
+        disks::remove_all(&s.stores, &entry.config, &entry.disks).await;
+    }
     vm.stop(None);
     Ok(ClientReply::Ok)
 }
@@ -478,7 +603,9 @@ async fn incoming<T: Transport>(
     reader: FrameReader<Recv<T>>,
 ) {
     let exists = s.vms.contains_key(&offer.vm.name);
-    if let Err(refusal) = admit(&offer, &s.capacity, s.usage(), exists) {
+    let admitted = admit(&offer, &s.capacity, s.usage(), exists)
+        .and_then(|()| disks::admit_disks(s.stores.as_ref(), &offer));
+    if let Err(refusal) = admitted {
         tracing::info!(%peer, vm = %offer.vm.name, %refusal, "migration refused");
         tokio::spawn(async move {
             let _ = writer
@@ -499,6 +626,7 @@ async fn incoming<T: Transport>(
         VmEntry {
             config: offer.vm.clone(),
             actor: None,
+            disks: Vec::new(),
         },
     );
     let me = myself.clone();
@@ -571,6 +699,15 @@ async fn start_migration<T: Transport>(
 ) -> Result<MigrationTask, NodeError> {
     let options = options.to_options();
     options.check().map_err(NodeError::BadRequest)?;
+    let options_storage = options.storage.clone();
+    if let Some(m) = &options_storage
+        && s.vms.get(name).is_some_and(|e| e.disks.is_empty())
+    {
+        return Err(NodeError::BadRequest(format!(
+            "{name} has no disks to move to {}",
+            m.datastore
+        )));
+    }
     if to == s.ctx.name {
         return Err(NodeError::BadRequest(format!(
             "{name} already lives on {to}"
@@ -611,6 +748,41 @@ async fn start_migration<T: Transport>(
             ctx.link(&dest).await.map_err(|e| e.to_string())
         })
     });
+    let entry = &s.vms[name];
+    let home_ds = entry.config.disks.first().map(|d| d.datastore.clone());
+    let stores = s.stores.clone();
+    let vm_name = name.to_owned();
+    let home = match home_ds {
+        Some(ds) => {
+            super::offload(move || {
+                let mut files = Vec::new();
+                for p in stores.list(&ds, &vm_name).unwrap_or_default() {
+                    if p.ends_with(".raw") || p.ends_with(".delta") {
+                        continue;
+                    }
+                    if let Ok(bytes) = stores.read_file(&ds, &p) {
+                        files.push(crate::storage::remote::HomeFile { path: p, bytes });
+                    }
+                }
+                files
+            })
+            .await
+        }
+        None => Vec::new(),
+    };
+    let me_reopen = myself.clone();
+    let reopen_name = name.to_owned();
+    let vm_disks = MigratingDisks::new(
+        s.vms[name].disks.clone(),
+        options_storage,
+        home,
+        s.stores.clone(),
+        conn.clone(),
+        redial.clone(),
+        Box::new(move || {
+            let _ = me_reopen.cast(HostMsg::ReopenDisks(reopen_name.clone()));
+        }),
+    );
     let args = SourceArgs {
         machine,
         vm: vm.clone(),
@@ -622,6 +794,7 @@ async fn start_migration<T: Transport>(
             let _ = me.cast(HostMsg::VmLeft(name));
         }),
         redial,
+        disks: vm_disks,
     };
     match Actor::spawn(None, MigrationSource::default(), args).await {
         Ok((source, _)) => {
@@ -645,6 +818,7 @@ pub async fn start_host<T: Transport>(
     ctx: Arc<NodeCtx<T>>,
     capacity: Capacity,
     factory: Arc<dyn GuestFactory>,
+    stores: Arc<dyn Datastores>,
 ) -> Result<ActorRef<HostMsg<T>>, NodeError> {
     let (host, _) = Actor::spawn(
         None,
@@ -653,6 +827,7 @@ pub async fn start_host<T: Transport>(
             ctx: ctx.clone(),
             capacity,
             factory,
+            stores,
         },
     )
     .await
