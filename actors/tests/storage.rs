@@ -143,3 +143,35 @@ async fn an_aborted_move_leaves_the_source_intact_and_no_target() {
         move_under_writes(method, true).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_workload_verifies() {
+    let stores: Arc<dyn Datastores> =
+        Arc::new(MemDatastores::new(MemStorage::new(), &[("ds1", "l1")]));
+    let disk = stores
+        .create_disk("ds1", "vm/disk0.raw", 8 << 20)
+        .expect("create");
+    let (actor, _) = Actor::spawn(
+        None,
+        DiskActor,
+        DiskArgs {
+            name: "disk0".into(),
+            disk: shared(disk),
+            place: DiskPlace {
+                datastore: "ds1".into(),
+                path: "vm/disk0.raw".into(),
+            },
+            stores: stores.clone(),
+            workload_acked: Arc::default(),
+        },
+    )
+    .await
+    .expect("spawn");
+    actor
+        .cast(DiskMsg::Workload(Some(Duration::from_millis(1))))
+        .expect("cast");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = call(&actor, DiskMsg::Info).await.expect("info");
+    let v = call(&actor, DiskMsg::VerifyWorkload).await.expect("call");
+    assert!(v.is_ok(), "{v:?} after {}", info.workload_acked);
+}

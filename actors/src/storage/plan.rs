@@ -237,6 +237,7 @@ impl MovePlan {
         match self.options.method {
             Method::Mirror => {
                 if self.phase == Phase::FirstPass && range.start >= self.cursor {
+                    self.schedule_ahead(range);
                     Route::Source
                 } else {
                     self.mirrored_writes += 1;
@@ -248,6 +249,8 @@ impl MovePlan {
                 // copy the new data.
                 if self.phase != Phase::FirstPass || range.start < self.cursor {
                     self.changed.insert_range(range);
+                } else {
+                    self.schedule_ahead(range);
                 }
                 Route::Source
             }
@@ -256,6 +259,20 @@ impl MovePlan {
                 Route::Overlay
             }
         }
+    }
+
+    /// A write ahead of the first pass's cursor may land in a hole the
+    /// pass was not going to visit: make sure the pass copies it.
+    fn schedule_ahead(&mut self, range: &Range<u64>) {
+        let start = (range.start / BLOCK_BYTES * BLOCK_BYTES).max(self.cursor);
+        let end = (range.end.div_ceil(BLOCK_BYTES) * BLOCK_BYTES).min(self.len);
+        if start >= end || self.todo.iter().any(|r| r.start <= start && end <= r.end) {
+            return;
+        }
+        insert_merged(&mut self.extents, start..end);
+        let mut todo: Vec<Range<u64>> = std::mem::take(&mut self.todo).into();
+        insert_merged(&mut todo, start..end);
+        self.todo = todo.into();
     }
 
     /// Whether `block` (of [`BLOCK_BYTES`]) lives in the overlay.
@@ -365,6 +382,21 @@ impl MovePlan {
     }
 }
 
+/// Adds `r` to ascending, disjoint `list`, merging what overlaps or
+/// touches it.
+fn insert_merged(list: &mut Vec<Range<u64>>, r: Range<u64>) {
+    list.push(r);
+    list.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(list.len());
+    for r in list.drain(..) {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    *list = merged;
+}
+
 #[cfg(test)]
 #[allow(clippy::single_range_in_vec_init)]
 mod tests {
@@ -398,6 +430,21 @@ mod tests {
         assert_eq!(p.hole_bytes(), 12 * MIB);
         assert_eq!(p.next_step(now), Step::Converged);
         assert!(p.final_ranges().is_empty(), "a mirror has nothing left");
+    }
+
+    #[test]
+    fn a_write_ahead_into_a_hole_is_copied_by_the_pass() {
+        for method in [Method::Mirror, Method::Cbt] {
+            let (mut p, now) = plan(method, 16 * MIB, vec![0..MIB]);
+            assert_eq!(p.route_write(&(9 * MIB..9 * MIB + 4096)), Route::Source);
+            let copied = copy_all(&mut p, now);
+            assert_eq!(
+                copied,
+                vec![0..MIB, 9 * MIB..9 * MIB + BLOCK_BYTES],
+                "{method}"
+            );
+            assert!(p.converged());
+        }
     }
 
     #[test]
