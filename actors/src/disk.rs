@@ -52,6 +52,12 @@ pub trait BlockBackend: Send {
     /// Makes every write so far durable.
     fn flush(&mut self) -> Result<(), DiskError>;
 
+    /// Writes `data` at `offset` and makes that write durable (not
+    /// necessarily others): a guest's write-through write, which must not
+    /// wait for unrelated dirty data (a copy in progress) to reach the
+    /// device.
+    fn write_durable(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError>;
+
     /// Ranges that may hold data, ascending; everything else reads as
     /// zero (holes of a sparse file), so a copy may skip it.
     fn allocated(&self) -> Result<Vec<Range<u64>>, DiskError>;
@@ -202,6 +208,13 @@ impl BlockBackend for MemDisk {
             }
         }
         Ok(merged)
+    }
+
+    fn write_durable(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        // The model has no per-range durability: flushing everything is
+        // the conservative reading.
+        self.write_at(offset, data)?;
+        self.flush()
     }
 
     fn copy_to(&self, _range: Range<u64>, _dst: &mut dyn BlockBackend) -> Result<bool, DiskError> {

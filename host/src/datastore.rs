@@ -152,6 +152,26 @@ impl BlockBackend for FileDisk {
         self.file.sync_data().map_err(io("flush disk"))
     }
 
+    fn write_durable(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        check_range(offset, data.len(), self.len)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let iov = libc::iovec {
+                iov_base: data[done..].as_ptr().cast_mut().cast(),
+                iov_len: data.len() - done,
+            };
+            let at = libc::off_t::try_from(offset + done as u64).map_err(|_| too_large())?;
+            // SAFETY: one iovec over live bytes of `data`, which the kernel
+            // only reads; RWF_DSYNC makes this write (alone) durable.
+            let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_DSYNC) };
+            if n < 0 {
+                return Err(io("write disk")(std::io::Error::last_os_error()));
+            }
+            done += n.cast_unsigned();
+        }
+        Ok(())
+    }
+
     fn allocated(&self) -> Result<Vec<Range<u64>>, DiskError> {
         let fd = self.file.as_raw_fd();
         let mut extents = Vec::new();

@@ -170,7 +170,13 @@ struct Moving {
     converged_at: Option<Instant>,
     report: DiskMoveReport,
     finished: bool,
+    /// Bytes sent to the target since its last flush.
+    unflushed: u64,
 }
+
+/// The target is flushed after this much copied data, so the flush under
+/// the pause has little left to write (and a resumed copy little to redo).
+const FLUSH_EVERY_BYTES: u64 = 256 << 20;
 
 /// The actor's state.
 pub struct DiskState {
@@ -447,10 +453,7 @@ impl DiskState {
                 let target = m.target.as_mut().expect("target while moving");
                 let (a, b) = tokio::join!(
                     offload(move || write_through(&disk, offset, &local)),
-                    async {
-                        target.write(offset, data).await?;
-                        target.flush().await
-                    }
+                    target.write_durable(offset, data)
                 );
                 a.and(b)
             }
@@ -534,6 +537,7 @@ impl DiskState {
             started: t,
             converged_at: None,
             finished: false,
+            unflushed: 0,
         });
         Ok(())
     }
@@ -548,7 +552,13 @@ impl DiskState {
         match m.plan.next_step(t) {
             Step::Wait(until) => Ok(CopyProgress::Wait(until)),
             Step::Converged => {
-                m.converged_at.get_or_insert(t);
+                if m.converged_at.is_none() {
+                    // Durable before it counts as copied.
+                    let target = m.target.as_mut().expect("target while moving");
+                    target.flush().await?;
+                    m.unflushed = 0;
+                    m.converged_at = Some(now());
+                }
                 Ok(CopyProgress::Converged)
             }
             Step::Copy(range) => {
@@ -557,6 +567,15 @@ impl DiskState {
                 let sent = copy_range(&self.disk, target.as_mut(), range.clone(), fresh).await?;
                 m.report.skipped_bytes += (range.end - range.start) - sent;
                 m.plan.copied(&range, sent);
+                m.unflushed += sent;
+                if m.unflushed >= FLUSH_EVERY_BYTES {
+                    m.target
+                        .as_mut()
+                        .expect("target while moving")
+                        .flush()
+                        .await?;
+                    m.unflushed = 0;
+                }
                 Ok(CopyProgress::Copied {
                     cursor: m.plan.cursor(),
                     len: m.plan.len(),
@@ -713,9 +732,7 @@ impl DiskState {
 }
 
 fn write_through(disk: &SharedDisk, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-    let mut d = disk.lock().expect("disk");
-    d.write_at(offset, data)?;
-    d.flush()
+    disk.lock().expect("disk").write_durable(offset, data)
 }
 
 /// Copies `range` of `source` to `target`: in the kernel where both are

@@ -148,6 +148,9 @@ impl BlockBackend for MemDiskHandle {
     fn allocated(&self) -> Result<Vec<Range<u64>>, DiskError> {
         self.disk.lock().expect("disk").allocated()
     }
+    fn write_durable(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.disk.lock().expect("disk").write_durable(offset, data)
+    }
     fn copy_to(&self, _range: Range<u64>, _dst: &mut dyn BlockBackend) -> Result<bool, DiskError> {
         Ok(false)
     }

@@ -127,7 +127,7 @@ impl MoveOptions {
     pub fn new(method: Method) -> Self {
         Self {
             method,
-            chunk_bytes: 1 << 20,
+            chunk_bytes: 2 << 20,
             rate_bytes_per_sec: 0,
             converge_bytes: 4 << 20,
             rounds_max: 30,

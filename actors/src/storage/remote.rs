@@ -233,6 +233,17 @@ impl<C: Connection> DiskTarget for RemoteTarget<C> {
         })
     }
 
+    fn write_durable(
+        &mut self,
+        offset: u64,
+        data: Arc<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<(), DiskError>> {
+        Box::pin(async move {
+            self.write(offset, data).await?;
+            self.flush().await
+        })
+    }
+
     fn copy_from(
         &mut self,
         _source: SharedDisk,

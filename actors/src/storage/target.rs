@@ -25,6 +25,14 @@ pub trait DiskTarget: Send + Sync {
     /// Writes `data` at `offset`, after every earlier write.
     fn write(&mut self, offset: u64, data: Arc<Vec<u8>>) -> BoxFuture<'_, Result<(), DiskError>>;
 
+    /// Writes `data` at `offset`, after every earlier write, and makes it
+    /// durable (a mirrored guest write).
+    fn write_durable(
+        &mut self,
+        offset: u64,
+        data: Arc<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<(), DiskError>>;
+
     /// Copies `range` from `source` without passing it through memory, if
     /// the target can (`Ok(None)` if not); returns the bytes copied.
     fn copy_from(
@@ -85,6 +93,19 @@ impl DiskTarget for LocalTarget {
         let disk = self.disk.clone();
         Box::pin(offload(move || {
             disk.lock().expect("target disk").write_at(offset, &data)
+        }))
+    }
+
+    fn write_durable(
+        &mut self,
+        offset: u64,
+        data: Arc<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<(), DiskError>> {
+        let disk = self.disk.clone();
+        Box::pin(offload(move || {
+            disk.lock()
+                .expect("target disk")
+                .write_durable(offset, &data)
         }))
     }
 

@@ -13,6 +13,8 @@ pub enum BenchCommand {
     Kvm(super::bench_kvm::KvmArgs),
     /// Live migrations between two nodes on loopback.
     Migrate(super::bench_migrate::MigrateArgs),
+    /// Storage moves by each method against a plain copy of the same file.
+    Storage(super::bench_storage::StorageArgs),
 }
 
 /// Options of `ferry bench transport`.
@@ -47,6 +49,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Transport(args) => transport(&args),
         BenchCommand::Kvm(args) => super::bench_kvm::run(&args),
         BenchCommand::Migrate(args) => super::bench_migrate::run(&args),
+        BenchCommand::Storage(args) => super::bench_storage::run(&args),
     }
 }
 

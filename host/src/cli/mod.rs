@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod bench_kvm;
 pub mod bench_migrate;
+pub mod bench_storage;
 pub mod client;
 pub mod cluster;
 pub mod demo;
