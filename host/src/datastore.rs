@@ -362,6 +362,40 @@ impl ferry_actors::storage::datastore::Datastores for FileDatastores {
         Ok(())
     }
 
+    fn rename(&self, ds: &str, from: &str, to: &str) -> Result<(), DiskError> {
+        let (from, to) = (self.file(ds, from)?, self.file(ds, to)?);
+        std::fs::rename(&from, &to).map_err(io("rename file"))?;
+        if let Some(dir) = to.parent() {
+            // The rename is durable once the folder is.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("sync folder"))?;
+        }
+        Ok(())
+    }
+
+    fn find(&self, ds: &str, suffix: &str) -> Result<Vec<String>, DiskError> {
+        let root = &self.store(ds)?.root;
+        let mut out = Vec::new();
+        let dirs = match std::fs::read_dir(root) {
+            Ok(d) => d,
+            Err(e) => return Err(io("list datastore")(e)),
+        };
+        for dir in dirs {
+            let dir = dir.map_err(io("list datastore"))?;
+            if !dir.file_type().map_err(io("list datastore"))?.is_dir() {
+                continue;
+            }
+            let name = dir.file_name().to_string_lossy().into_owned();
+            for p in self.list(ds, &name)? {
+                if p.ends_with(suffix) {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn list(&self, ds: &str, dir: &str) -> Result<Vec<String>, DiskError> {
         let folder = self.file(ds, dir)?;
         let entries = match std::fs::read_dir(&folder) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ferry_actors::migration::Outcome;
 use ferry_actors::node::client::MigrateOptions;
+use ferry_actors::storage::Method;
 
 use crate::net::{LinkParams, SimNetwork};
 use crate::rng::SimRng;
@@ -81,6 +82,10 @@ pub struct Scenario {
     pub options: MigrateOptions,
     /// Check the at-most-one-running rule this often.
     pub check_every: Duration,
+    /// Each VM gets a disk of this many MiB on its host's `local`
+    /// datastore, with the disk workload running, and every migration
+    /// moves it along (a method drawn per migration); 0: no disks.
+    pub disk_mib: u64,
 }
 
 /// What a run produced.
@@ -132,6 +137,11 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     let trace = Rc::new(RefCell::new(Trace::default()));
     let violations = Rc::new(RefCell::new(Vec::<String>::new()));
     let maybe_lost = Rc::new(RefCell::new(std::collections::BTreeSet::<String>::new()));
+    // Migrations under way, VM -> destination: a VM arriving on a host
+    // that crashes may be lost with it too.
+    let arriving = Rc::new(RefCell::new(
+        std::collections::BTreeMap::<String, String>::new(),
+    ));
 
     let mut vms = Vec::new();
     for i in 0..s.vms {
@@ -142,7 +152,7 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
             rng.below(s.wss_mib_max + 1)
         };
         world
-            .create_vm(i % s.hosts, &name, s.vm_memory_mib, wss)
+            .create_vm_with_disk(i % s.hosts, &name, s.vm_memory_mib, wss, s.disk_mib)
             .await;
         vms.push(name);
     }
@@ -161,7 +171,12 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
         let world = world.clone();
         let trace = trace.clone();
         let violations = violations.clone();
-        let options = s.options.clone();
+        let arriving = arriving.clone();
+        let mut options = s.options.clone();
+        if s.disk_mib > 0 {
+            options.datastore = "local".into();
+            options.method = *rng.pick(&Method::ALL);
+        }
         tasks.push(tokio::task::spawn_local(async move {
             tokio::time::sleep(at).await;
             let census = world.census().await;
@@ -180,15 +195,18 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                 to = names[(dest_pick + 1) % names.len()].clone();
             }
             let from = world.index_of(&owner).expect("owner is a host");
-            trace
-                .borrow_mut()
-                .record(world.elapsed(), format!("m{k}: {vm} {owner} -> {to}"));
-            let r = match tokio::time::timeout(
+            trace.borrow_mut().record(
+                world.elapsed(),
+                format!("m{k}: {vm} {owner} -> {to} ({})", options.method),
+            );
+            arriving.borrow_mut().insert(vm.clone(), to.clone());
+            let r = tokio::time::timeout(
                 MIGRATION_TIME_MAX,
                 world::migrate(&world.actor(from), &vm, &to, options),
             )
-            .await
-            {
+            .await;
+            arriving.borrow_mut().remove(&vm);
+            let r = match r {
                 Ok(r) => r,
                 Err(_) => {
                     trace
@@ -236,6 +254,7 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
         let f = s.faults;
         let names: Vec<String> = world.names().to_vec();
         let maybe_lost = maybe_lost.clone();
+        let arriving = arriving.clone();
         let mut rng = SimRng::new(rng.next_u64());
         tokio::task::spawn_local(async move {
             let rate =
@@ -286,6 +305,13 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                         if let crate::world::Census(Some(vms)) = world.host_vms(index).await {
                             maybe_lost.borrow_mut().extend(vms);
                         }
+                        maybe_lost.borrow_mut().extend(
+                            arriving
+                                .borrow()
+                                .iter()
+                                .filter(|(_, to)| **to == a)
+                                .map(|(vm, _)| vm.clone()),
+                        );
                         #[allow(clippy::cast_possible_truncation)]
                         let down =
                             Duration::from_nanos(rng.below(f.down_max.as_nanos().max(1) as u64));
@@ -371,6 +397,13 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     }
     if let Err(v) = world::settled(&census, &vms, &maybe_lost.borrow()) {
         violations.borrow_mut().push(format!("settled: {v}"));
+    }
+    if s.disk_mib > 0 {
+        // Every write the disk workload had acknowledged is on the disk of
+        // the one host that runs the VM, whichever way its migrations went.
+        for v in world::disk_violations(&world, &census, &maybe_lost.borrow()).await {
+            violations.borrow_mut().push(format!("settled: {v}"));
+        }
     }
     if ends.contains(&MigrationEnd::Lost) {
         violations

@@ -202,6 +202,29 @@ impl World {
 
     /// Creates and starts a VM on host `index`.
     pub async fn create_vm(&self, index: usize, name: &str, memory_mib: u64, wss_mib: u64) {
+        self.create_vm_with_disk(index, name, memory_mib, wss_mib, 0)
+            .await;
+    }
+
+    /// Creates and starts a VM on host `index`, with a disk of `disk_mib`
+    /// on the host's `local` datastore running the disk workload (none
+    /// for 0).
+    pub async fn create_vm_with_disk(
+        &self,
+        index: usize,
+        name: &str,
+        memory_mib: u64,
+        wss_mib: u64,
+        disk_mib: u64,
+    ) {
+        let disks = if disk_mib == 0 {
+            Vec::new()
+        } else {
+            vec![ferry_actors::node::client::DiskSpec {
+                size_mib: disk_mib,
+                datastore: "local".into(),
+            }]
+        };
         let spec = VmSpec {
             name: name.to_owned(),
             memory_mib,
@@ -209,8 +232,8 @@ impl World {
             wss_mib,
             synthetic: true,
             cpu_features: Vec::new(),
-            disks: Vec::new(),
-            disk_workload: false,
+            disk_workload: disk_mib > 0,
+            disks,
         };
         let created = self.request(index, ClientRequest::CreateVm(spec)).await;
         assert_eq!(created, ClientReply::Ok, "creating {name}");
@@ -303,6 +326,52 @@ pub fn at_most_one_running(census: &BTreeMap<String, Vec<VmInfo>>) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// In a settled cluster, checks every running VM's disk: each write its
+/// disk workload acknowledged is on it, and no host but the VM's keeps
+/// files of it (a half-copied destination left behind).
+pub async fn disk_violations(
+    world: &World,
+    census: &BTreeMap<String, Vec<VmInfo>>,
+    maybe_lost: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (vm, copies) in census {
+        let Some(owner) = copies.iter().find(|c| c.running) else {
+            continue;
+        };
+        let index = world.index_of(&owner.host).expect("a host");
+        let request = ClientRequest::Disks {
+            vm: vm.clone(),
+            verify: true,
+        };
+        match world.request(index, request).await {
+            ClientReply::Disks(disks) => {
+                for d in disks {
+                    if let Some(e) = d.verify_error {
+                        out.push(format!("{vm} on {}: {}: {e}", owner.host, d.name));
+                    }
+                }
+            }
+            other => out.push(format!("{vm}: its disks cannot be read: {other:?}")),
+        }
+        if maybe_lost.contains(vm) {
+            continue;
+        }
+        for (location, path) in world.storage.files() {
+            let stray = path.starts_with(&format!("{vm}/"))
+                && location != owner.host
+                && world.names().iter().any(|n| *n == location);
+            if stray {
+                out.push(format!(
+                    "{vm} runs on {} but {location} keeps {path}",
+                    owner.host
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Checks the rules of a settled cluster (hosts up, no migration in

@@ -38,6 +38,7 @@ fn base(name: &'static str) -> Scenario {
         faults: Faults::NONE,
         options: options(),
         check_every: Duration::from_millis(5),
+        disk_mib: 0,
     }
 }
 
@@ -229,4 +230,42 @@ fn hosts_crash_and_restart_clocks_jump() {
         ..base("crashes")
     };
     sweep(&s, 6000, 25);
+}
+
+#[test]
+fn disks_move_with_their_vms_through_cuts_and_partitions() {
+    let s = Scenario {
+        vms: 6,
+        migrations: 8,
+        disk_mib: 2,
+        faults: Faults {
+            cuts_per_s: 2.0,
+            partitions_per_s: 1.0,
+            partition_max: Duration::from_millis(500),
+            clogs_per_s: 2.0,
+            ..Faults::NONE
+        },
+        ..base("storage")
+    };
+    let results = sweep(&s, 6000, 20);
+    assert!(
+        results.iter().map(|r| r.completed).sum::<usize>() > 0,
+        "some storage migrations complete"
+    );
+}
+
+#[test]
+fn disks_survive_host_crashes() {
+    let s = Scenario {
+        vms: 6,
+        migrations: 8,
+        disk_mib: 2,
+        faults: Faults {
+            crashes_per_s: 0.5,
+            down_max: Duration::from_millis(500),
+            ..Faults::NONE
+        },
+        ..base("storage-crashes")
+    };
+    sweep(&s, 7000, 10);
 }

@@ -110,6 +110,21 @@ impl MigrationReport {
             Some(false) => "MEMORY MISMATCH",
             None => "memory not verified",
         };
+        let mut disks = String::new();
+        for d in &self.disks {
+            disks.push_str(&format!(
+                "\n  disk {} {} -> {}:{} by {}: {:.1} MiB copied, {:.1} MiB holes skipped, {:.0} MB/s, final step {:.2} ms",
+                d.disk,
+                d.from,
+                self.to,
+                d.to,
+                d.method,
+                d.copied_bytes as f64 / f64::from(1u32 << 20),
+                d.skipped_bytes as f64 / f64::from(1u32 << 20),
+                d.copy_mb_per_s,
+                d.pause_ms
+            ));
+        }
         format!(
             "{vm}: {from} -> {to} {outcome}\n  total {total:.1} ms, downtime {down:.2} ms (predicted {pred:.2} ms)\n  {rounds} rounds, {pages} pages, {mb:.1} MB at {rate:.0} MB/s, throttle max {thr}%, {verified}",
             vm = self.vm,
@@ -123,7 +138,7 @@ impl MigrationReport {
             mb = self.mb_sent(),
             rate = self.throughput_mb_s,
             thr = self.throttle_max_percent,
-        )
+        ) + &disks
     }
 }
 

@@ -447,6 +447,9 @@ impl SourceMachine {
                     self.actions.push_back(SourceAction::HashMemory);
                 }
             }
+            // Failed while the dirty set was being read (an action queued
+            // before the failure): nothing more to do with it.
+            State::Done => {}
             other => {
                 panic!("dirty set delivered in state {other:?}");
             }

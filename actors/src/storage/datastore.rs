@@ -44,6 +44,36 @@ pub trait Datastores: Send + Sync + 'static {
 
     /// The files (not disks' lock state) in folder `dir` of `ds`.
     fn list(&self, ds: &str, dir: &str) -> Result<Vec<String>, DiskError>;
+
+    /// Renames a file (an open disk keeps working under its new name).
+    fn rename(&self, ds: &str, from: &str, to: &str) -> Result<(), DiskError>;
+
+    /// Every file on `ds`, in any VM folder, whose name ends with `suffix`.
+    fn find(&self, ds: &str, suffix: &str) -> Result<Vec<String>, DiskError>;
+}
+
+/// The name a disk or home file has while it arrives on `host`: a host
+/// that restarts deletes its own (they belong to migrations that died
+/// with it), never another host's on a shared datastore.
+pub fn arriving_name(path: &str, host: &str) -> String {
+    format!("{path}{}", arriving_suffix(host))
+}
+
+/// The suffix of [`arriving_name`].
+pub fn arriving_suffix(host: &str) -> String {
+    format!(".arriving-{host}")
+}
+
+/// Deletes what arrived on this host's datastores for migrations that
+/// never finished (they died with the host's previous life).
+pub fn remove_arrivals(stores: &dyn Datastores, host: &str) {
+    let suffix = arriving_suffix(host);
+    for ds in stores.names() {
+        for path in stores.find(&ds, &suffix).unwrap_or_default() {
+            tracing::info!(datastore = %ds, %path, "removing a half-arrived file");
+            let _ = stores.remove(&ds, &path);
+        }
+    }
 }
 
 /// Finds datastore `name` among `names`, with a clear error.
@@ -248,6 +278,27 @@ impl Datastores for MemDatastores {
         let key = self.key(ds, path)?;
         self.storage.files.lock().expect("storage").remove(&key);
         Ok(())
+    }
+
+    fn rename(&self, ds: &str, from: &str, to: &str) -> Result<(), DiskError> {
+        let (from, to) = (self.key(ds, from)?, self.key(ds, to)?);
+        let mut files = self.storage.files.lock().expect("storage");
+        let f = files.remove(&from).ok_or_else(|| no_file(&from.1))?;
+        files.insert(to, f);
+        Ok(())
+    }
+
+    fn find(&self, ds: &str, suffix: &str) -> Result<Vec<String>, DiskError> {
+        let location = self.location(ds)?;
+        Ok(self
+            .storage
+            .files
+            .lock()
+            .expect("storage")
+            .keys()
+            .filter(|(l, p)| *l == location && p.ends_with(suffix))
+            .map(|(_, p)| p.clone())
+            .collect())
     }
 
     fn list(&self, ds: &str, dir: &str) -> Result<Vec<String>, DiskError> {

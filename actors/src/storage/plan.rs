@@ -404,12 +404,16 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// Options with 1 MiB chunks, which the tests count in.
+    fn options(method: Method) -> MoveOptions {
+        let mut o = MoveOptions::new(method);
+        o.chunk_bytes = MIB;
+        o
+    }
+
     fn plan(method: Method, len: u64, allocated: Vec<Range<u64>>) -> (MovePlan, Instant) {
         let now = Instant::now();
-        (
-            MovePlan::new(now, MoveOptions::new(method), len, allocated),
-            now,
-        )
+        (MovePlan::new(now, options(method), len, allocated), now)
     }
 
     fn copy_all(p: &mut MovePlan, now: Instant) -> Vec<Range<u64>> {
@@ -497,7 +501,7 @@ mod tests {
     #[test]
     fn cbt_pauses_anyway_after_rounds_max() {
         let now = Instant::now();
-        let mut o = MoveOptions::new(Method::Cbt);
+        let mut o = options(Method::Cbt);
         o.rounds_max = 2;
         o.converge_bytes = 0;
         let mut p = MovePlan::new(now, o, 4 * MIB, vec![0..4 * MIB]);
@@ -544,7 +548,7 @@ mod tests {
     #[test]
     fn the_rate_limit_spaces_chunks_out() {
         let now = Instant::now();
-        let mut o = MoveOptions::new(Method::Snapshot);
+        let mut o = options(Method::Snapshot);
         o.rate_bytes_per_sec = 10 * MIB;
         let mut p = MovePlan::new(now, o, 4 * MIB, vec![0..4 * MIB]);
         let Step::Copy(r) = p.next_step(now) else {

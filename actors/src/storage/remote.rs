@@ -306,8 +306,12 @@ pub struct IncomingDisk {
     pub done: Mutex<Option<u64>>,
     /// Set by [`DiskCmd::Discard`].
     pub discarded: std::sync::atomic::AtomicBool,
-    /// The VM home files written with it (deleted with it).
-    pub home: Vec<String>,
+    /// The VM home files written with it, as (path while arriving, final
+    /// path): deleted with it, or renamed when the VM arrives.
+    pub home: Vec<(String, String)>,
+    /// Where the disk goes once the VM arrives (until then it is
+    /// `place.path`, a name a restarted host knows to clean up).
+    pub final_path: String,
 }
 
 /// Writes extents straight into a buffer, then to the disk.

@@ -25,6 +25,14 @@ pub struct DemoArgs {
     /// Downtime budget in milliseconds.
     #[arg(long, default_value_t = 50)]
     pub downtime_ms: u64,
+    /// A disk of this many MiB that moves with the VM to host-b's
+    /// datastore in the same switchover, under the disk workload (0: no
+    /// disk, memory only).
+    #[arg(long, default_value_t = 256)]
+    pub disk_mib: u64,
+    /// How the disk moves: mirror, cbt or snapshot.
+    #[arg(long, default_value = "mirror")]
+    pub method: ferry_actors::storage::Method,
     /// Use the synthetic guest even where KVM works.
     #[arg(long)]
     pub synthetic: bool,
@@ -50,6 +58,9 @@ pub struct DemoReport {
     pub guest_progressed: bool,
     /// The source host's MAC table points at the destination.
     pub mac_moved: bool,
+    /// Every write the disk workload acknowledged, before and after the
+    /// move, is on the destination's disk (`None`: no disk).
+    pub disk_verified: Option<bool>,
 }
 
 /// Runs the demo.
@@ -69,10 +80,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             if report.mac_moved { "is" } else { "is NOT" },
             report.migration.to
         );
+        if let Some(ok) = report.disk_verified {
+            println!(
+                "  disk on {}: every acknowledged write {}",
+                report.migration.to,
+                if ok { "present" } else { "NOT present" }
+            );
+        }
     }
     anyhow::ensure!(
         report.migration.completed(),
         "the migration did not complete"
+    );
+    anyhow::ensure!(
+        report.disk_verified != Some(false),
+        "an acknowledged disk write is missing"
     );
     Ok(())
 }
@@ -106,19 +128,31 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         "two nodes on loopback (QUIC, mutual TLS): host-a, host-b; {guest} guest of {} MiB rewriting {} MiB",
         args.memory, args.wss
     ));
+    if args.disk_mib > 0 {
+        say(format!(
+            "its {} MiB disk (on host-a's datastore, a write workload running) moves to host-b's datastore by {} in the same switchover",
+            args.disk_mib, args.method
+        ));
+    }
     let vm = "demo-vm";
     say("guest filling its memory...".into());
-    local.start_vm("host-a", vm, args.memory, args.wss).await?;
+    local
+        .start_vm_with_disk("host-a", vm, args.memory, args.wss, args.disk_mib)
+        .await?;
     let bar = ProgressBar::new(args.json);
     let progress = bar.clone();
-    let migration = local
+    let migrate = local
         .client
         .vm(vm)
         .migrate_to("host-b")
         .downtime_ms(args.downtime_ms)
-        .verify_memory(true)
-        .on_progress(move |p| progress.update(p))
-        .await?;
+        .verify_memory(true);
+    let migrate = if args.disk_mib > 0 {
+        migrate.storage("local", args.method)
+    } else {
+        migrate
+    };
+    let migration = migrate.on_progress(move |p| progress.update(p)).await?;
     bar.finish();
     let mut guest_progressed = false;
     let mut mac_moved = false;
@@ -142,7 +176,18 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
             }
         }
     }
+    let disk_verified = if args.disk_mib > 0 && migration.completed() {
+        let disks = local.client.vm(vm).disks(true).await?;
+        Some(
+            disks
+                .iter()
+                .all(|d| d.verify_error.is_none() && d.verified_blocks.is_some()),
+        )
+    } else {
+        None
+    };
     Ok(DemoReport {
+        disk_verified,
         guest,
         memory_mib: args.memory,
         wss_mib: args.wss,

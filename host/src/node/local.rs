@@ -147,6 +147,28 @@ impl LocalCluster {
         memory_mib: u64,
         wss_mib: u64,
     ) -> anyhow::Result<()> {
+        self.start_vm_with_disk(node, name, memory_mib, wss_mib, 0)
+            .await
+    }
+
+    /// As [`Self::start_vm`], with a disk of `disk_mib` (none for 0) on
+    /// the node's `local` datastore running the synthetic disk workload.
+    pub async fn start_vm_with_disk(
+        &self,
+        node: &str,
+        name: &str,
+        memory_mib: u64,
+        wss_mib: u64,
+        disk_mib: u64,
+    ) -> anyhow::Result<()> {
+        let disks = if disk_mib == 0 {
+            Vec::new()
+        } else {
+            vec![ferry_actors::node::client::DiskSpec {
+                size_mib: disk_mib,
+                datastore: "local".into(),
+            }]
+        };
         let spec = ferry_actors::node::client::VmSpec {
             name: name.to_owned(),
             memory_mib,
@@ -154,8 +176,8 @@ impl LocalCluster {
             wss_mib,
             synthetic: !self.kvm,
             cpu_features: Vec::new(),
-            disks: Vec::new(),
-            disk_workload: false,
+            disk_workload: disk_mib > 0,
+            disks,
         };
         self.client.create_vm(node, spec).await?;
         self.client.vm(name).start().await?;

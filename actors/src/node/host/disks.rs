@@ -227,14 +227,27 @@ pub async fn incoming_disk<T: Transport>(
     if let Some(d) = list.iter().find(|d| d.name == open.disk) {
         return Ok(d.clone());
     }
+    // Arriving files carry this host's mark until the VM arrives, so a
+    // restart can tell them from finished ones.
+    let host = s.ctx.name.clone();
+    let arriving = |p: &str| crate::storage::datastore::arriving_name(p, &host);
+    let path = arriving(&open.path);
+    let home: Vec<(String, String)> = open
+        .home
+        .iter()
+        .map(|h| (arriving(&h.path), h.path.clone()))
+        .collect();
     let stores = s.stores.clone();
     let o = open.clone();
+    let (p, h) = (path.clone(), home.clone());
     let disk = offload(move || {
         check_datastore(stores.as_ref(), &o.datastore)?;
-        for h in &o.home {
-            stores.write_file(&o.datastore, &h.path, &h.bytes)?;
+        for (file, (tmp, _)) in o.home.iter().zip(&h) {
+            stores.write_file(&o.datastore, tmp, &file.bytes)?;
         }
-        stores.create_disk(&o.datastore, &o.path, o.len)
+        // A copy that died with this host's previous life starts afresh.
+        let _ = stores.remove(&o.datastore, &p);
+        stores.create_disk(&o.datastore, &p, o.len)
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -243,12 +256,13 @@ pub async fn incoming_disk<T: Transport>(
         disk: shared(disk),
         place: DiskPlace {
             datastore: open.datastore,
-            path: open.path,
+            path,
         },
+        final_path: open.path,
         durable: AtomicU64::new(0),
         done: std::sync::Mutex::new(None),
         discarded: AtomicBool::new(false),
-        home: open.home.into_iter().map(|h| h.path).collect(),
+        home,
     });
     list.push(d.clone());
     Ok(d)
@@ -267,7 +281,19 @@ pub async fn adopt<T: Transport>(
     for c in &mut config.disks {
         let made = if let Some(inc) = arrived.iter().find(|d| d.name == c.name) {
             c.datastore = inc.place.datastore.clone();
-            c.path = inc.place.path.clone();
+            c.path = inc.final_path.clone();
+            let (stores, inc2) = (s.stores.clone(), inc.clone());
+            let renamed = offload(move || {
+                let ds = &inc2.place.datastore;
+                for (tmp, fin) in &inc2.home {
+                    stores.rename(ds, tmp, fin)?;
+                }
+                stores.rename(ds, &inc2.place.path, &inc2.final_path)
+            })
+            .await;
+            if let Err(e) = renamed {
+                tracing::error!(vm = %config.name, disk = %c.name, "naming the arrived disk: {e}");
+            }
             c.location = s.stores.location(&c.datastore).unwrap_or_default();
             let acked = inc.done.lock().expect("done").unwrap_or(0);
             spawn_disk(c.clone(), inc.disk.clone(), s.stores.clone(), acked).await
@@ -295,8 +321,8 @@ pub async fn discard_incoming<T: Transport>(s: &mut HostState<T>, key: &(String,
         for d in arrived {
             *d.disk.lock().expect("disk") = Box::new(crate::disk::MemDisk::new(0));
             let _ = stores.remove(&d.place.datastore, &d.place.path);
-            for h in &d.home {
-                let _ = stores.remove(&d.place.datastore, h);
+            for (tmp, _) in &d.home {
+                let _ = stores.remove(&d.place.datastore, tmp);
             }
         }
     })

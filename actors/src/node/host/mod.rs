@@ -170,6 +170,11 @@ impl<T: Transport> Actor for HostActor<T> {
         args: HostArgs<T>,
     ) -> Result<HostState<T>, ActorProcessingErr> {
         let next_migration_id = (u64::from(args.ctx.incarnation) << 32) | 1;
+        let (stores, host) = (args.stores.clone(), args.ctx.name.clone());
+        super::offload(move || {
+            crate::storage::datastore::remove_arrivals(stores.as_ref(), &host);
+        })
+        .await;
         Ok(HostState {
             ctx: args.ctx,
             capacity: args.capacity,
