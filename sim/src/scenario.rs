@@ -401,7 +401,8 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     if s.disk_mib > 0 {
         // Every write the disk workload had acknowledged is on the disk of
         // the one host that runs the VM, whichever way its migrations went.
-        for v in world::disk_violations(&world, &census, &maybe_lost.borrow()).await {
+        let lost = maybe_lost.borrow().clone();
+        for v in world::disk_violations(&world, &census, &lost).await {
             violations.borrow_mut().push(format!("settled: {v}"));
         }
     }

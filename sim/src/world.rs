@@ -362,7 +362,7 @@ pub async fn disk_violations(
         for (location, path) in world.storage.files() {
             let stray = path.starts_with(&format!("{vm}/"))
                 && location != owner.host
-                && world.names().iter().any(|n| *n == location);
+                && world.names().contains(&location);
             if stray {
                 out.push(format!(
                     "{vm} runs on {} but {location} keeps {path}",
