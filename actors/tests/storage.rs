@@ -175,3 +175,154 @@ async fn the_disk_workload_verifies() {
     let v = call(&actor, DiskMsg::VerifyWorkload).await.expect("call");
     assert!(v.is_ok(), "{v:?} after {}", info.workload_acked);
 }
+
+/// A snapshot copy to another host whose connection breaks half-way
+/// continues where the destination's durable copy ends, not from zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_link_resumes_the_copy_where_it_stopped() {
+    use ferry_actors::disk::MemDisk;
+    use ferry_actors::node::disk::CopyProgress;
+    use ferry_actors::storage::remote::{
+        DiskOpen, IncomingDisk, OpenDiskStream, RemoteTarget, receive_disk,
+    };
+    use ferry_transport::mem::{MemConnection, MemNetwork};
+    use ferry_transport::{
+        Connection, FrameKind, FrameReader, FrameWriter, PeerIdentity, Role, Transport,
+    };
+
+    const DISK: u64 = 32 << 20;
+    let net = MemNetwork::new();
+    let dst = net.endpoint(PeerIdentity::new("dst", Role::Host));
+    let src = Arc::new(net.endpoint(PeerIdentity::new("src", Role::Host)));
+    let incoming = Arc::new(IncomingDisk {
+        name: "disk0".into(),
+        disk: shared(Box::new(MemDisk::new(DISK))),
+        place: DiskPlace {
+            datastore: "ds".into(),
+            path: "vm/disk0.raw".into(),
+        },
+        durable: AtomicU64::new(0),
+        done: std::sync::Mutex::new(None),
+        discarded: std::sync::atomic::AtomicBool::new(false),
+        home: Vec::new(),
+        final_path: "vm/disk0.raw".into(),
+    });
+    let inc = incoming.clone();
+    tokio::spawn(async move {
+        while let Ok(conn) = dst.accept().await {
+            let inc = inc.clone();
+            tokio::spawn(async move {
+                while let Ok((send, recv)) = conn.accept_stream().await {
+                    let mut reader = FrameReader::new(recv);
+                    let _: DiskOpen = reader.read_message(FrameKind::Control).await.expect("open");
+                    let _ = receive_disk(FrameWriter::new(send), reader, inc.clone()).await;
+                }
+            });
+        }
+    });
+    let current: Arc<std::sync::Mutex<Option<MemConnection>>> = Arc::default();
+    let (src2, cur2) = (src.clone(), current.clone());
+    let dial: OpenDiskStream<MemConnection> = Arc::new(move || {
+        let (src, cur) = (src2.clone(), cur2.clone());
+        Box::pin(async move {
+            let conn = src
+                .connect(&"dst".to_owned())
+                .await
+                .map_err(|e| e.to_string())?;
+            let (send, recv) = conn.open_stream().await.map_err(|e| e.to_string())?;
+            *cur.lock().expect("conn") = Some(conn);
+            Ok((FrameWriter::new(send), FrameReader::new(recv)))
+        })
+    });
+
+    // The source disk, full of data.
+    let stores: Arc<dyn Datastores> =
+        Arc::new(MemDatastores::new(MemStorage::new(), &[("ds1", "l1")]));
+    let mut disk = stores
+        .create_disk("ds1", "vm/disk0.raw", DISK)
+        .expect("create");
+    let pattern = WritePattern::new(DISK);
+    let mut buf = vec![0u8; 4096];
+    for seq in 1..=pattern.blocks() {
+        pattern.fill(seq, &mut buf);
+        disk.write_at(pattern.offset_of(seq), &buf).expect("fill");
+    }
+    let acked = Arc::new(AtomicU64::new(pattern.blocks()));
+    let (actor, _) = Actor::spawn(
+        None,
+        DiskActor,
+        DiskArgs {
+            name: "disk0".into(),
+            disk: shared(disk),
+            place: DiskPlace {
+                datastore: "ds1".into(),
+                path: "vm/disk0.raw".into(),
+            },
+            stores: stores.clone(),
+            workload_acked: acked.clone(),
+        },
+    )
+    .await
+    .expect("spawn");
+    let open = DiskOpen {
+        migration_id: 1,
+        disk: "disk0".into(),
+        len: DISK,
+        datastore: "ds".into(),
+        path: "vm/disk0.raw".into(),
+        home: Vec::new(),
+    };
+    let (target, durable) = RemoteTarget::<MemConnection>::open("dst", open, dial, acked.clone())
+        .await
+        .expect("open");
+    assert_eq!(durable, 0);
+    let mut options = MoveOptions::new(Method::Snapshot);
+    options.chunk_bytes = 1 << 20;
+    call(&actor, |reply| DiskMsg::StartMove {
+        options,
+        target: Box::new(target),
+        to: DiskPlace {
+            datastore: "ds".into(),
+            path: "vm/disk0.raw".into(),
+        },
+        reply,
+    })
+    .await
+    .expect("call")
+    .expect("start");
+    actor
+        .cast(DiskMsg::Workload(Some(Duration::from_millis(1))))
+        .expect("workload");
+    let mut broke = false;
+    copy_until_converged(&actor, 3, |p| {
+        if let CopyProgress::Copied { cursor, .. } = p
+            && *cursor >= DISK / 2
+            && !broke
+        {
+            broke = true;
+            if let Some(c) = current.lock().expect("conn").take() {
+                c.close("test: link cut");
+            }
+        }
+    })
+    .await
+    .expect("the copy resumes and converges");
+    let report = call(&actor, DiskMsg::Finish)
+        .await
+        .expect("call")
+        .expect("finish");
+    assert!(broke);
+    assert_eq!(report.resumes, 1);
+    assert!(
+        report.copied_bytes < DISK * 3 / 2,
+        "resumed, not restarted: {} bytes sent for a {DISK}-byte disk",
+        report.copied_bytes
+    );
+    let acked_at_finish = acked.load(Ordering::SeqCst);
+    assert!(incoming.done.lock().expect("done").is_some());
+    let copy = incoming.disk.lock().expect("disk");
+    let checked = pattern
+        .verify(acked_at_finish, 0, |o, b| copy.read_at(o, b))
+        .expect("every acknowledged write on the destination");
+    assert_eq!(checked, pattern.blocks());
+}

@@ -568,7 +568,10 @@ impl DiskState {
                 m.report.skipped_bytes += (range.end - range.start) - sent;
                 m.plan.copied(&range, sent);
                 m.unflushed += sent;
-                if m.unflushed >= FLUSH_EVERY_BYTES {
+                // At least eight flushes per pass, so a broken link loses
+                // little of a small disk's copy either.
+                let every = FLUSH_EVERY_BYTES.min((m.plan.len() / 8).max(1));
+                if m.unflushed >= every {
                     m.target
                         .as_mut()
                         .expect("target while moving")

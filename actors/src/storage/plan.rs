@@ -317,22 +317,20 @@ impl MovePlan {
         if !matches!(self.phase, Phase::FirstPass) && self.options.method == Method::Cbt {
             return Err("changed-block rounds cannot resume".into());
         }
-        if durable >= self.cursor {
-            return Ok(());
-        }
-        let mut again: VecDeque<Range<u64>> = self
+        self.resumes += 1;
+        // Everything from the durable point on, again: the chunk that was
+        // on its way when the link broke is no longer in `todo`.
+        let durable = durable.min(self.cursor);
+        self.todo = self
             .extents
             .iter()
-            .map(|r| r.start.max(durable)..r.end.min(self.cursor))
+            .map(|r| r.start.max(durable)..r.end)
             .filter(|r| !r.is_empty())
             .collect();
-        again.extend(self.todo.drain(..));
-        self.todo = again;
         self.cursor = durable;
         if self.phase == Phase::Converged {
             self.phase = Phase::FirstPass;
         }
-        self.resumes += 1;
         Ok(())
     }
 
@@ -537,6 +535,8 @@ mod tests {
             p.copied(&r, r.end - r.start);
         }
         assert_eq!(p.cursor(), 6 * MIB);
+        // The next chunk was taken but never arrived: the link broke.
+        assert_eq!(p.next_step(now), Step::Copy(6 * MIB..7 * MIB));
         p.resume_from(MIB).expect("resumable");
         let again = copy_all(&mut p, now);
         assert_eq!(again[0], MIB..2 * MIB, "from the durable point");
