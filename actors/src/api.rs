@@ -234,6 +234,7 @@ impl<'a, T: Transport> VmHandle<'a, T> {
         &self,
         datastore: &str,
         method: crate::storage::Method,
+        rate_mb_per_s: u64,
         on_progress: Option<ProgressFn>,
     ) -> Result<Vec<crate::storage::DiskMoveReport>, ClientError> {
         let node = self.cluster.locate(&self.name).await?;
@@ -241,6 +242,7 @@ impl<'a, T: Transport> VmHandle<'a, T> {
             vm: self.name.clone(),
             datastore: datastore.to_owned(),
             method,
+            rate_mb_per_s,
         };
         let mut on_progress = on_progress;
         match self
@@ -334,6 +336,12 @@ impl<'a, T: Transport> Migrate<'a, T> {
     pub fn storage(mut self, datastore: &str, method: crate::storage::Method) -> Self {
         self.options.datastore = datastore.to_owned();
         self.options.method = method;
+        self
+    }
+
+    /// Limit the disks' copy rate, in MB/s (0: none).
+    pub fn storage_rate_mb_per_s(mut self, rate: u64) -> Self {
+        self.options.disk_rate_mb_per_s = rate;
         self
     }
 

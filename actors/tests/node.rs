@@ -346,7 +346,12 @@ async fn storage_moves_between_datastores_of_one_host_by_each_method() {
         let reports = w
             .cluster
             .vm(&vm)
-            .move_storage("archive", method, None)
+            .move_storage(
+                "archive",
+                method,
+                if method == Method::Snapshot { 100 } else { 0 },
+                None,
+            )
             .await
             .expect("move");
         assert_eq!(reports.len(), 1);
@@ -436,7 +441,7 @@ async fn a_disk_on_unshared_storage_needs_a_storage_move() {
     let refused = w
         .cluster
         .vm("solo")
-        .move_storage("nowhere", Method::Mirror, None)
+        .move_storage("nowhere", Method::Mirror, 0, None)
         .await
         .expect_err("no such datastore");
     assert!(

@@ -96,6 +96,8 @@ pub struct StorageMove {
     pub datastore: String,
     /// Copy method.
     pub method: crate::storage::Method,
+    /// Copy rate limit in MB/s (0: none), to spare the source's storage.
+    pub rate_mb_per_s: u64,
 }
 
 /// The first message on every stream a node opens to another.

@@ -91,6 +91,8 @@ pub struct MigrateOptions {
     pub datastore: String,
     /// How the disks move.
     pub method: crate::storage::Method,
+    /// Disk copy rate limit in MB/s (0: none).
+    pub disk_rate_mb_per_s: u64,
 }
 
 impl Default for MigrateOptions {
@@ -105,6 +107,7 @@ impl Default for MigrateOptions {
             cold: d.cold,
             datastore: String::new(),
             method: crate::storage::Method::Mirror,
+            disk_rate_mb_per_s: 0,
         }
     }
 }
@@ -122,6 +125,7 @@ impl MigrateOptions {
             storage: (!self.datastore.is_empty()).then(|| crate::migration::wire::StorageMove {
                 datastore: self.datastore.clone(),
                 method: self.method,
+                rate_mb_per_s: self.disk_rate_mb_per_s,
             }),
             ..MigrationOptions::default()
         }
@@ -160,6 +164,8 @@ pub enum ClientRequest {
         datastore: String,
         /// How.
         method: crate::storage::Method,
+        /// Copy rate limit in MB/s (0: none).
+        rate_mb_per_s: u64,
     },
     /// A VM's disks; with `verify`, each is checked against the synthetic
     /// workload's pattern (every acknowledged write present).

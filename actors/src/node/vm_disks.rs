@@ -192,8 +192,10 @@ impl<C: Connection> MigratingDisks<C> {
                 datastore: storage.datastore.clone(),
                 path: d.config.path.clone(),
             };
+            let mut options = MoveOptions::new(storage.method);
+            options.rate_bytes_per_sec = storage.rate_mb_per_s * 1_000_000;
             disk::call(&d.actor, |reply| DiskMsg::StartMove {
-                options: MoveOptions::new(storage.method),
+                options,
                 target: Box::new(target),
                 to,
                 reply,

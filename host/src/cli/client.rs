@@ -102,6 +102,9 @@ pub struct MigrateArgs {
     /// How the disks move: mirror, cbt or snapshot.
     #[arg(long, default_value = "mirror")]
     pub method: ferry_actors::storage::Method,
+    /// Limit the disk copy to this many MB/s (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub rate_mb: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -121,6 +124,9 @@ pub struct MoveStorageArgs {
     /// How the disks move: mirror, cbt or snapshot.
     #[arg(long, default_value = "mirror")]
     pub method: ferry_actors::storage::Method,
+    /// Limit the copy to this many MB/s (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub rate_mb: u64,
     /// Print the reports as JSON.
     #[arg(long)]
     pub json: bool,
@@ -162,7 +168,7 @@ pub fn move_storage(args: &MoveStorageArgs) -> anyhow::Result<()> {
             });
         let r = cluster
             .vm(&args.vm)
-            .move_storage(&args.datastore, args.method, Some(progress))
+            .move_storage(&args.datastore, args.method, args.rate_mb, Some(progress))
             .await?;
         if !quiet {
             eprintln!();
@@ -369,7 +375,9 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
             .verify_memory(args.verify)
             .lanes(args.lanes);
         let migrate = match &args.datastore {
-            Some(ds) => migrate.storage(ds, args.method),
+            Some(ds) => migrate
+                .storage(ds, args.method)
+                .storage_rate_mb_per_s(args.rate_mb),
             None => migrate,
         };
         let report = migrate.on_progress(move |p| progress.update(p)).await?;

@@ -338,6 +338,7 @@ pub async fn move_storage(
     vm: ractor::ActorRef<VmMsg>,
     datastore: String,
     method: Method,
+    rate_mb_per_s: u64,
     reply: mpsc::UnboundedSender<ClientReply>,
 ) -> Result<(Vec<DiskConfig>, Vec<DiskMoveReport>), NodeError> {
     check_datastore(stores.as_ref(), &datastore).map_err(disk_err)?;
@@ -378,7 +379,9 @@ pub async fn move_storage(
             configs.push(d.config.clone());
             continue;
         }
-        let r = move_one(&stores, d, &vm, &datastore, method, &reply).await;
+        let mut options = MoveOptions::new(method);
+        options.rate_bytes_per_sec = rate_mb_per_s * 1_000_000;
+        let r = move_one(&stores, d, &vm, &datastore, options, &reply).await;
         match r {
             Ok(report) => reports.push(report),
             Err(e) => {
@@ -411,9 +414,10 @@ async fn move_one(
     d: &VmDisk,
     vm: &ractor::ActorRef<VmMsg>,
     datastore: &str,
-    method: Method,
+    options: MoveOptions,
     reply: &mpsc::UnboundedSender<ClientReply>,
 ) -> Result<DiskMoveReport, String> {
+    let method = options.method;
     let len = d.config.len_bytes;
     let target = LocalTarget::create(stores.clone(), datastore, &d.config.path, len)
         .await
@@ -423,7 +427,7 @@ async fn move_one(
         path: d.config.path.clone(),
     };
     disk::call(&d.actor, |reply| DiskMsg::StartMove {
-        options: MoveOptions::new(method),
+        options,
         target: Box::new(target),
         to,
         reply,

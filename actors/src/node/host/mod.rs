@@ -411,6 +411,7 @@ async fn client_request<T: Transport>(
             vm,
             datastore,
             method,
+            rate_mb_per_s,
         } => match s.vm(&vm) {
             Ok(actor) => {
                 let entry = &s.vms[&vm];
@@ -425,6 +426,7 @@ async fn client_request<T: Transport>(
                         actor,
                         datastore,
                         method,
+                        rate_mb_per_s,
                         reply.clone(),
                     )
                     .await;
