@@ -337,8 +337,7 @@ pub async fn move_storage(
     disks: Vec<VmDisk>,
     vm: ractor::ActorRef<VmMsg>,
     datastore: String,
-    method: Method,
-    rate_mb_per_s: u64,
+    options: MoveOptions,
     reply: mpsc::UnboundedSender<ClientReply>,
 ) -> Result<(Vec<DiskConfig>, Vec<DiskMoveReport>), NodeError> {
     check_datastore(stores.as_ref(), &datastore).map_err(disk_err)?;
@@ -379,8 +378,6 @@ pub async fn move_storage(
             configs.push(d.config.clone());
             continue;
         }
-        let mut options = MoveOptions::new(method);
-        options.rate_bytes_per_sec = rate_mb_per_s * 1_000_000;
         let r = move_one(&stores, d, &vm, &datastore, options, &reply).await;
         match r {
             Ok(report) => reports.push(report),

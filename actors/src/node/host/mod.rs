@@ -425,8 +425,10 @@ async fn client_request<T: Transport>(
                         vm_disks,
                         actor,
                         datastore,
-                        method,
-                        rate_mb_per_s,
+                        crate::storage::MoveOptions {
+                            rate_bytes_per_sec: rate_mb_per_s * 1_000_000,
+                            ..crate::storage::MoveOptions::new(method)
+                        },
                         reply.clone(),
                     )
                     .await;
