@@ -73,6 +73,15 @@ pub trait BlockBackend: Send {
     fn raw_fd(&self) -> Option<i32>;
 }
 
+/// The guest's side of a virtual disk device: a vCPU thread that meets a
+/// disk request in the guest calls it and waits (the disk actor makes the
+/// write durable, on both copies while a mirror runs).
+pub trait DiskPort: Send + Sync {
+    /// Writes `data` at `offset`, durable before it returns; `workload_seq`
+    /// is the guest's pattern write number, recorded once acknowledged.
+    fn write(&self, offset: u64, data: Vec<u8>, workload_seq: u64) -> Result<(), DiskError>;
+}
+
 /// A disk shared between the actor that owns it and the blocking pool
 /// that does its I/O.
 pub type SharedDisk = std::sync::Arc<std::sync::Mutex<Box<dyn BlockBackend>>>;

@@ -210,6 +210,18 @@ pub trait GuestBackend: Send {
     /// do `elapsed` worth of work if it is running. Guests whose vCPUs run
     /// by themselves do nothing here.
     fn run_for(&mut self, elapsed: Duration);
+
+    /// Connects the guest's disk device to `port`, for a disk of `blocks`
+    /// pattern blocks written with `stride` (see
+    /// [`crate::storage::pattern::WritePattern`]). Returns whether this
+    /// guest drives its disk workload itself (the KVM test guest does;
+    /// the synthetic guest does not, its disk actor runs the workload).
+    fn attach_disk(
+        &mut self,
+        port: std::sync::Arc<dyn crate::disk::DiskPort>,
+        blocks: u64,
+        stride: u64,
+    ) -> Result<bool, GuestError>;
 }
 
 #[cfg(test)]

@@ -254,6 +254,17 @@ impl GuestBackend for SyntheticGuest {
         }
     }
 
+    fn attach_disk(
+        &mut self,
+        _port: std::sync::Arc<dyn crate::disk::DiskPort>,
+        _blocks: u64,
+        _stride: u64,
+    ) -> Result<bool, GuestError> {
+        // The synthetic guest has no device model: its disk actor runs
+        // the disk workload in its place.
+        Ok(false)
+    }
+
     fn progress(&self) -> Result<GuestProgress, GuestError> {
         Ok(GuestProgress {
             pass: self.pass(),

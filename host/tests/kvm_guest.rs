@@ -249,3 +249,64 @@ fn throttle_slows_the_guest() {
     );
     assert!(again * 2 > free, "lifting the throttle restores the rate");
 }
+
+/// The test guest's disk device: the guest writes the verifiable pattern
+/// through the port, each write acknowledged only once the disk has it,
+/// and counts the acknowledged ones in its own memory.
+#[test]
+fn test_guest_writes_its_disk_pattern_through_the_port() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use ferry_actors::disk::{BlockBackend, DiskError, DiskPort, MemDisk};
+    use ferry_actors::guest::GuestBackend;
+    use ferry_actors::storage::pattern::WritePattern;
+    use ferry_host::kvm::image::{STATUS_ADDR, STATUS_DISK_SEQ};
+
+    struct Port {
+        disk: Mutex<MemDisk>,
+        acked: AtomicU64,
+    }
+    impl DiskPort for Port {
+        fn write(&self, offset: u64, data: Vec<u8>, seq: u64) -> Result<(), DiskError> {
+            self.disk
+                .lock()
+                .expect("disk")
+                .write_durable(offset, &data)?;
+            self.acked.fetch_max(seq, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    if !kvm_or_skip("test_guest_writes_its_disk_pattern_through_the_port") {
+        return;
+    }
+    const DISK: u64 = 1 << 20;
+    let port = std::sync::Arc::new(Port {
+        disk: Mutex::new(MemDisk::new(DISK)),
+        acked: AtomicU64::new(0),
+    });
+    let pattern = WritePattern::new(DISK);
+    let mut vm = booted(64, 0);
+    GuestBackend::attach_disk(&mut vm, port.clone(), pattern.blocks(), pattern.stride())
+        .expect("attach");
+    // Past one full sweep of the 256 blocks, so every block is checked.
+    wait_for(&vm, "disk writes", Duration::from_secs(30), |_| {
+        port.acked.load(Ordering::SeqCst) >= 300
+    });
+    vm.pause().expect("pause");
+    let acked = port.acked.load(Ordering::SeqCst);
+    let counted = vm
+        .memory()
+        .read_obj::<u64>(GuestAddress(STATUS_ADDR + STATUS_DISK_SEQ))
+        .expect("status");
+    assert!(
+        counted == acked || counted + 1 == acked,
+        "the guest counted {counted}, the disk acknowledged {acked}"
+    );
+    let disk = port.disk.lock().expect("disk");
+    let checked = pattern
+        .verify(acked, 0, |o, b| disk.read_at(o, b))
+        .expect("every acknowledged write on the disk");
+    assert_eq!(checked, pattern.blocks());
+}

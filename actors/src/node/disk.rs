@@ -93,6 +93,9 @@ pub enum DiskMsg {
         offset: u64,
         /// Data.
         data: Vec<u8>,
+        /// The guest's disk workload write number, recorded as
+        /// acknowledged when the write is.
+        workload_seq: Option<u64>,
         /// Done.
         reply: RpcReplyPort<Result<(), DiskError>>,
     },
@@ -245,10 +248,14 @@ impl Actor for DiskActor {
             DiskMsg::Write {
                 offset,
                 data,
+                workload_seq,
                 reply,
             } => {
                 let r = s.write(offset, data).await;
                 s.writes += u64::from(r.is_ok());
+                if let (Ok(()), Some(seq)) = (&r, workload_seq) {
+                    s.workload_acked.fetch_max(seq, Ordering::SeqCst);
+                }
                 let _ = reply.send(r);
             }
             DiskMsg::Info(reply) => {
@@ -841,6 +848,26 @@ pub async fn call<T: Send + 'static>(
     }
 }
 
+/// A [`DiskPort`](crate::disk::DiskPort) onto a disk actor, for vCPU
+/// threads (which may block).
+pub struct ActorDiskPort(pub ActorRef<DiskMsg>);
+
+impl crate::disk::DiskPort for ActorDiskPort {
+    fn write(&self, offset: u64, data: Vec<u8>, workload_seq: u64) -> Result<(), DiskError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .cast(DiskMsg::Write {
+                offset,
+                data,
+                workload_seq: Some(workload_seq),
+                reply: tx.into(),
+            })
+            .map_err(|_| refused("write", "the disk actor is gone"))?;
+        rx.blocking_recv()
+            .map_err(|_| refused("write", "the disk actor is gone"))?
+    }
+}
+
 /// What a pattern writer did.
 #[derive(Debug, Clone, Default)]
 pub struct WriterStats {
@@ -878,6 +905,7 @@ pub async fn run_pattern_writer(
         match call(&disk, |reply| DiskMsg::Write {
             offset,
             data,
+            workload_seq: None,
             reply,
         })
         .await

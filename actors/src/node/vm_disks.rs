@@ -32,6 +32,9 @@ pub struct VmDisk {
     pub actor: ActorRef<DiskMsg>,
     /// The synthetic workload's last acknowledged write.
     pub acked: Arc<AtomicU64>,
+    /// The guest's own disk device writes the workload (KVM test guest),
+    /// not the disk actor.
+    pub guest_driven: bool,
 }
 
 /// Spawns the actor for an open disk.
@@ -62,7 +65,25 @@ pub async fn spawn_disk(
         config,
         actor,
         acked,
+        guest_driven: false,
     })
+}
+
+/// Connects the guest's disk device (if it has one) to its first disk
+/// when that disk runs the workload: the guest then writes the pattern
+/// itself, through the disk actor.
+pub async fn attach_to_guest(vm: &ActorRef<super::vm::VmMsg>, disks: &mut [VmDisk]) {
+    let Some(d) = disks.first_mut().filter(|d| d.config.workload) else {
+        return;
+    };
+    let pattern = WritePattern::new(d.config.len_bytes);
+    let port: Arc<dyn crate::disk::DiskPort> = Arc::new(disk::ActorDiskPort(d.actor.clone()));
+    let (blocks, stride) = (pattern.blocks(), pattern.stride());
+    match super::vm::with_guest(vm, move |g| g.attach_disk(port, blocks, stride)).await {
+        Ok(Ok(driven)) => d.guest_driven = driven,
+        Ok(Err(e)) => tracing::warn!(disk = %d.config.name, "attaching the guest's disk: {e}"),
+        Err(e) => tracing::warn!(disk = %d.config.name, "attaching the guest's disk: {e}"),
+    }
 }
 
 /// Opens `config`'s disk (taking its lock) and spawns its actor. A disk

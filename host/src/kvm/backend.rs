@@ -95,6 +95,27 @@ impl GuestBackend for KvmVm {
         Ok(())
     }
 
+    fn attach_disk(
+        &mut self,
+        port: Arc<dyn ferry_actors::disk::DiskPort>,
+        blocks: u64,
+        stride: u64,
+    ) -> Result<bool, GuestError> {
+        let ram = GuestBackend::ram(self);
+        *self.port_reports().disk.0.lock().expect("disk slot") =
+            Some(super::vcpu::DiskDevice { port, ram });
+        // Through vm-memory, so the write lands in the VMM's dirty bitmap.
+        let params = super::image::DISK_PARAMS_ADDR;
+        self.memory()
+            .write_obj(blocks, GuestAddress(params))
+            .and_then(|()| self.memory().write_obj(stride, GuestAddress(params + 8)))
+            .map_err(|e| GuestError::Backend {
+                op: "attach disk",
+                reason: e.to_string(),
+            })?;
+        Ok(true)
+    }
+
     fn ram(&self) -> GuestRam {
         let host = self
             .memory()

@@ -13,8 +13,19 @@
 //!    xorshift data, then write 1 to `STATUS.fill_done` and `out` to
 //!    [`PORT_FILLED`];
 //! 2. forever: write one qword into every page of the working set (with an
-//!    optional spin between pages, which sets the dirty rate), then bump
-//!    `STATUS.pass` and `out` the pass number to [`PORT_PASS`].
+//!    optional spin between pages, which sets the dirty rate), then, if the
+//!    VMM attached a disk, write the next block of the disk workload (see
+//!    below), then bump `STATUS.pass` and `out` the pass number to
+//!    [`PORT_PASS`].
+//!
+//! The disk device: the guest fills the 4 KiB buffer at [`DISK_BUF_ADDR`]
+//! with pattern write `seq` (block `(seq * stride) % blocks`, words as
+//! `ferry_actors::storage::pattern::word`), puts the byte offset and `seq`
+//! in the request block at [`DISK_REQ_ADDR`], and reads [`PORT_DISK`]: the
+//! VMM performs the write, durable before it answers, and the `in` returns
+//! 0 for success. Only then does the guest store `seq` in
+//! `STATUS.disk_seq` — the last acknowledged write. The answer travels in a
+//! register, not memory, so the VMM writes no guest memory here.
 //!
 //! Any CPU exception lands in a ring-0 stub that stores the vector + 1 in
 //! `STATUS.exception`, reports it on [`PORT_EXCEPTION`] and halts.
@@ -23,7 +34,10 @@
 //! | address | what |
 //! |---|---|
 //! | `0x0800` | TSS (RSP0 written at boot) |
-//! | `0x0900` | status block: pass, fill_done, exception (u64 each) |
+//! | `0x0900` | status block: pass, fill_done, exception, disk_seq (u64 each) |
+//! | `0x0940` | disk parameters: blocks (0: no disk), stride |
+//! | `0x0980` | disk request: byte offset, seq |
+//! | `0x2000..0x3000` | disk buffer |
 //! | `0x4000..0x6000` | ring-3 stack |
 //! | `0x6000..0x7000` | ring-0 stack |
 //! | `0x7c00` | this image; parameter block at `0x7c08` |
@@ -51,6 +65,20 @@ pub const PORT_FILLED: u16 = 0xF1;
 pub const PORT_PASS: u16 = 0xF0;
 /// Port written with the vector of a CPU exception.
 pub const PORT_EXCEPTION: u16 = 0xF2;
+/// Offset of the last acknowledged disk workload write.
+pub const STATUS_DISK_SEQ: u64 = 24;
+/// Guest-physical address of the disk parameters (blocks, stride), which
+/// the VMM writes when it attaches a disk.
+pub const DISK_PARAMS_ADDR: u64 = 0x0940;
+/// Guest-physical address of the disk request (byte offset, seq).
+pub const DISK_REQ_ADDR: u64 = 0x0980;
+/// Guest-physical address of the disk write buffer (4 KiB).
+pub const DISK_BUF_ADDR: u64 = 0x2000;
+/// Port the guest reads to have its disk request carried out (0: done).
+pub const PORT_DISK: u16 = 0xF4;
+const K_SEQ: u64 = 0x9E37_79B9_7F4A_7C15;
+const K_BLOCK: u64 = 0xC2B2_AE3D_27D4_EB4F;
+
 /// Port an idle guest writes to wait about a millisecond, as `hlt` with a
 /// timer tick would (ring 3 cannot halt): an idle guest then leaves the
 /// host's cores to the migration instead of spinning on one.
@@ -490,6 +518,7 @@ fn user_code() -> Result<Vec<u8>, IcedError> {
     a.mov(dx, u32::from(PORT_IDLE))?;
     a.out(dx, eax)?;
     a.set_label(&mut pass_done)?;
+    disk_write(&mut a)?;
     a.inc(r8)?;
     a.mov(qword_ptr(STATUS_ADDR + STATUS_PASS), r8)?;
     a.mov(eax, r8d)?;
@@ -497,6 +526,52 @@ fn user_code() -> Result<Vec<u8>, IcedError> {
     a.out(dx, eax)?;
     a.jmp(pass)?;
     a.assemble(USER_CODE)
+}
+
+/// One write of the disk workload, if a disk is attached.
+fn disk_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut skip = a.create_label();
+    a.mov(rcx, qword_ptr(DISK_PARAMS_ADDR))?;
+    a.test(rcx, rcx)?;
+    a.jz(skip)?;
+    // r11 = seq, r12 = block = (seq * stride) % blocks.
+    a.mov(r11, qword_ptr(STATUS_ADDR + STATUS_DISK_SEQ))?;
+    a.inc(r11)?;
+    a.mov(rax, r11)?;
+    a.mul(qword_ptr(DISK_PARAMS_ADDR + 8))?;
+    a.div(rcx)?;
+    a.mov(r12, rdx)?;
+    // Words: block, seq, then seq*K_SEQ ^ block*K_BLOCK ^ index.
+    a.mov(rax, r11)?;
+    a.mov(rbx, K_SEQ)?;
+    a.imul_2(rax, rbx)?;
+    a.mov(rdx, r12)?;
+    a.mov(rbx, K_BLOCK)?;
+    a.imul_2(rdx, rbx)?;
+    a.xor(rax, rdx)?;
+    a.mov(edi, imm32(DISK_BUF_ADDR))?;
+    a.mov(qword_ptr(rdi), r12)?;
+    a.mov(qword_ptr(rdi + 8), r11)?;
+    a.mov(ecx, 2u32)?;
+    let mut word = a.create_label();
+    a.set_label(&mut word)?;
+    a.mov(rdx, rax)?;
+    a.xor(rdx, rcx)?;
+    a.mov(qword_ptr(rdi + rcx * 8), rdx)?;
+    a.inc(rcx)?;
+    a.cmp(rcx, 512)?;
+    a.jne(word)?;
+    a.mov(rax, r12)?;
+    a.shl(rax, 12)?;
+    a.mov(qword_ptr(DISK_REQ_ADDR), rax)?;
+    a.mov(qword_ptr(DISK_REQ_ADDR + 8), r11)?;
+    a.mov(dx, u32::from(PORT_DISK))?;
+    a.in_(eax, dx)?;
+    a.test(eax, eax)?;
+    a.jnz(skip)?;
+    a.mov(qword_ptr(STATUS_ADDR + STATUS_DISK_SEQ), r11)?;
+    a.set_label(&mut skip)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::KvmError;
-use super::image::{IDLE_WAIT, PORT_EXCEPTION, PORT_FILLED, PORT_IDLE, PORT_PASS};
+use super::image::{IDLE_WAIT, PORT_DISK, PORT_EXCEPTION, PORT_FILLED, PORT_IDLE, PORT_PASS};
 use super::state::{self, VcpuState};
 
 /// How often a pause request re-sends its kick.
@@ -38,6 +38,60 @@ pub struct GuestProgress {
     pub exception: AtomicU64,
     /// Port I/O exits handled.
     pub io_exits: AtomicU64,
+    /// The disk device, once attached.
+    pub disk: DiskSlot,
+}
+
+/// The guest's disk device: where its requests go, and its memory (to
+/// read the request and the data from).
+pub struct DiskDevice {
+    /// The disk.
+    pub port: Arc<dyn ferry_actors::disk::DiskPort>,
+    /// Guest memory.
+    pub ram: ferry_actors::ram::GuestRam,
+}
+
+/// An attachable [`DiskDevice`].
+#[derive(Default)]
+pub struct DiskSlot(pub Mutex<Option<DiskDevice>>);
+
+impl std::fmt::Debug for DiskSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let attached = self.0.lock().map(|d| d.is_some()).unwrap_or(false);
+        f.debug_struct("DiskSlot")
+            .field("attached", &attached)
+            .finish()
+    }
+}
+
+impl DiskSlot {
+    /// Carries out the request in guest memory: 0 for done, 1 for failed
+    /// (or no disk).
+    fn serve(&self) -> u32 {
+        let Ok(slot) = self.0.lock() else {
+            return 1;
+        };
+        let Some(dev) = slot.as_ref() else {
+            return 1;
+        };
+        let mut page = vec![0u8; 4096];
+        let request = dev.ram.read_u64(super::image::DISK_REQ_ADDR).and_then(|o| {
+            let seq = dev.ram.read_u64(super::image::DISK_REQ_ADDR + 8)?;
+            dev.ram
+                .read_page(super::image::DISK_BUF_ADDR / 4096, &mut page)?;
+            Ok((o, seq))
+        });
+        let Ok((offset, seq)) = request else {
+            return 1;
+        };
+        match dev.port.write(offset, page, seq) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::warn!("guest disk write at {offset}: {e}");
+                1
+            }
+        }
+    }
 }
 
 /// Where a vCPU thread is.
@@ -310,7 +364,16 @@ impl Runner {
                         _ => {}
                     }
                 }
-                VcpuExit::IoIn(_, data) => data.fill(0xFF),
+                VcpuExit::IoIn(port, data) => {
+                    self.progress.io_exits.fetch_add(1, Ordering::Relaxed);
+                    if port == PORT_DISK {
+                        let status = self.progress.disk.serve().to_le_bytes();
+                        let n = data.len().min(4);
+                        data[..n].copy_from_slice(&status[..n]);
+                    } else {
+                        data.fill(0xFF);
+                    }
+                }
                 VcpuExit::MmioRead(_, data) => data.fill(0xFF),
                 VcpuExit::MmioWrite(..) => {}
                 VcpuExit::Hlt => {

@@ -144,7 +144,10 @@ pub async fn remove_all(stores: &Arc<dyn Datastores>, config: &VmConfig, disks: 
 
 /// Turns the synthetic disk workload on or off.
 pub fn set_workload(disks: &[VmDisk], on: bool) {
-    for d in disks.iter().filter(|d| d.config.workload) {
+    for d in disks
+        .iter()
+        .filter(|d| d.config.workload && !d.guest_driven)
+    {
         let _ = d.actor.cast(DiskMsg::Workload(on.then_some(WORKLOAD_GAP)));
     }
 }
@@ -305,6 +308,7 @@ pub async fn adopt<T: Transport>(
             Err(e) => tracing::error!(vm = %config.name, disk = %c.name, "attaching a disk: {e}"),
         }
     }
+    super::super::vm_disks::attach_to_guest(vm, &mut disks).await;
     let running = with_guest(vm, |g| g.is_running()).await.unwrap_or(false);
     set_workload(&disks, running);
     disks

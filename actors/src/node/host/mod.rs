@@ -306,6 +306,7 @@ impl<T: Transport> Actor for HostActor<T> {
                     }
                     if let Some(entry) = s.vms.get_mut(&name) {
                         if let Some(vm) = &entry.actor {
+                            super::vm_disks::attach_to_guest(vm, &mut opened).await;
                             let running = with_guest(vm, |g| g.is_running()).await.unwrap_or(false);
                             disks::set_workload(&opened, running);
                         }
@@ -569,6 +570,8 @@ async fn create_vm<T: Transport>(
     )
     .await
     .map_err(|e| NodeError::Gone(format!("VM actor ({e})")))?;
+    let mut vm_disks = vm_disks;
+    super::vm_disks::attach_to_guest(&actor, &mut vm_disks).await;
     announce(myself, &s.ctx, config.mac);
     s.vms.insert(
         spec.name,
