@@ -235,6 +235,7 @@ impl<'a, T: Transport> VmHandle<'a, T> {
         datastore: &str,
         method: crate::storage::Method,
         rate_mb_per_s: u64,
+        disk_datastores: &[(String, String)],
         on_progress: Option<ProgressFn>,
     ) -> Result<Vec<crate::storage::DiskMoveReport>, ClientError> {
         let node = self.cluster.locate(&self.name).await?;
@@ -243,6 +244,7 @@ impl<'a, T: Transport> VmHandle<'a, T> {
             datastore: datastore.to_owned(),
             method,
             rate_mb_per_s,
+            disk_datastores: disk_datastores.to_vec(),
         };
         let mut on_progress = on_progress;
         match self
@@ -336,6 +338,15 @@ impl<'a, T: Transport> Migrate<'a, T> {
     pub fn storage(mut self, datastore: &str, method: crate::storage::Method) -> Self {
         self.options.datastore = datastore.to_owned();
         self.options.method = method;
+        self
+    }
+
+    /// Send disk `disk` to `datastore` instead of the one given to
+    /// [`Self::storage`].
+    pub fn disk_datastore(mut self, disk: &str, datastore: &str) -> Self {
+        self.options
+            .disk_datastores
+            .push((disk.to_owned(), datastore.to_owned()));
         self
     }
 

@@ -350,6 +350,7 @@ async fn storage_moves_between_datastores_of_one_host_by_each_method() {
                 "archive",
                 method,
                 if method == Method::Snapshot { 100 } else { 0 },
+                &[],
                 None,
             )
             .await
@@ -441,11 +442,83 @@ async fn a_disk_on_unshared_storage_needs_a_storage_move() {
     let refused = w
         .cluster
         .vm("solo")
-        .move_storage("nowhere", Method::Mirror, 0, None)
+        .move_storage("nowhere", Method::Mirror, 0, &[], None)
         .await
         .expect_err("no such datastore");
     assert!(
         refused.to_string().contains("no datastore named nowhere"),
         "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_disk_can_go_to_its_own_datastore() {
+    let w = world(1024, &["sse2"]).await;
+    let mut two = disk_spec("pair", "local");
+    two.disks.push(DiskSpec {
+        size_mib: 4,
+        datastore: "local".into(),
+    });
+    w.cluster.create_vm("a", two).await.expect("create");
+    w.cluster.vm("pair").start().await.expect("start");
+    disk_writes(&w, "pair", 20).await;
+    // On a's datastores: disk0 to archive, disk1 to shared.
+    let moved = w
+        .cluster
+        .vm("pair")
+        .move_storage(
+            "archive",
+            Method::Mirror,
+            0,
+            &[("disk1".into(), "shared".into())],
+            None,
+        )
+        .await
+        .expect("move");
+    assert_eq!(moved.len(), 2);
+    let place = |d: &ferry_actors::node::client::DiskView| d.datastore.clone();
+    let disks = w.cluster.vm("pair").disks(true).await.expect("disks");
+    assert_eq!(
+        disks.iter().map(place).collect::<Vec<_>>(),
+        ["archive", "shared"]
+    );
+    assert!(disks.iter().all(|d| d.verify_error.is_none()));
+    // To b: disk0 to b's local, disk1 to b's archive, one switchover.
+    let report = w
+        .cluster
+        .vm("pair")
+        .migrate_to("b")
+        .storage("local", Method::Cbt)
+        .disk_datastore("disk1", "archive")
+        .downtime_ms(200)
+        .await
+        .expect("migrate");
+    assert_eq!(report.outcome, Outcome::Completed);
+    assert_eq!(report.disks.len(), 2);
+    let disks = w.cluster.vm("pair").disks(true).await.expect("disks");
+    assert_eq!(
+        disks.iter().map(place).collect::<Vec<_>>(),
+        ["local", "archive"]
+    );
+    assert!(disks.iter().all(|d| d.verify_error.is_none()));
+    assert!(
+        files_at(&w, "b-archive", "pair")
+            .iter()
+            .any(|p| p.ends_with("disk1.raw"))
+    );
+    assert!(files_at(&w, "a-archive", "pair").is_empty());
+    assert!(files_at(&w, "san", "pair").is_empty());
+    let bad = w
+        .cluster
+        .vm("pair")
+        .migrate_to("a")
+        .storage("local", Method::Mirror)
+        .disk_datastore("disk9", "archive")
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&bad.outcome, Outcome::Aborted { reason } if reason.contains("no disk named disk9")),
+        "{:?}",
+        bad.outcome
     );
 }

@@ -94,7 +94,7 @@ async fn each_method_moves_a_disk_between_datastores_of_one_host() {
         let reports = c
             .client
             .vm(&vm)
-            .move_storage("archive", method, 0, None)
+            .move_storage("archive", method, 0, &[], None)
             .await
             .expect("move");
         let r = &reports[0];

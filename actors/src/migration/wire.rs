@@ -98,6 +98,24 @@ pub struct StorageMove {
     pub method: crate::storage::Method,
     /// Copy rate limit in MB/s (0: none), to spare the source's storage.
     pub rate_mb_per_s: u64,
+    /// Disks that go elsewhere than `datastore`: (disk name, datastore).
+    pub disk_datastores: Vec<(String, String)>,
+}
+
+impl StorageMove {
+    /// Where disk `disk` goes.
+    pub fn datastore_for(&self, disk: &str) -> &str {
+        self.disk_datastores
+            .iter()
+            .find(|(d, _)| d == disk)
+            .map_or(self.datastore.as_str(), |(_, ds)| ds.as_str())
+    }
+
+    /// Every destination datastore named.
+    pub fn datastores(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.datastore.as_str())
+            .chain(self.disk_datastores.iter().map(|(_, ds)| ds.as_str()))
+    }
 }
 
 /// The first message on every stream a node opens to another.

@@ -93,6 +93,8 @@ pub struct MigrateOptions {
     pub method: crate::storage::Method,
     /// Disk copy rate limit in MB/s (0: none).
     pub disk_rate_mb_per_s: u64,
+    /// Disks that go elsewhere than `datastore`: (disk name, datastore).
+    pub disk_datastores: Vec<(String, String)>,
 }
 
 impl Default for MigrateOptions {
@@ -108,6 +110,7 @@ impl Default for MigrateOptions {
             datastore: String::new(),
             method: crate::storage::Method::Mirror,
             disk_rate_mb_per_s: 0,
+            disk_datastores: Vec::new(),
         }
     }
 }
@@ -126,6 +129,7 @@ impl MigrateOptions {
                 datastore: self.datastore.clone(),
                 method: self.method,
                 rate_mb_per_s: self.disk_rate_mb_per_s,
+                disk_datastores: self.disk_datastores.clone(),
             }),
             ..MigrationOptions::default()
         }
@@ -166,6 +170,8 @@ pub enum ClientRequest {
         method: crate::storage::Method,
         /// Copy rate limit in MB/s (0: none).
         rate_mb_per_s: u64,
+        /// Disks that go elsewhere than `datastore`: (disk, datastore).
+        disk_datastores: Vec<(String, String)>,
     },
     /// A VM's disks; with `verify`, each is checked against the synthetic
     /// workload's pattern (every acknowledged write present).

@@ -194,11 +194,12 @@ impl<C: Connection> MigratingDisks<C> {
                 .await
                 .map_err(|e| e.to_string())?
                 .len;
+            let ds = storage.datastore_for(&d.config.name).to_owned();
             let open = DiskOpen {
                 migration_id,
                 disk: d.config.name.clone(),
                 len,
-                datastore: storage.datastore.clone(),
+                datastore: ds.clone(),
                 path: d.config.path.clone(),
                 home: if i == 0 {
                     self.home.clone()
@@ -210,7 +211,7 @@ impl<C: Connection> MigratingDisks<C> {
                 .await
                 .map_err(|e| format!("disk {}: {e}", d.config.name))?;
             let to = DiskPlace {
-                datastore: storage.datastore.clone(),
+                datastore: ds,
                 path: d.config.path.clone(),
             };
             let mut options = MoveOptions::new(storage.method);

@@ -105,6 +105,9 @@ pub struct MigrateArgs {
     /// Limit the disk copy to this many MB/s (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub rate_mb: u64,
+    /// Send one disk elsewhere than --datastore: DISK=DATASTORE (repeat).
+    #[arg(long = "disk-datastore", value_parser = disk_target)]
+    pub disk_datastores: Vec<(String, String)>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -127,6 +130,9 @@ pub struct MoveStorageArgs {
     /// Limit the copy to this many MB/s (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub rate_mb: u64,
+    /// Send one disk elsewhere than --datastore: DISK=DATASTORE (repeat).
+    #[arg(long = "disk-datastore", value_parser = disk_target)]
+    pub disk_datastores: Vec<(String, String)>,
     /// Print the reports as JSON.
     #[arg(long)]
     pub json: bool,
@@ -151,6 +157,15 @@ pub struct DisksArgs {
     pub client: ClientArgs,
 }
 
+fn disk_target(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((d, ds)) if !d.is_empty() && !ds.is_empty() => Ok((d.to_owned(), ds.to_owned())),
+        _ => Err(format!(
+            "{s:?}: expected DISK=DATASTORE, e.g. disk1=archive"
+        )),
+    }
+}
+
 /// `ferry vm move-storage`.
 pub fn move_storage(args: &MoveStorageArgs) -> anyhow::Result<()> {
     let reports = block_on(async {
@@ -168,7 +183,13 @@ pub fn move_storage(args: &MoveStorageArgs) -> anyhow::Result<()> {
             });
         let r = cluster
             .vm(&args.vm)
-            .move_storage(&args.datastore, args.method, args.rate_mb, Some(progress))
+            .move_storage(
+                &args.datastore,
+                args.method,
+                args.rate_mb,
+                &args.disk_datastores,
+                Some(progress),
+            )
             .await?;
         if !quiet {
             eprintln!();
@@ -375,9 +396,15 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
             .verify_memory(args.verify)
             .lanes(args.lanes);
         let migrate = match &args.datastore {
-            Some(ds) => migrate
-                .storage(ds, args.method)
-                .storage_rate_mb_per_s(args.rate_mb),
+            Some(ds) => {
+                let mut m = migrate
+                    .storage(ds, args.method)
+                    .storage_rate_mb_per_s(args.rate_mb);
+                for (disk, to) in &args.disk_datastores {
+                    m = m.disk_datastore(disk, to);
+                }
+                m
+            }
             None => migrate,
         };
         let report = migrate.on_progress(move |p| progress.update(p)).await?;

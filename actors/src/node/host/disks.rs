@@ -195,7 +195,14 @@ pub fn admit_disks(stores: &dyn Datastores, offer: &Offer) -> Result<(), Refusal
                     .into(),
             ));
         }
-        return check_datastore(stores, &m.datastore)
+        for (d, _) in &m.disk_datastores {
+            if !offer.vm.disks.iter().any(|c| c.name == *d) {
+                return Err(Refusal::Datastore(format!("the VM has no disk named {d}")));
+            }
+        }
+        return m
+            .datastores()
+            .try_for_each(|ds| check_datastore(stores, ds))
             .map_err(|e| Refusal::Datastore(e.to_string()));
     }
     for d in &offer.vm.disks {
@@ -340,19 +347,31 @@ pub async fn move_storage(
     config: VmConfig,
     disks: Vec<VmDisk>,
     vm: ractor::ActorRef<VmMsg>,
-    datastore: String,
+    targets: crate::migration::wire::StorageMove,
     options: MoveOptions,
     reply: mpsc::UnboundedSender<ClientReply>,
 ) -> Result<(Vec<DiskConfig>, Vec<DiskMoveReport>), NodeError> {
-    check_datastore(stores.as_ref(), &datastore).map_err(disk_err)?;
-    if disks.iter().all(|d| d.config.datastore == datastore) {
+    for ds in targets.datastores() {
+        check_datastore(stores.as_ref(), ds).map_err(disk_err)?;
+    }
+    for (d, _) in &targets.disk_datastores {
+        if !disks.iter().any(|x| x.config.name == *d) {
+            return Err(NodeError::BadRequest(format!(
+                "{} has no disk named {d}",
+                config.name
+            )));
+        }
+    }
+    let target_of = |d: &VmDisk| targets.datastore_for(&d.config.name).to_owned();
+    if disks.iter().all(|d| d.config.datastore == target_of(d)) {
         return Err(NodeError::BadRequest(format!(
-            "{}'s disks are on {datastore} already",
+            "{}'s disks are where they should go already",
             config.name
         )));
     }
-    // The home moves first.
+    // The home moves first, with the first disk.
     let from = config.disks.first().map(|d| d.datastore.clone());
+    let datastore = disks.first().map(target_of).unwrap_or_default();
     if let Some(from) = &from
         && *from != datastore
     {
@@ -378,11 +397,12 @@ pub async fn move_storage(
     let mut configs = Vec::new();
     let mut reports = Vec::new();
     for d in &disks {
-        if d.config.datastore == datastore {
+        let to = target_of(d);
+        if d.config.datastore == to {
             configs.push(d.config.clone());
             continue;
         }
-        let r = move_one(&stores, d, &vm, &datastore, options, &reply).await;
+        let r = move_one(&stores, d, &vm, &to, options, &reply).await;
         match r {
             Ok(report) => reports.push(report),
             Err(e) => {
@@ -391,8 +411,8 @@ pub async fn move_storage(
             }
         }
         let mut c = d.config.clone();
-        c.datastore = datastore.clone();
-        c.location = stores.location(&datastore).map_err(disk_err)?;
+        c.location = stores.location(&to).map_err(disk_err)?;
+        c.datastore = to;
         configs.push(c);
     }
     if let Some(from) = from

@@ -413,6 +413,7 @@ async fn client_request<T: Transport>(
             datastore,
             method,
             rate_mb_per_s,
+            disk_datastores,
         } => match s.vm(&vm) {
             Ok(actor) => {
                 let entry = &s.vms[&vm];
@@ -425,7 +426,12 @@ async fn client_request<T: Transport>(
                         config,
                         vm_disks,
                         actor,
-                        datastore,
+                        crate::migration::wire::StorageMove {
+                            datastore,
+                            method,
+                            rate_mb_per_s,
+                            disk_datastores,
+                        },
                         crate::storage::MoveOptions {
                             rate_bytes_per_sec: rate_mb_per_s * 1_000_000,
                             ..crate::storage::MoveOptions::new(method)
