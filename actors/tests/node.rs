@@ -398,6 +398,25 @@ async fn compute_and_storage_move_to_another_host_in_one_switchover() {
             "{method}: source left behind"
         );
         assert!(!files_at(&w, "b", &vm).is_empty());
+        // Its disks are on b's own storage now: back to a only with them.
+        let back = w.cluster.vm(&vm).migrate_to("a").await.expect("answered");
+        assert!(
+            matches!(&back.outcome, Outcome::Aborted { reason } if reason.contains("does not share")),
+            "{method}: {:?}",
+            back.outcome
+        );
+        let before = disk_writes(&w, &vm, 10).await;
+        let back = w
+            .cluster
+            .vm(&vm)
+            .migrate_to("a")
+            .storage("archive", method)
+            .downtime_ms(200)
+            .await
+            .expect("migrate back");
+        assert_eq!(back.outcome, Outcome::Completed, "{method}");
+        assert_disk_intact(&w, &vm, "archive", before).await;
+        assert!(files_at(&w, "b", &vm).is_empty(), "{method}: b left files");
     }
 }
 

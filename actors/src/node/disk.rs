@@ -534,7 +534,6 @@ impl DiskState {
                 from: self.place.datastore.clone(),
                 to: to.datastore.clone(),
                 disk_bytes: len,
-                skipped_bytes: plan.hole_bytes(),
                 ..DiskMoveReport::default()
             },
             plan,
@@ -634,6 +633,7 @@ impl DiskState {
         let done = now();
         let mut report = m.report.clone();
         report.copied_bytes = m.plan.copied_bytes();
+        report.skipped_bytes += m.plan.hole_bytes();
         report.rounds = m.plan.rounds();
         report.mirrored_writes = m.plan.mirrored_writes();
         report.overlay_blocks = m.plan.overlay_blocks();

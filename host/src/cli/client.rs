@@ -170,15 +170,14 @@ fn disk_target(s: &str) -> Result<(String, String), String> {
 pub fn move_storage(args: &MoveStorageArgs) -> anyhow::Result<()> {
     let reports = block_on(async {
         let cluster = connect(&args.client)?;
-        let quiet = args.json;
+        let quiet = args.json || !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut shown = (String::new(), u64::MAX);
         let progress: Box<dyn FnMut(&ferry_actors::migration::Progress) + Send> =
             Box::new(move |p| {
-                if !quiet {
-                    eprint!(
-                        "\r{}: {:>5.1}% copied   ",
-                        p.phase,
-                        100.0 * (1.0 - p.pages_left as f64 / p.pages_total.max(1) as f64)
-                    );
+                let done = 100 - p.pages_left * 100 / p.pages_total.max(1);
+                if !quiet && (p.phase != shown.0 || done != shown.1) {
+                    shown = (p.phase.clone(), done);
+                    eprint!("\r{}: {done:>3}% copied   ", p.phase);
                 }
             });
         let r = cluster

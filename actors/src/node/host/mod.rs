@@ -733,7 +733,13 @@ async fn start_migration<T: Transport>(
     }
     let vm = s.vm(name)?;
     let conn = s.ctx.link(to).await?;
-    let (config, generation, running) = call(&vm, VmMsg::BeginMigration).await?;
+    let (mut config, generation, running) = call(&vm, VmMsg::BeginMigration).await?;
+    // The host knows where the disks are now (a storage move or an
+    // earlier migration may have moved them); the VM actor's copy of the
+    // definition does not follow them.
+    if let Some(entry) = s.vms.get(name) {
+        config.disks = entry.config.disks.clone();
+    }
     if running == options.cold {
         let _ = vm.cast(VmMsg::MigrationAborted);
         return Err(NodeError::BadRequest(if options.cold {
