@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry_actors::disk::shared;
 use ferry_actors::node::disk::{
     DiskActor, DiskArgs, DiskMsg, DiskPlace, call, copy_until_converged, run_pattern_writer,
-    verify_pattern,
+    start_move, verify_pattern,
 };
 use ferry_actors::storage::datastore::{Datastores, MemDatastores, MemStorage};
 use ferry_actors::storage::pattern::WritePattern;
@@ -19,14 +19,12 @@ use ractor::Actor;
 
 const LEN: u64 = 16 << 20;
 
-async fn move_under_writes(method: Method, fail_target: bool) {
-    let stores: Arc<dyn Datastores> = Arc::new(MemDatastores::new(
-        MemStorage::new(),
-        &[("ds1", "l1"), ("ds2", "l2")],
-    ));
-    let disk = stores
-        .create_disk("ds1", "vm/disk0.raw", LEN)
-        .expect("create");
+/// A disk actor for `disk`, which lives at `ds1:vm/disk0.raw`.
+async fn disk_actor(
+    stores: &Arc<dyn Datastores>,
+    disk: Box<dyn ferry_actors::disk::BlockBackend>,
+    workload_acked: Arc<AtomicU64>,
+) -> ractor::ActorRef<DiskMsg> {
     let (actor, _) = Actor::spawn(
         None,
         DiskActor,
@@ -38,11 +36,23 @@ async fn move_under_writes(method: Method, fail_target: bool) {
                 path: "vm/disk0.raw".into(),
             },
             stores: stores.clone(),
-            workload_acked: Arc::default(),
+            workload_acked,
         },
     )
     .await
     .expect("spawn");
+    actor
+}
+
+async fn move_under_writes(method: Method, fail_target: bool) {
+    let stores: Arc<dyn Datastores> = Arc::new(MemDatastores::new(
+        MemStorage::new(),
+        &[("ds1", "l1"), ("ds2", "l2")],
+    ));
+    let disk = stores
+        .create_disk("ds1", "vm/disk0.raw", LEN)
+        .expect("create");
+    let actor = disk_actor(&stores, disk, Arc::default()).await;
     let pattern = WritePattern::new(LEN);
     let acked = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -66,15 +76,9 @@ async fn move_under_writes(method: Method, fail_target: bool) {
         datastore: "ds2".into(),
         path: "vm/disk0.raw".into(),
     };
-    call(&actor, |reply| DiskMsg::StartMove {
-        options,
-        target: Box::new(target),
-        to,
-        reply,
-    })
-    .await
-    .expect("call")
-    .expect("start");
+    start_move(&actor, options, Box::new(target), to)
+        .await
+        .expect("start");
     let during = acked.load(Ordering::SeqCst);
     copy_until_converged(&actor, 0, |_| {}).await.expect("copy");
     if fail_target {
@@ -151,22 +155,7 @@ async fn the_disk_workload_verifies() {
     let disk = stores
         .create_disk("ds1", "vm/disk0.raw", 8 << 20)
         .expect("create");
-    let (actor, _) = Actor::spawn(
-        None,
-        DiskActor,
-        DiskArgs {
-            name: "disk0".into(),
-            disk: shared(disk),
-            place: DiskPlace {
-                datastore: "ds1".into(),
-                path: "vm/disk0.raw".into(),
-            },
-            stores: stores.clone(),
-            workload_acked: Arc::default(),
-        },
-    )
-    .await
-    .expect("spawn");
+    let actor = disk_actor(&stores, disk, Arc::default()).await;
     actor
         .cast(DiskMsg::Workload(Some(Duration::from_millis(1))))
         .expect("cast");
@@ -248,22 +237,7 @@ async fn a_broken_link_resumes_the_copy_where_it_stopped() {
         disk.write_at(pattern.offset_of(seq), &buf).expect("fill");
     }
     let acked = Arc::new(AtomicU64::new(pattern.blocks()));
-    let (actor, _) = Actor::spawn(
-        None,
-        DiskActor,
-        DiskArgs {
-            name: "disk0".into(),
-            disk: shared(disk),
-            place: DiskPlace {
-                datastore: "ds1".into(),
-                path: "vm/disk0.raw".into(),
-            },
-            stores: stores.clone(),
-            workload_acked: acked.clone(),
-        },
-    )
-    .await
-    .expect("spawn");
+    let actor = disk_actor(&stores, disk, acked.clone()).await;
     let open = DiskOpen {
         migration_id: 1,
         disk: "disk0".into(),
@@ -278,17 +252,16 @@ async fn a_broken_link_resumes_the_copy_where_it_stopped() {
     assert_eq!(durable, 0);
     let mut options = MoveOptions::new(Method::Snapshot);
     options.chunk_bytes = 1 << 20;
-    call(&actor, |reply| DiskMsg::StartMove {
+    start_move(
+        &actor,
         options,
-        target: Box::new(target),
-        to: DiskPlace {
+        Box::new(target),
+        DiskPlace {
             datastore: "ds".into(),
             path: "vm/disk0.raw".into(),
         },
-        reply,
-    })
+    )
     .await
-    .expect("call")
     .expect("start");
     actor
         .cast(DiskMsg::Workload(Some(Duration::from_millis(1))))

@@ -837,6 +837,22 @@ pub async fn copy_until_converged(
     }
 }
 
+/// Starts moving `disk` to `target` (at `to`).
+pub async fn start_move(
+    disk: &ActorRef<DiskMsg>,
+    options: MoveOptions,
+    target: Box<dyn DiskTarget>,
+    to: DiskPlace,
+) -> Result<(), DiskError> {
+    call(disk, |reply| DiskMsg::StartMove {
+        options,
+        target,
+        to,
+        reply,
+    })
+    .await?
+}
+
 /// Calls `disk` with a request that replies.
 pub async fn call<T: Send + 'static>(
     disk: &ActorRef<DiskMsg>,

@@ -216,15 +216,9 @@ impl<C: Connection> MigratingDisks<C> {
             };
             let mut options = MoveOptions::new(storage.method);
             options.rate_bytes_per_sec = storage.rate_mb_per_s * 1_000_000;
-            disk::call(&d.actor, |reply| DiskMsg::StartMove {
-                options,
-                target: Box::new(target),
-                to,
-                reply,
-            })
-            .await
-            .and_then(|r| r)
-            .map_err(|e| format!("disk {}: {e}", d.config.name))?;
+            disk::start_move(&d.actor, options, Box::new(target), to)
+                .await
+                .map_err(|e| format!("disk {}: {e}", d.config.name))?;
         }
         let actors: Vec<(String, ActorRef<DiskMsg>)> = self
             .disks

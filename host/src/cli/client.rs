@@ -99,6 +99,20 @@ pub struct MigrateArgs {
     /// Without it, the disks must be on a datastore both hosts share.
     #[arg(long)]
     pub datastore: Option<String>,
+    /// How the disks are copied.
+    #[command(flatten)]
+    pub copy: CopyArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// How disks are copied (`vm move-storage`, `migrate --datastore`).
+#[derive(Debug, Args)]
+pub struct CopyArgs {
     /// How the disks move: mirror, cbt or snapshot.
     #[arg(long, default_value = "mirror")]
     pub method: ferry_actors::storage::Method,
@@ -108,12 +122,6 @@ pub struct MigrateArgs {
     /// Send one disk elsewhere than --datastore: DISK=DATASTORE (repeat).
     #[arg(long = "disk-datastore", value_parser = disk_target)]
     pub disk_datastores: Vec<(String, String)>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// The client file.
-    #[command(flatten)]
-    pub client: ClientArgs,
 }
 
 /// Options of `ferry vm move-storage`.
@@ -124,15 +132,9 @@ pub struct MoveStorageArgs {
     /// Destination datastore (on the VM's host).
     #[arg(long)]
     pub datastore: String,
-    /// How the disks move: mirror, cbt or snapshot.
-    #[arg(long, default_value = "mirror")]
-    pub method: ferry_actors::storage::Method,
-    /// Limit the copy to this many MB/s (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    pub rate_mb: u64,
-    /// Send one disk elsewhere than --datastore: DISK=DATASTORE (repeat).
-    #[arg(long = "disk-datastore", value_parser = disk_target)]
-    pub disk_datastores: Vec<(String, String)>,
+    /// How the disks are copied.
+    #[command(flatten)]
+    pub copy: CopyArgs,
     /// Print the reports as JSON.
     #[arg(long)]
     pub json: bool,
@@ -184,9 +186,9 @@ pub fn move_storage(args: &MoveStorageArgs) -> anyhow::Result<()> {
             .vm(&args.vm)
             .move_storage(
                 &args.datastore,
-                args.method,
-                args.rate_mb,
-                &args.disk_datastores,
+                args.copy.method,
+                args.copy.rate_mb,
+                &args.copy.disk_datastores,
                 Some(progress),
             )
             .await?;
@@ -397,9 +399,9 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         let migrate = match &args.datastore {
             Some(ds) => {
                 let mut m = migrate
-                    .storage(ds, args.method)
-                    .storage_rate_mb_per_s(args.rate_mb);
-                for (disk, to) in &args.disk_datastores {
+                    .storage(ds, args.copy.method)
+                    .storage_rate_mb_per_s(args.copy.rate_mb);
+                for (disk, to) in &args.copy.disk_datastores {
                     m = m.disk_datastore(disk, to);
                 }
                 m

@@ -447,15 +447,9 @@ async fn move_one(
         datastore: datastore.to_owned(),
         path: d.config.path.clone(),
     };
-    disk::call(&d.actor, |reply| DiskMsg::StartMove {
-        options,
-        target: Box::new(target),
-        to,
-        reply,
-    })
-    .await
-    .and_then(|r| r)
-    .map_err(|e| e.to_string())?;
+    disk::start_move(&d.actor, options, Box::new(target), to)
+        .await
+        .map_err(|e| e.to_string())?;
     let name = d.config.name.clone();
     let copied = disk::copy_until_converged(&d.actor, 0, |p| {
         if let disk::CopyProgress::Copied { cursor, len, sent } = p {
