@@ -45,14 +45,7 @@ async fn node(
             .collect::<BTreeSet<_>>(),
         kvm: false,
     };
-    let stores = MemDatastores::new(
-        storage.clone(),
-        &[
-            ("local", name),
-            ("archive", &format!("{name}-archive")),
-            ("shared", "san"),
-        ],
-    );
+    let stores = MemDatastores::standard(storage.clone(), name);
     start_host(
         ctx.clone(),
         capacity,
@@ -300,6 +293,17 @@ fn disk_spec(name: &str, datastore: &str) -> VmSpec {
     s
 }
 
+/// Creates VM `vm` on a with a disk on `datastore`, starts it, and waits
+/// for `writes` acknowledged disk writes; returns the count.
+async fn running_vm_with_disk(w: &World, vm: &str, datastore: &str, writes: u64) -> u64 {
+    w.cluster
+        .create_vm("a", disk_spec(vm, datastore))
+        .await
+        .expect("create");
+    w.cluster.vm(vm).start().await.expect("start");
+    disk_writes(w, vm, writes).await
+}
+
 /// Waits until the VM's disk workload has acknowledged `writes` more writes.
 async fn disk_writes(w: &World, vm: &str, writes: u64) -> u64 {
     let start = w.cluster.vm(vm).disks(false).await.expect("disks")[0].workload_acked;
@@ -337,12 +341,7 @@ async fn storage_moves_between_datastores_of_one_host_by_each_method() {
     let w = world(1024, &["sse2"]).await;
     for (i, method) in Method::ALL.into_iter().enumerate() {
         let vm = format!("db-{i}");
-        w.cluster
-            .create_vm("a", disk_spec(&vm, "local"))
-            .await
-            .expect("create");
-        w.cluster.vm(&vm).start().await.expect("start");
-        let before = disk_writes(&w, &vm, 50).await;
+        let before = running_vm_with_disk(&w, &vm, "local", 50).await;
         let reports = w
             .cluster
             .vm(&vm)
@@ -375,12 +374,7 @@ async fn compute_and_storage_move_to_another_host_in_one_switchover() {
     let w = world(1024, &["sse2"]).await;
     for (i, method) in Method::ALL.into_iter().enumerate() {
         let vm = format!("app-{i}");
-        w.cluster
-            .create_vm("a", disk_spec(&vm, "local"))
-            .await
-            .expect("create");
-        w.cluster.vm(&vm).start().await.expect("start");
-        let before = disk_writes(&w, &vm, 50).await;
+        let before = running_vm_with_disk(&w, &vm, "local", 50).await;
         let report = w
             .cluster
             .vm(&vm)
@@ -423,12 +417,7 @@ async fn compute_and_storage_move_to_another_host_in_one_switchover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_datastore_moves_only_the_lock() {
     let w = world(1024, &["sse2"]).await;
-    w.cluster
-        .create_vm("a", disk_spec("web", "shared"))
-        .await
-        .expect("create");
-    w.cluster.vm("web").start().await.expect("start");
-    let before = disk_writes(&w, "web", 50).await;
+    let before = running_vm_with_disk(&w, "web", "shared", 50).await;
     let report = w
         .cluster
         .vm("web")
@@ -445,12 +434,7 @@ async fn a_shared_datastore_moves_only_the_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_on_unshared_storage_needs_a_storage_move() {
     let w = world(1024, &["sse2"]).await;
-    w.cluster
-        .create_vm("a", disk_spec("solo", "local"))
-        .await
-        .expect("create");
-    w.cluster.vm("solo").start().await.expect("start");
-    let before = disk_writes(&w, "solo", 20).await;
+    let before = running_vm_with_disk(&w, "solo", "local", 20).await;
     let report = w.cluster.vm("solo").migrate_to("b").await.expect("migrate");
     let Outcome::Aborted { reason } = report.outcome else {
         panic!("must be refused: {:?}", report.outcome)

@@ -276,12 +276,9 @@ impl FileDatastores {
     }
 
     fn store(&self, ds: &str) -> Result<&Datastore, DiskError> {
-        self.stores.get(ds).ok_or_else(|| DiskError::Io {
-            op: "find datastore",
-            reason: format!(
-                "no datastore named {ds} (this host has: {})",
-                self.stores.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
+        self.stores.get(ds).ok_or_else(|| {
+            let names: Vec<String> = self.stores.keys().cloned().collect();
+            ferry_actors::storage::datastore::unknown_datastore(ds, &names)
         })
     }
 

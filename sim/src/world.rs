@@ -98,14 +98,7 @@ async fn boot_host(
         cpu_features: ["sse2".to_owned()].into_iter().collect(),
         kvm: false,
     };
-    let stores = MemDatastores::new(
-        storage.clone(),
-        &[
-            ("local", name),
-            ("archive", &format!("{name}-archive")),
-            ("shared", "san"),
-        ],
-    );
+    let stores = MemDatastores::standard(storage.clone(), name);
     let actor = start_host(ctx, capacity, Arc::new(SyntheticFactory), Arc::new(stores))
         .await
         .expect("host actor");

@@ -82,13 +82,18 @@ pub fn check_datastore(stores: &dyn Datastores, name: &str) -> Result<(), DiskEr
     if names.iter().any(|n| n == name) {
         Ok(())
     } else {
-        Err(DiskError::Io {
-            op: "find datastore",
-            reason: format!(
-                "no datastore named {name} (this host has: {})",
-                names.join(", ")
-            ),
-        })
+        Err(unknown_datastore(name, &names))
+    }
+}
+
+/// The error for a datastore this host does not have, naming those it has.
+pub fn unknown_datastore(name: &str, names: &[String]) -> DiskError {
+    DiskError::Io {
+        op: "find datastore",
+        reason: format!(
+            "no datastore named {name} (this host has: {})",
+            names.join(", ")
+        ),
     }
 }
 
@@ -142,6 +147,30 @@ impl MemDatastores {
                 .map(|(n, l)| ((*n).to_owned(), (*l).to_owned()))
                 .collect(),
         }
+    }
+
+    /// A host's usual datastores: `local` (its own), `archive` (its own)
+    /// and `shared` (one SAN every host built this way sees).
+    pub fn standard(storage: MemStorage, host: &str) -> Self {
+        let archive = format!("{host}-archive");
+        Self::new(
+            storage,
+            &[("local", host), ("archive", &archive), ("shared", "san")],
+        )
+    }
+
+    /// The paths on `ds` that satisfy `keep`.
+    fn paths_where(&self, ds: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, DiskError> {
+        let location = self.location(ds)?;
+        Ok(self
+            .storage
+            .files
+            .lock()
+            .expect("storage")
+            .keys()
+            .filter(|(l, p)| *l == location && keep(p))
+            .map(|(_, p)| p.clone())
+            .collect())
     }
 
     fn key(&self, ds: &str, path: &str) -> Result<(String, String), DiskError> {
@@ -202,13 +231,10 @@ impl Datastores for MemDatastores {
     }
 
     fn location(&self, ds: &str) -> Result<String, DiskError> {
-        self.stores.get(ds).cloned().ok_or_else(|| DiskError::Io {
-            op: "find datastore",
-            reason: format!(
-                "no datastore named {ds} (this host has: {})",
-                self.names().join(", ")
-            ),
-        })
+        self.stores
+            .get(ds)
+            .cloned()
+            .ok_or_else(|| unknown_datastore(ds, &self.names()))
     }
 
     fn create_disk(
@@ -289,30 +315,12 @@ impl Datastores for MemDatastores {
     }
 
     fn find(&self, ds: &str, suffix: &str) -> Result<Vec<String>, DiskError> {
-        let location = self.location(ds)?;
-        Ok(self
-            .storage
-            .files
-            .lock()
-            .expect("storage")
-            .keys()
-            .filter(|(l, p)| *l == location && p.ends_with(suffix))
-            .map(|(_, p)| p.clone())
-            .collect())
+        self.paths_where(ds, |p| p.ends_with(suffix))
     }
 
     fn list(&self, ds: &str, dir: &str) -> Result<Vec<String>, DiskError> {
-        let location = self.location(ds)?;
         let prefix = format!("{}/", dir.trim_end_matches('/'));
-        Ok(self
-            .storage
-            .files
-            .lock()
-            .expect("storage")
-            .keys()
-            .filter(|(l, p)| *l == location && p.starts_with(&prefix))
-            .map(|(_, p)| p.clone())
-            .collect())
+        self.paths_where(ds, |p| p.starts_with(&prefix))
     }
 }
 
