@@ -21,6 +21,8 @@ use ferry_transport::{Connection, FrameKind, Transport};
 
 use crate::migration::{MigrationReport, Progress, StreamIntro};
 use crate::node::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
+use crate::node::host::history::MigrationRecord;
+use crate::node::metrics::NodeStats;
 use crate::node::open_stream;
 use crate::node::vm::VmInfo;
 
@@ -49,6 +51,9 @@ pub enum ClientError {
         /// Its reason.
         reason: String,
     },
+    /// No node knows the migration.
+    #[error("no node knows migration {0}")]
+    NoSuchMigration(String),
     /// The node answered something unexpected.
     #[error("{0}: unexpected reply")]
     Unexpected(String),
@@ -180,6 +185,118 @@ impl<T: Transport> Cluster<T> {
             ClientReply::Macs(m) => Ok(m),
             _ => Err(ClientError::Unexpected(node.to_owned())),
         }
+    }
+
+    /// `node`'s migration metrics.
+    pub async fn stats(&self, node: &str) -> Result<NodeStats, ClientError> {
+        match self.request(node, &ClientRequest::Stats, None).await? {
+            ClientReply::Stats(s) => Ok(s),
+            _ => Err(ClientError::Unexpected(node.to_owned())),
+        }
+    }
+
+    /// `node`'s records of migration `id`, or its `last` most recent ones.
+    pub async fn migrations(
+        &self,
+        node: &str,
+        id: Option<u64>,
+        last: u32,
+    ) -> Result<Vec<MigrationRecord>, ClientError> {
+        match self
+            .request(node, &ClientRequest::Migrations { id, last }, None)
+            .await?
+        {
+            ClientReply::Migrations(r) => Ok(r),
+            _ => Err(ClientError::Unexpected(node.to_owned())),
+        }
+    }
+
+    /// The most recent migrations over all nodes that answer, one record
+    /// per migration (source and destination sides joined), newest first.
+    pub async fn recent_migrations(&self, last: u32) -> Result<Vec<MigrationRecord>, ClientError> {
+        let mut all = Vec::new();
+        let mut answered = false;
+        let mut first_error = None;
+        for (node, _) in &self.nodes {
+            match self.migrations(node, None, last).await {
+                Ok(r) => {
+                    answered = true;
+                    all.extend(r);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if !answered && let Some(e) = first_error {
+            return Err(e);
+        }
+        let mut joined = join_records(all);
+        joined.sort_by_key(|r| std::cmp::Reverse(record_started(r)));
+        joined.truncate(last as usize);
+        Ok(joined)
+    }
+
+    /// Migration `id`'s report from its source, with the destination's
+    /// side attached (`destination`). Asks every node that answers.
+    pub async fn migration(&self, id: u64) -> Result<MigrationReport, ClientError> {
+        let shown = crate::migration::report::show_id(id);
+        let mut records = Vec::new();
+        for (node, _) in &self.nodes {
+            if let Ok(r) = self.migrations(node, Some(id), 0).await {
+                records.extend(r);
+            }
+        }
+        let mut joined = join_records(records);
+        match joined.len() {
+            0 => Err(ClientError::NoSuchMigration(shown)),
+            1 => {
+                let record = joined.remove(0);
+                let Some(mut report) = record.source else {
+                    return Err(ClientError::Node {
+                        node: record.from,
+                        reason: format!(
+                            "only {} (the destination) remembers migration {shown}; the source's report is lost",
+                            record.to
+                        ),
+                    });
+                };
+                report.destination = record.destination;
+                Ok(report)
+            }
+            _ => Err(ClientError::Node {
+                node: joined
+                    .iter()
+                    .map(|r| r.from.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                reason: format!("more than one source used id {shown}"),
+            }),
+        }
+    }
+
+    /// Calls off migration `id` before its VM is handed over: the VM keeps
+    /// running on its source. Returns the source host.
+    ///
+    /// # Errors
+    /// No node is sending it ([`ClientError::NoSuchMigration`]), or it is
+    /// too late (the source's answer).
+    pub async fn cancel_migration(&self, id: u64) -> Result<String, ClientError> {
+        for (node, _) in &self.nodes {
+            match self
+                .request(node, &ClientRequest::CancelMigration { id }, None)
+                .await
+            {
+                Ok(ClientReply::Ok) => return Ok(node.clone()),
+                Ok(_) => return Err(ClientError::Unexpected(node.clone())),
+                Err(ClientError::Node { reason, .. }) if reason.contains("is not sending") => {}
+                Err(ClientError::Link { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::NoSuchMigration(
+            crate::migration::report::show_id(id),
+        ))
     }
 
     /// The node a VM lives on.
@@ -387,4 +504,32 @@ impl<'a, T: Transport> IntoFuture for Migrate<'a, T> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.run())
     }
+}
+
+/// Joins the source's and the destination's records of each migration
+/// (same id, same source host).
+fn join_records(records: Vec<MigrationRecord>) -> Vec<MigrationRecord> {
+    let mut joined: Vec<MigrationRecord> = Vec::new();
+    for r in records {
+        match joined.iter_mut().find(|j| j.id == r.id && j.from == r.from) {
+            Some(j) => {
+                if j.source.is_none() {
+                    j.source = r.source;
+                }
+                if j.destination.is_none() {
+                    j.destination = r.destination;
+                }
+            }
+            None => joined.push(r),
+        }
+    }
+    joined
+}
+
+fn record_started(r: &MigrationRecord) -> u64 {
+    r.source
+        .as_ref()
+        .map(|s| s.started_unix_ms)
+        .or_else(|| r.destination.as_ref().map(|d| d.started_unix_ms))
+        .unwrap_or(0)
 }

@@ -525,3 +525,95 @@ async fn each_disk_can_go_to_its_own_datastore() {
         bad.outcome
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_hosts_keep_the_report_and_count_the_outcomes() {
+    let w = world(1024, &["sse2"]).await;
+    running_vm(&w, "web-1", 16, 2, &["sse2"]).await;
+    running_vm(&w, "db-1", 8, 0, &["sse2", "avx512f"]).await;
+    let done = w.cluster.vm("web-1").migrate_to("b").await.expect("report");
+    assert!(done.completed(), "{done:?}");
+    let refused = w.cluster.vm("db-1").migrate_to("b").await.expect("report");
+    assert!(!refused.completed());
+
+    // One report, the source's with the destination's side joined.
+    let full = w.cluster.migration(done.migration_id).await.expect("kept");
+    assert_eq!(full.round_log, done.round_log);
+    let dest = full.destination.expect("b's side");
+    assert_eq!((dest.from.as_str(), dest.to.as_str()), ("a", "b"));
+    assert_eq!(dest.outcome, "adopted");
+    assert_eq!(dest.bytes_received, done.bytes_sent);
+    assert!(full.started_unix_ms > 0);
+    let refused_full = w
+        .cluster
+        .migration(refused.migration_id)
+        .await
+        .expect("kept");
+    assert!(refused_full.phases.iter().any(|p| p.name == "abort"));
+    let recent = w.cluster.recent_migrations(10).await.expect("recent");
+    assert_eq!(recent.len(), 2, "one record per migration: {recent:?}");
+    assert_eq!(recent[0].id, refused.migration_id, "newest first");
+    let missing = w.cluster.migration(12345).await;
+    assert!(
+        matches!(missing, Err(ClientError::NoSuchMigration(_))),
+        "{missing:?}"
+    );
+
+    let a = w.cluster.stats("a").await.expect("a's stats");
+    assert_eq!((a.started, a.succeeded, a.aborted), (2, 1, 1));
+    assert_eq!(a.bytes_sent, done.bytes_sent + refused.bytes_sent);
+    assert_eq!(a.downtime_ms.count, 1, "only completed live migrations");
+    assert_eq!(a.round_pages.count, u64::from(done.rounds));
+    assert!(a.active.is_empty());
+    let b = w.cluster.stats("b").await.expect("b's stats");
+    assert_eq!((b.incoming_adopted, b.incoming_discarded), (1, 0));
+    assert_eq!(b.bytes_received, done.bytes_sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_migration_leaves_the_vm_running_on_the_source() {
+    let w = Arc::new(world(1024, &["sse2", "avx512f"]).await);
+    running_vm(&w, "busy-1", 16, 8, &[]).await;
+    // A budget it cannot meet keeps it in pre-copy until cancelled.
+    let w2 = w.clone();
+    let migration = tokio::spawn(async move {
+        w2.cluster
+            .vm("busy-1")
+            .migrate_to("b")
+            .downtime_ms(0)
+            .auto_converge(false)
+            .time_limit_s(60)
+            .await
+    });
+    let mut id = None;
+    for _ in 0..500 {
+        let stats = w.cluster.stats("a").await.expect("stats");
+        if let Some(active) = stats.active.first()
+            && active.progress.phase == "precopy"
+            && active.progress.round >= 1
+        {
+            id = Some(active.id.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let id = id.expect("the migration shows as running in pre-copy");
+    let id = ferry_actors::migration::report::parse_id(&id).expect("an id");
+    assert_eq!(
+        w.cluster.cancel_migration(id).await.expect("cancelled"),
+        "a"
+    );
+    let report = migration.await.expect("task").expect("report");
+    let Outcome::Aborted { reason } = &report.outcome else {
+        panic!("{report:?}")
+    };
+    assert_eq!(reason, "cancelled by ops");
+    assert_eq!(phase_on(&w, "a", "busy-1").await, Some(VmPhase::Running));
+    assert_shadow_dropped(&w, "busy-1", 50).await;
+    // It is over now: nothing to cancel.
+    let again = w.cluster.cancel_migration(id).await;
+    assert!(
+        matches!(again, Err(ClientError::NoSuchMigration(_))),
+        "{again:?}"
+    );
+}

@@ -5,7 +5,9 @@
 //! The binary (`src/main.rs`) only parses arguments and calls into this
 //! library, so every command is usable from Rust too.
 
+pub mod chart;
 pub mod cli;
 pub mod datastore;
 pub mod kvm;
 pub mod node;
+pub mod telemetry;

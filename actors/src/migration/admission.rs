@@ -100,6 +100,7 @@ mod tests {
             lanes: 4,
             verify_memory: false,
             storage: None,
+            trace_parent: String::new(),
         }
     }
 

@@ -7,6 +7,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::report::DestReport;
+use super::timeline::{Figure, PhaseId, Timeline};
 use super::wire::{DestMsg, Mac, Offer, SourceMsg};
 
 /// Silence from the source for this long before the commit discards the
@@ -81,6 +83,13 @@ pub struct DestMachine {
     last_heard: Instant,
     committed: bool,
     shadow: bool,
+    timeline: Timeline,
+    /// The phase on now, and the switchover it is part of.
+    phase: Option<PhaseId>,
+    switchover: Option<PhaseId>,
+    switchover_at: Option<Instant>,
+    downtime_ms: f64,
+    outcome: Option<DestOutcome>,
 }
 
 impl DestMachine {
@@ -99,9 +108,57 @@ impl DestMachine {
             last_heard: now,
             committed: false,
             shadow: false,
+            timeline: Timeline::default(),
+            phase: None,
+            switchover: None,
+            switchover_at: None,
+            downtime_ms: 0.0,
+            outcome: None,
         };
+        m.timeline.start(now);
+        m.enter(now, Some("shadow"));
         m.actions.push_back(DestAction::CreateShadow);
         m
+    }
+
+    /// Ends the phase on now and begins `next` (inside the switchover once
+    /// it began).
+    fn enter(&mut self, now: Instant, next: Option<&str>) {
+        if let Some(p) = self.phase.take() {
+            self.timeline.end(now, p);
+        }
+        if let Some(name) = next {
+            self.phase = Some(self.timeline.begin(now, name, self.switchover));
+        }
+    }
+
+    /// The phases so far (offsets from the offer's arrival).
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// This side's report, `from` the source host `to` this one.
+    pub fn report(&self, now: Instant, from: &str, to: &str) -> DestReport {
+        let outcome = match &self.outcome {
+            None => "in progress".to_owned(),
+            Some(DestOutcome::Adopted) => "adopted".to_owned(),
+            Some(DestOutcome::Discarded(why)) => format!("discarded: {why}"),
+            Some(DestOutcome::ResumeFailed(why)) => format!("resume failed: {why}"),
+        };
+        DestReport {
+            migration_id: self.offer.migration_id,
+            started_unix_ms: 0,
+            vm: self.offer.vm.name.clone(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+            outcome,
+            total_ms: self.timeline.offset_ms(now),
+            downtime_ms: self.downtime_ms,
+            rounds: self.rounds_complete,
+            pages_received: self.round_totals.iter().map(|r| r.0).sum(),
+            bytes_received: self.round_totals.iter().map(|r| r.1).sum(),
+            phases: self.timeline.phases().to_vec(),
+        }
     }
 
     /// Lanes in use.
@@ -145,6 +202,7 @@ impl DestMachine {
         match result {
             Ok(()) => {
                 self.shadow = true;
+                self.enter(now, Some("receive"));
                 self.state = State::Receiving { switchover: None };
                 self.actions
                     .push_back(DestAction::Send(DestMsg::Accepted { lanes: self.lanes }));
@@ -153,7 +211,7 @@ impl DestMachine {
                 self.actions.push_back(DestAction::Send(DestMsg::Refused(
                     super::wire::Refusal::ShadowFailed(why.clone()),
                 )));
-                self.end(DestOutcome::Discarded(why));
+                self.end(now, DestOutcome::Discarded(why));
             }
         }
     }
@@ -170,15 +228,19 @@ impl DestMachine {
     ) {
         self.last_heard = now;
         if !matches!(self.state, State::Receiving { .. }) {
-            return self.fail(format!(
-                "lane {lane} sent round {round} after the last round"
-            ));
+            return self.fail(
+                now,
+                format!("lane {lane} sent round {round} after the last round"),
+            );
         }
         let Some(next) = self.lane_next_round.get(lane as usize).copied() else {
-            return self.fail(format!("lane {lane} of {}", self.lanes));
+            return self.fail(now, format!("lane {lane} of {}", self.lanes));
         };
         if round != next {
-            return self.fail(format!("lane {lane} sent round {round}, expected {next}"));
+            return self.fail(
+                now,
+                format!("lane {lane} sent round {round}, expected {next}"),
+            );
         }
         self.lane_next_round[lane as usize] += 1;
         let index = round as usize;
@@ -190,6 +252,14 @@ impl DestMachine {
         let all_done = *self.lane_next_round.iter().min().expect("lanes");
         while self.rounds_complete < all_done {
             let (pages, bytes) = self.round_totals[self.rounds_complete as usize];
+            let figures = vec![
+                ("round", Figure::Count(u64::from(self.rounds_complete))),
+                ("pages", Figure::Count(pages)),
+                ("bytes", Figure::Count(bytes)),
+            ];
+            let parent = self.switchover.or(self.phase);
+            self.timeline
+                .instant(now, "round.received", parent, figures);
             self.actions
                 .push_back(DestAction::Send(DestMsg::RoundReceived {
                     round: self.rounds_complete,
@@ -198,7 +268,7 @@ impl DestMachine {
                 }));
             self.rounds_complete += 1;
         }
-        self.try_restore();
+        self.try_restore(now);
     }
 
     /// A message from the source.
@@ -207,19 +277,26 @@ impl DestMachine {
         match (&mut self.state, msg) {
             (State::Done, _) => {}
             (_, SourceMsg::Abort { reason }) if !self.committed => {
-                self.fail_quietly(format!("source aborted: {reason}"));
+                self.fail_quietly(now, format!("source aborted: {reason}"));
             }
             (State::Receiving { switchover }, SourceMsg::Switchover { final_round, state })
                 if switchover.is_none() =>
             {
                 if final_round < self.rounds_complete.saturating_sub(1) {
-                    return self.fail(format!(
-                        "final round {final_round} is older than round {} already received",
-                        self.rounds_complete
-                    ));
+                    return self.fail(
+                        now,
+                        format!(
+                            "final round {final_round} is older than round {} already received",
+                            self.rounds_complete
+                        ),
+                    );
                 }
                 *switchover = Some((final_round, state));
-                self.try_restore();
+                self.switchover_at = Some(now);
+                self.enter(now, None);
+                self.switchover = Some(self.timeline.begin(now, "switchover", None));
+                self.enter(now, Some("final_pages"));
+                self.try_restore(now);
             }
             (State::AwaitingCommit, SourceMsg::Commit { generation }) => {
                 self.committed = true;
@@ -228,17 +305,21 @@ impl DestMachine {
                     self.actions
                         .push_back(DestAction::Send(DestMsg::Resumed { running: false }));
                     self.actions.push_back(DestAction::Close);
-                    self.end(DestOutcome::Adopted);
+                    self.end(now, DestOutcome::Adopted);
                 } else {
+                    self.enter(now, Some("resume"));
                     self.state = State::Resuming;
                     self.actions.push_back(DestAction::Resume);
                 }
             }
-            (_, other) => self.fail(format!("unexpected message from the source: {other:?}")),
+            (_, other) => self.fail(
+                now,
+                format!("unexpected message from the source: {other:?}"),
+            ),
         }
     }
 
-    fn try_restore(&mut self) {
+    fn try_restore(&mut self, now: Instant) {
         let State::Receiving {
             switchover: Some((final_round, _)),
         } = &self.state
@@ -254,6 +335,7 @@ impl DestMachine {
         else {
             unreachable!("matched above")
         };
+        self.enter(now, Some("restore"));
         self.actions.push_back(DestAction::RestoreState(state));
     }
 
@@ -262,12 +344,14 @@ impl DestMachine {
         assert!(matches!(self.state, State::Restoring), "{:?}", self.state);
         self.last_heard = now;
         if let Err(why) = result {
-            return self.fail(format!("restoring state: {why}"));
+            return self.fail(now, format!("restoring state: {why}"));
         }
         if self.offer.verify_memory {
+            self.enter(now, Some("verify"));
             self.state = State::Hashing;
             self.actions.push_back(DestAction::HashMemory);
         } else {
+            self.enter(now, Some("await_commit"));
             self.state = State::AwaitingCommit;
             self.actions
                 .push_back(DestAction::Send(DestMsg::Ready { memory_hash: None }));
@@ -278,6 +362,7 @@ impl DestMachine {
     pub fn handle_memory_hash(&mut self, now: Instant, hash: u64) {
         assert!(matches!(self.state, State::Hashing), "{:?}", self.state);
         self.last_heard = now;
+        self.enter(now, Some("await_commit"));
         self.state = State::AwaitingCommit;
         self.actions.push_back(DestAction::Send(DestMsg::Ready {
             memory_hash: Some(hash),
@@ -285,8 +370,11 @@ impl DestMachine {
     }
 
     /// The vCPUs run (or failed to).
-    pub fn handle_resumed(&mut self, _now: Instant, result: Result<(), String>) {
+    pub fn handle_resumed(&mut self, now: Instant, result: Result<(), String>) {
         assert!(matches!(self.state, State::Resuming), "{:?}", self.state);
+        if let Some(at) = self.switchover_at {
+            self.downtime_ms = (now - at).as_secs_f64() * 1e3;
+        }
         match result {
             Ok(()) => {
                 self.actions
@@ -294,26 +382,26 @@ impl DestMachine {
                 self.actions
                     .push_back(DestAction::Send(DestMsg::Resumed { running: true }));
                 self.actions.push_back(DestAction::Close);
-                self.end(DestOutcome::Adopted);
+                self.end(now, DestOutcome::Adopted);
             }
             Err(why) => {
                 self.actions.push_back(DestAction::Send(DestMsg::Aborted {
                     reason: format!("resume failed: {why}"),
                 }));
                 self.actions.push_back(DestAction::Close);
-                self.end(DestOutcome::ResumeFailed(why));
+                self.end(now, DestOutcome::ResumeFailed(why));
             }
         }
     }
 
     /// The link or a local operation failed.
-    pub fn handle_failure(&mut self, _now: Instant, reason: String) {
+    pub fn handle_failure(&mut self, now: Instant, reason: String) {
         if self.committed {
             // The VM is ours; a lost link after the commit changes nothing,
             // the resume goes on.
             return;
         }
-        self.fail_quietly(reason);
+        self.fail_quietly(now, reason);
     }
 
     /// The timer fired.
@@ -321,25 +409,25 @@ impl DestMachine {
         if let Some(due) = self.poll_timeout()
             && now >= due
         {
-            self.fail(format!(
-                "no word from the source for {} s",
-                IDLE_MAX.as_secs()
-            ));
+            self.fail(
+                now,
+                format!("no word from the source for {} s", IDLE_MAX.as_secs()),
+            );
         }
     }
 
     /// Gives up, telling the source.
-    fn fail(&mut self, reason: String) {
+    fn fail(&mut self, now: Instant, reason: String) {
         if self.committed || matches!(self.state, State::Done) {
             return;
         }
         self.actions.push_back(DestAction::Send(DestMsg::Aborted {
             reason: reason.clone(),
         }));
-        self.fail_quietly(reason);
+        self.fail_quietly(now, reason);
     }
 
-    fn fail_quietly(&mut self, reason: String) {
+    fn fail_quietly(&mut self, now: Instant, reason: String) {
         if matches!(self.state, State::Done) {
             return;
         }
@@ -347,11 +435,19 @@ impl DestMachine {
             self.actions.push_back(DestAction::DiscardShadow);
         }
         self.actions.push_back(DestAction::Close);
-        self.end(DestOutcome::Discarded(reason));
+        self.timeline.instant(
+            now,
+            "discard",
+            None,
+            vec![("reason", Figure::Text(reason.clone()))],
+        );
+        self.end(now, DestOutcome::Discarded(reason));
     }
 
-    fn end(&mut self, outcome: DestOutcome) {
+    fn end(&mut self, now: Instant, outcome: DestOutcome) {
         self.state = State::Done;
+        self.timeline.end_all(now);
+        self.outcome = Some(outcome.clone());
         self.events.push_back(outcome);
     }
 }

@@ -47,7 +47,9 @@ pub mod admission;
 pub mod destination;
 pub mod options;
 pub mod report;
+pub mod report_text;
 pub mod source;
+pub mod timeline;
 pub mod wire;
 
 #[cfg(test)]
@@ -56,8 +58,9 @@ mod tests;
 pub use admission::{Capacity, Usage, admit};
 pub use destination::{DestAction, DestMachine, DestOutcome};
 pub use options::MigrationOptions;
-pub use report::{MigrationReport, Outcome, Progress, RoundReport};
+pub use report::{DestReport, MigrationReport, Outcome, PhaseReport, Progress, RoundReport};
 pub use source::{SourceAction, SourceEvent, SourceMachine};
+pub use timeline::{Figure, Timeline};
 pub use wire::{
     DestMsg, GuestKind, LaneMark, Mac, Offer, Refusal, SourceMsg, StreamIntro, VmConfig,
 };

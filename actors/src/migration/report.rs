@@ -7,11 +7,42 @@
 
 use serde::Serialize;
 
+pub use super::timeline::PhaseReport;
+
+/// Milliseconds since the Unix epoch, `ago_ms` before now.
+pub fn unix_ms_ago(ago_ms: f64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let ago = ago_ms.max(0.0) as u64;
+    u64::try_from(now.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_sub(ago)
+}
+
+/// How people see a migration id: 16 hex digits (the source's boot in the
+/// high half, a counter in the low half).
+pub fn show_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+/// Reads back what [`show_id`] wrote (leading zeros optional).
+pub fn parse_id(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t.is_empty() || t.len() > 16 {
+        return None;
+    }
+    u64::from_str_radix(t, 16).ok()
+}
+
 /// One pre-copy round as the source saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RoundReport {
     /// Round number (0 copies all memory).
     pub round: u32,
+    /// When it was sent, in milliseconds since the migration started.
+    pub start_ms: f64,
     /// Pages sent.
     pub pages: u64,
     /// Wire bytes the destination received.
@@ -20,6 +51,12 @@ pub struct RoundReport {
     pub duration_ms: f64,
     /// Pages dirtied while the round was in flight.
     pub dirty_after: u64,
+    /// `dirty_after` per second of the round.
+    pub dirty_rate_pages_per_s: f64,
+    /// This round's throughput, in MB/s.
+    pub bandwidth_mb_s: f64,
+    /// Downtime predicted after this round, in milliseconds.
+    pub predicted_downtime_ms: f64,
     /// Throttle while the round ran, in percent.
     pub throttle_percent: u8,
 }
@@ -49,6 +86,9 @@ pub enum Outcome {
 pub struct MigrationReport {
     /// The migration's id on the source.
     pub migration_id: u64,
+    /// When it started, in milliseconds since the Unix epoch (the pump's
+    /// wall clock; 0 from a bare machine).
+    pub started_unix_ms: u64,
     /// The VM.
     pub vm: String,
     /// Source host.
@@ -84,6 +124,40 @@ pub struct MigrationReport {
     pub memory_verified: Option<bool>,
     /// The disks' moves, when storage moved along.
     pub disks: Vec<crate::storage::DiskMoveReport>,
+    /// The source's phases, in the order they began.
+    pub phases: Vec<PhaseReport>,
+    /// The destination's side, when it was asked for (`ferry migrate show`).
+    pub destination: Option<DestReport>,
+}
+
+/// One migration as its destination saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DestReport {
+    /// The migration's id on the source.
+    pub migration_id: u64,
+    /// When the offer arrived, in milliseconds since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// The VM.
+    pub vm: String,
+    /// Source host.
+    pub from: String,
+    /// This host.
+    pub to: String,
+    /// How it ended here: `adopted`, or why not.
+    pub outcome: String,
+    /// Offer received to the end, in milliseconds.
+    pub total_ms: f64,
+    /// From the switchover message to the vCPUs running here, in
+    /// milliseconds: the part of the downtime this host sees.
+    pub downtime_ms: f64,
+    /// Rounds received.
+    pub rounds: u32,
+    /// Pages received, over all rounds.
+    pub pages_received: u64,
+    /// Wire bytes received.
+    pub bytes_received: u64,
+    /// The destination's phases, in the order they began.
+    pub phases: Vec<PhaseReport>,
 }
 
 impl MigrationReport {
@@ -96,6 +170,23 @@ impl MigrationReport {
     #[allow(clippy::cast_precision_loss)] // for display
     pub fn mb_sent(&self) -> f64 {
         self.bytes_sent as f64 / 1e6
+    }
+
+    /// One disk's move, in a line.
+    pub fn disk_line(&self, d: &crate::storage::DiskMoveReport) -> String {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        format!(
+            "disk {} {} -> {}:{} by {}: {:.1} MiB copied, {:.1} MiB holes skipped, {:.0} MB/s, final step {:.2} ms",
+            d.disk,
+            d.from,
+            self.to,
+            d.to,
+            d.method,
+            mib(d.copied_bytes),
+            mib(d.skipped_bytes),
+            d.copy_mb_per_s,
+            d.pause_ms
+        )
     }
 
     /// A few lines for people.
@@ -112,18 +203,8 @@ impl MigrationReport {
         };
         let mut disks = String::new();
         for d in &self.disks {
-            disks.push_str(&format!(
-                "\n  disk {} {} -> {}:{} by {}: {:.1} MiB copied, {:.1} MiB holes skipped, {:.0} MB/s, final step {:.2} ms",
-                d.disk,
-                d.from,
-                self.to,
-                d.to,
-                d.method,
-                d.copied_bytes as f64 / f64::from(1u32 << 20),
-                d.skipped_bytes as f64 / f64::from(1u32 << 20),
-                d.copy_mb_per_s,
-                d.pause_ms
-            ));
+            disks.push_str("\n  ");
+            disks.push_str(&self.disk_line(d));
         }
         format!(
             "{vm}: {from} -> {to} {outcome}\n  total {total:.1} ms, downtime {down:.2} ms (predicted {pred:.2} ms)\n  {rounds} rounds, {pages} pages, {mb:.1} MB at {rate:.0} MB/s, throttle max {thr}%, {verified}",

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::options::{MigrationOptions, next_throttle, predicted_downtime};
 use super::report::{MigrationReport, Outcome, Progress, RoundReport};
+use super::timeline::{Figure, PhaseId, Timeline};
 use super::wire::{DestMsg, Offer, SourceMsg, VmConfig};
 use crate::guest::{DirtyBitmap, PAGE_BYTES};
 
@@ -82,7 +83,7 @@ pub enum SourceEvent {
     /// Where the migration stands.
     Progress(Progress),
     /// It ended; nothing more follows.
-    Finished(MigrationReport),
+    Finished(Box<MigrationReport>),
 }
 
 #[derive(Debug)]
@@ -162,6 +163,23 @@ pub struct SourceMachine {
     /// Disks still copying: the switchover waits for them.
     storage_pending: bool,
     disk_reports: Vec<crate::storage::DiskMoveReport>,
+    /// What happened when, for the report, the chart and the spans.
+    timeline: Timeline,
+    phase: Phases,
+}
+
+/// The phases of [`SourceMachine::timeline`] that are still on.
+#[derive(Debug, Default)]
+struct Phases {
+    offer: Option<PhaseId>,
+    precopy: Option<PhaseId>,
+    round: Option<PhaseId>,
+    waiting: Option<PhaseId>,
+    storage: Option<PhaseId>,
+    storage_final: Option<PhaseId>,
+    switchover: Option<PhaseId>,
+    /// The current step of the switchover (pause, state, commit, resume).
+    step: Option<PhaseId>,
 }
 
 impl SourceMachine {
@@ -187,6 +205,7 @@ impl SourceMachine {
             lanes: options.lanes,
             verify_memory: options.verify_memory,
             storage: options.storage.clone(),
+            trace_parent: String::new(),
         };
         let storage_pending = offer.storage.is_some();
         Self {
@@ -215,16 +234,58 @@ impl SourceMachine {
             held: None,
             storage_pending,
             disk_reports: Vec::new(),
+            timeline: Timeline::default(),
+            phase: Phases::default(),
         }
+    }
+
+    /// Source and destination host.
+    pub fn hosts(&self) -> (&str, &str) {
+        (&self.from, &self.to)
+    }
+
+    /// Names the trace the destination's spans join (W3C `traceparent`;
+    /// empty: none). Called before [`Self::start`].
+    pub fn set_trace_parent(&mut self, traceparent: String) {
+        assert!(self.started_at.is_none(), "the offer is already sent");
+        self.offer.trace_parent = traceparent;
+    }
+
+    /// The phases so far (offsets from [`Self::start`]).
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// Ends the current switchover step and begins `next` (if any).
+    fn step(&mut self, now: Instant, next: Option<&str>) {
+        if let Some(step) = self.phase.step.take() {
+            self.timeline.end(now, step);
+        }
+        if let Some(name) = next {
+            self.phase.step = Some(self.timeline.begin(now, name, self.phase.switchover));
+        }
+    }
+
+    /// The switchover begins (the pause is requested, or a cold copy is in).
+    fn begin_switchover(&mut self, now: Instant, first_step: &str) {
+        if let Some(p) = self.phase.precopy.take() {
+            self.timeline.end(now, p);
+        }
+        self.phase.switchover = Some(self.timeline.begin(now, "switchover", None));
+        self.step(now, Some(first_step));
     }
 
     /// Sends the offer.
     pub fn start(&mut self, now: Instant) {
         assert!(self.started_at.is_none(), "started twice");
         self.started_at = Some(now);
+        self.timeline.start(now);
+        self.phase.offer = Some(self.timeline.begin(now, "offer", None));
         self.deadline = Some(now + self.options.precopy_time_max);
         self.actions
-            .push_back(SourceAction::Send(SourceMsg::Offer(self.offer.clone())));
+            .push_back(SourceAction::Send(SourceMsg::Offer(Box::new(
+                self.offer.clone(),
+            ))));
         self.progress("offer", 0, self.pages_total);
     }
 
@@ -271,8 +332,13 @@ impl SourceMachine {
                     return self.fail(now, format!("destination asked for {lanes} lanes"));
                 }
                 self.lanes = lanes;
+                if let Some(p) = self.phase.offer.take() {
+                    self.timeline.end(now, p);
+                }
+                self.phase.precopy = Some(self.timeline.begin(now, "precopy", None));
                 if !self.offer.cold {
                     if self.offer.storage.is_some() {
+                        self.phase.storage = Some(self.timeline.begin(now, "storage", None));
                         self.actions.push_back(SourceAction::StartStorage);
                     }
                     self.actions.push_back(SourceAction::StartDirtyLog);
@@ -295,6 +361,7 @@ impl SourceMachine {
                 self.record_round(now, round, pages, bytes);
                 if self.offer.cold {
                     self.paused = true;
+                    self.begin_switchover(now, "state");
                     self.state = State::Switching {
                         paused_at: now,
                         final_round: round,
@@ -335,6 +402,7 @@ impl SourceMachine {
                 DestMsg::Ready { memory_hash },
             ) => {
                 self.dest_hash = memory_hash;
+                self.step(now, Some("commit"));
                 self.state = State::Releasing { paused_at };
                 self.actions.push_back(SourceAction::ReleaseOwnership {
                     generation: self.offer.generation + 1,
@@ -369,9 +437,6 @@ impl SourceMachine {
                     .checked_sub(1)
                     .and_then(|r| self.rounds.get(r as usize))
                     .map(|r| r.dirty_after);
-                if let Some(r) = self.rounds.last_mut() {
-                    r.dirty_after = count;
-                }
                 let predicted = predicted_downtime(
                     count * PAGE_BYTES,
                     self.state_bytes_estimate(),
@@ -379,7 +444,24 @@ impl SourceMachine {
                     self.options.resume_cost,
                 );
                 self.predicted = predicted;
-                if predicted <= self.options.downtime_max && self.storage_pending {
+                self.note_dirty(count, predicted);
+                let converged = predicted <= self.options.downtime_max;
+                let decision = if converged && self.storage_pending {
+                    "wait for disks"
+                } else if converged {
+                    "switchover"
+                } else if round + 1 >= self.options.rounds_max {
+                    "give up"
+                } else {
+                    "another round"
+                };
+                self.decide(now, count, predicted, decision);
+                if converged && self.storage_pending {
+                    self.phase.waiting = Some(self.timeline.begin(
+                        now,
+                        "waiting_for_disks",
+                        self.phase.precopy,
+                    ));
                     // Memory is ready but the disks are not: hold the
                     // dirty set until they are, then go on with rounds.
                     self.progress("waiting for disks", round + 1, count);
@@ -389,7 +471,8 @@ impl SourceMachine {
                     };
                     return;
                 }
-                if predicted <= self.options.downtime_max {
+                if converged {
+                    self.begin_switchover(now, "pause");
                     self.state = State::Pausing {
                         pending: dirty,
                         predicted,
@@ -442,6 +525,7 @@ impl SourceMachine {
                     final_round,
                     ready: false,
                 };
+                self.step(now, Some("state"));
                 self.actions.push_back(SourceAction::SaveState);
                 if self.offer.verify_memory {
                     self.actions.push_back(SourceAction::HashMemory);
@@ -462,11 +546,17 @@ impl SourceMachine {
             State::Pausing { pending, predicted } => {
                 self.paused = true;
                 self.predicted = predicted;
+                self.step(now, None);
                 self.state = State::FinalCollect {
                     pending,
                     paused_at: now,
                 };
                 if self.offer.storage.is_some() {
+                    self.phase.storage_final = Some(self.timeline.begin(
+                        now,
+                        "storage.final",
+                        self.phase.switchover,
+                    ));
                     self.actions.push_back(SourceAction::FinishStorage);
                 }
                 self.actions.push_back(SourceAction::CollectDirty);
@@ -478,6 +568,12 @@ impl SourceMachine {
     /// Every disk copy has converged: the switchover may come.
     pub fn handle_storage_converged(&mut self, now: Instant) {
         self.storage_pending = false;
+        for p in [self.phase.storage.take(), self.phase.waiting.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.timeline.end(now, p);
+        }
         match std::mem::replace(&mut self.state, State::Done) {
             State::WaitingForDisks { round, pending } => {
                 self.send_round(now, round + 1, pending, false);
@@ -490,14 +586,37 @@ impl SourceMachine {
     /// [`SourceAction::FinishStorage`].
     pub fn handle_storage_finished(
         &mut self,
-        _now: Instant,
+        now: Instant,
         reports: Vec<crate::storage::DiskMoveReport>,
     ) {
+        if let Some(p) = self.phase.storage_final.take() {
+            let bytes = reports.iter().map(|r| r.copied_bytes).sum();
+            self.timeline
+                .note(p, "disks", Figure::Count(reports.len() as u64));
+            self.timeline.note(p, "bytes", Figure::Count(bytes));
+            for r in &reports {
+                let figures = vec![
+                    ("disk", Figure::Text(r.disk.clone())),
+                    ("method", Figure::Text(r.method.to_string())),
+                    ("datastore", Figure::Text(r.to.clone())),
+                    ("copied_bytes", Figure::Count(r.copied_bytes)),
+                    ("skipped_bytes", Figure::Count(r.skipped_bytes)),
+                    ("copy_mb_s", Figure::Value(r.copy_mb_per_s)),
+                    ("final_step_ms", Figure::Value(r.pause_ms)),
+                ];
+                self.timeline.instant(now, "disk", Some(p), figures);
+            }
+            self.timeline.end(now, p);
+        }
         self.disk_reports = reports;
     }
 
     /// State saved after [`SourceAction::SaveState`].
     pub fn handle_state_saved(&mut self, _now: Instant, state: Vec<u8>) {
+        if let Some(step) = self.phase.step {
+            self.timeline
+                .note(step, "state_bytes", Figure::Count(state.len() as u64));
+        }
         assert!(
             matches!(self.state, State::Switching { .. }),
             "state saved in {:?}",
@@ -523,14 +642,16 @@ impl SourceMachine {
         self.source_hash = Some(hash);
         if let Some(mut report) = self.held.take() {
             report.memory_verified = self.dest_hash.map(|d| d == hash);
-            self.events.push_back(SourceEvent::Finished(report));
+            self.events
+                .push_back(SourceEvent::Finished(Box::new(report)));
         }
     }
 
     /// Ownership is released: from here on the source never resumes the VM.
-    pub fn handle_released(&mut self, _now: Instant) {
+    pub fn handle_released(&mut self, now: Instant) {
         match std::mem::replace(&mut self.state, State::Done) {
             State::Releasing { paused_at } => {
+                self.step(now, Some("resume"));
                 self.state = State::Committed { paused_at };
                 self.actions
                     .push_back(SourceAction::Send(SourceMsg::Commit {
@@ -575,6 +696,29 @@ impl SourceMachine {
     /// The question of [`SourceAction::AskOutcome`] could not be asked.
     pub fn handle_resolution_failed(&mut self, now: Instant, reason: String) {
         self.fail(now, reason);
+    }
+
+    /// An operator (`who`) calls the migration off. Before the release it
+    /// aborts like any failure (the VM runs on here, the destination drops
+    /// its shadow); from the release on the destination owns the VM and
+    /// the answer is no.
+    ///
+    /// # Errors
+    /// Too late (released, committed, resolving) or already over.
+    pub fn handle_cancel(&mut self, now: Instant, who: &str) -> Result<(), String> {
+        match self.state {
+            State::Done => Err("it has already ended".into()),
+            State::Releasing { .. } | State::Committed { .. } | State::Resolving { .. } => {
+                Err(format!(
+                    "too late: the VM was handed over to {} and the migration completes there",
+                    self.to
+                ))
+            }
+            _ => {
+                self.fail(now, format!("cancelled by {who}"));
+                Ok(())
+            }
+        }
     }
 
     /// A local operation or the link failed.
@@ -635,6 +779,17 @@ impl SourceMachine {
     fn send_round(&mut self, now: Instant, round: u32, pages: DirtyBitmap, skip_zero: bool) {
         self.round_started_at = Some(now);
         self.round_pages = pages.count();
+        let (name, parent) = if self.paused {
+            ("final_pages", self.phase.switchover)
+        } else {
+            ("precopy.round", self.phase.precopy)
+        };
+        let phase = self.timeline.begin(now, name, parent);
+        self.timeline
+            .note(phase, "round", Figure::Count(u64::from(round)));
+        self.timeline
+            .note(phase, "pages_planned", Figure::Count(self.round_pages));
+        self.phase.round = Some(phase);
         self.progress("precopy", round, self.round_pages);
         self.actions.push_back(SourceAction::SendRound {
             round,
@@ -647,14 +802,62 @@ impl SourceMachine {
     fn record_round(&mut self, now: Instant, round: u32, pages: u64, bytes: u64) {
         let started = self.round_started_at.expect("round started");
         assert_eq!(round as usize, self.rounds.len(), "rounds arrive in order");
+        let duration_ms = (now - started).as_secs_f64() * 1e3;
+        #[allow(clippy::cast_precision_loss)] // a rate
+        let bandwidth_mb_s = bytes as f64 / 1e3 / duration_ms.max(1e-3);
         self.rounds.push(RoundReport {
             round,
+            start_ms: self.timeline.offset_ms(started),
             pages,
             bytes,
-            duration_ms: (now - started).as_secs_f64() * 1e3,
+            duration_ms,
             dirty_after: 0,
+            dirty_rate_pages_per_s: 0.0,
+            bandwidth_mb_s,
+            predicted_downtime_ms: 0.0,
             throttle_percent: self.throttle,
         });
+        if let Some(phase) = self.phase.round.take() {
+            let t = &mut self.timeline;
+            t.note(phase, "pages", Figure::Count(pages));
+            t.note(phase, "bytes", Figure::Count(bytes));
+            t.note(phase, "bandwidth_mb_s", Figure::Value(bandwidth_mb_s));
+            t.note(
+                phase,
+                "throttle_percent",
+                Figure::Count(u64::from(self.throttle)),
+            );
+            t.end(now, phase);
+        }
+    }
+
+    /// The dirty set after the last round: onto its report and its phase.
+    fn note_dirty(&mut self, count: u64, predicted: Duration) {
+        let Some(last) = self.rounds.last_mut() else {
+            return;
+        };
+        let seconds = (last.duration_ms / 1e3).max(1e-6);
+        last.dirty_after = count;
+        #[allow(clippy::cast_precision_loss)] // a rate
+        let rate = count as f64 / seconds;
+        last.dirty_rate_pages_per_s = rate;
+        last.predicted_downtime_ms = predicted.as_secs_f64() * 1e3;
+    }
+
+    /// Records the convergence decision after a round.
+    fn decide(&mut self, now: Instant, dirty: u64, predicted: Duration, decision: &str) {
+        let figures = vec![
+            ("dirty_pages", Figure::Count(dirty)),
+            ("predicted_ms", Figure::Value(predicted.as_secs_f64() * 1e3)),
+            (
+                "budget_ms",
+                Figure::Value(self.options.downtime_max.as_secs_f64() * 1e3),
+            ),
+            ("bandwidth_mb_s", Figure::Value(self.bandwidth() / 1e6)),
+            ("decision", Figure::Text(decision.to_owned())),
+        ];
+        self.timeline
+            .instant(now, "convergence", self.phase.precopy, figures);
     }
 
     /// Rounds acknowledged so far (bounded by `rounds_max`, a `u32`).
@@ -700,6 +903,13 @@ impl SourceMachine {
                 self.actions.push_back(SourceAction::Close);
                 self.actions.push_back(SourceAction::AskOutcome);
                 self.deadline = Some(now + RESOLVE_RETRY);
+                self.timeline.instant(
+                    now,
+                    "link_lost",
+                    None,
+                    vec![("reason", Figure::Text(reason.clone()))],
+                );
+                self.timeline.begin(now, "resolve", None);
                 self.state = State::Resolving {
                     paused_at,
                     reason,
@@ -757,6 +967,12 @@ impl SourceMachine {
                 }
                 self.actions.push_back(SourceAction::Close);
                 let downtime = paused_at.map_or(Duration::ZERO, |p| now - p);
+                self.timeline.instant(
+                    now,
+                    "abort",
+                    None,
+                    vec![("reason", Figure::Text(reason.clone()))],
+                );
                 self.finish(now, Outcome::Aborted { reason }, downtime);
             }
         }
@@ -764,6 +980,7 @@ impl SourceMachine {
 
     fn finish(&mut self, now: Instant, outcome: Outcome, downtime: Duration) {
         self.state = State::Done;
+        self.timeline.end_all(now);
         let started = self.started_at.unwrap_or(now);
         let bytes: u64 = self.rounds.iter().map(|r| r.bytes).sum();
         let memory_verified = match (self.source_hash, self.dest_hash) {
@@ -772,6 +989,7 @@ impl SourceMachine {
         };
         let report = MigrationReport {
             migration_id: self.offer.migration_id,
+            started_unix_ms: 0,
             vm: self.offer.vm.name.clone(),
             from: self.from.clone(),
             to: self.to.clone(),
@@ -793,6 +1011,8 @@ impl SourceMachine {
             state_bytes: self.state_bytes,
             memory_verified,
             disks: self.disk_reports.clone(),
+            phases: self.timeline.phases().to_vec(),
+            destination: None,
         };
         let hash_pending = report.outcome == Outcome::Completed
             && self.offer.verify_memory
@@ -800,7 +1020,8 @@ impl SourceMachine {
         if hash_pending {
             self.held = Some(report);
         } else {
-            self.events.push_back(SourceEvent::Finished(report));
+            self.events
+                .push_back(SourceEvent::Finished(Box::new(report)));
         }
     }
 }

@@ -26,6 +26,8 @@ struct Case {
     /// After the cut the destination cannot even be asked how it ended.
     unreachable_after_cut: bool,
     stopped: bool,
+    /// An operator cancels when this many control messages have passed.
+    cancel_after_messages: Option<usize>,
 }
 
 impl Default for Case {
@@ -43,6 +45,7 @@ impl Default for Case {
             cut_after_messages: None,
             unreachable_after_cut: false,
             stopped: false,
+            cancel_after_messages: None,
         }
     }
 }
@@ -55,6 +58,8 @@ struct Ending {
     source_freed: bool,
     dest_running: bool,
     memory_equal_at_pause: Option<bool>,
+    dest_report: Option<DestReport>,
+    cancel_answer: Option<Result<(), String>>,
 }
 
 enum Msg {
@@ -107,6 +112,7 @@ fn run(case: Case) -> Ending {
     let mut hash_at_pause = None;
     let latency = Duration::from_micros(50);
     let mut asked = false;
+    let mut cancel_answer = None;
     src.start(now);
 
     for _ in 0..1_000_000 {
@@ -174,7 +180,7 @@ fn run(case: Case) -> Ending {
         }
         while let Some(e) = src.poll_event() {
             if let SourceEvent::Finished(r) = e {
-                report = Some(r);
+                report = Some(*r);
             }
         }
         if let Some(d) = dst.as_mut() {
@@ -245,6 +251,9 @@ fn run(case: Case) -> Ending {
             if cut {
                 continue;
             }
+            if case.cancel_after_messages == Some(messages) {
+                cancel_answer = Some(src.handle_cancel(now, "ops"));
+            }
             if case.cut_after_messages == Some(messages) {
                 cut = true;
                 wire.clear();
@@ -257,7 +266,7 @@ fn run(case: Case) -> Ending {
             match msg {
                 Msg::ToDest(SourceMsg::Offer(offer)) => {
                     match admit(&offer, &capacity, Usage::default(), false) {
-                        Ok(()) => dst = Some(DestMachine::new(now, offer, LANES)),
+                        Ok(()) => dst = Some(DestMachine::new(now, *offer, LANES)),
                         Err(refusal) => wire.push_back(Msg::ToSource(DestMsg::Refused(refusal))),
                     }
                 }
@@ -291,6 +300,8 @@ fn run(case: Case) -> Ending {
         source_freed,
         dest_running: dst_guest.as_ref().is_some_and(GuestBackend::is_running),
         memory_equal_at_pause,
+        dest_report: dst.as_ref().map(|d| d.report(now, "a", "b")),
+        cancel_answer,
         report,
     }
 }
@@ -475,4 +486,173 @@ fn cold_migration_moves_a_stopped_vm_without_rounds() {
     assert_eq!(e.report.rounds, 1);
     assert_eq!(e.report.memory_verified, Some(true));
     assert!(!e.dest_running && !e.source_running && e.source_freed);
+}
+
+fn phase_names(phases: &[PhaseReport], parent: Option<&str>) -> Vec<String> {
+    phases
+        .iter()
+        .filter(|p| p.parent.map(|i| phases[i as usize].name.as_str()) == parent)
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+#[test]
+fn both_sides_record_their_phases_and_the_rounds_their_figures() {
+    let e = run(Case {
+        wss_bytes: 4 << 20,
+        ..Case::default()
+    });
+    assert!(e.report.completed(), "{e:?}");
+    let phases = &e.report.phases;
+    assert!(phases.iter().all(|p| p.end_ms.is_some()), "{phases:#?}");
+    let top = phase_names(phases, None);
+    assert_eq!(top, ["offer", "precopy", "switchover"], "{phases:#?}");
+    assert_eq!(
+        phase_names(phases, Some("switchover")),
+        ["pause", "final_pages", "state", "commit", "resume"]
+    );
+    let precopy = phase_names(phases, Some("precopy"));
+    let rounds = precopy.iter().filter(|n| *n == "precopy.round").count();
+    let decisions = precopy.iter().filter(|n| *n == "convergence").count();
+    assert_eq!(
+        rounds as u32 + 1,
+        e.report.rounds,
+        "the final round is under the switchover"
+    );
+    assert_eq!(decisions, rounds, "one decision per pre-copy round");
+    let last = phases
+        .iter()
+        .rfind(|p| p.name == "convergence")
+        .expect("a decision");
+    assert_eq!(
+        last.figure("decision"),
+        Some(&Figure::Text("switchover".into()))
+    );
+    let Some(Figure::Value(predicted)) = last.figure("predicted_ms") else {
+        panic!("no prediction: {last:?}");
+    };
+    assert!((predicted - e.report.predicted_downtime_ms).abs() < 1e-9);
+    // Rounds start in order and carry their rates.
+    for pair in e.report.round_log.windows(2) {
+        assert!(pair[1].start_ms >= pair[0].start_ms + pair[0].duration_ms - 1e-6);
+    }
+    let first = &e.report.round_log[0];
+    assert!(
+        first.bandwidth_mb_s > 0.0 && first.dirty_rate_pages_per_s > 0.0,
+        "{first:?}"
+    );
+    // The pause-to-resume window on the source is the downtime.
+    let pause = phases.iter().find(|p| p.name == "pause").expect("pause");
+    let resume = phases.iter().find(|p| p.name == "resume").expect("resume");
+    let window = resume.end_ms.expect("ended") - pause.end_ms.expect("ended");
+    assert!(
+        (window - e.report.downtime_ms).abs() < 1e-6,
+        "{window} vs {}",
+        e.report.downtime_ms
+    );
+
+    let d = e.dest_report.expect("the destination reports");
+    assert_eq!(d.outcome, "adopted");
+    assert_eq!(d.rounds, e.report.rounds);
+    assert_eq!(d.bytes_received, e.report.bytes_sent);
+    assert_eq!(
+        phase_names(&d.phases, None),
+        ["shadow", "receive", "switchover"]
+    );
+    assert_eq!(
+        phase_names(&d.phases, Some("switchover"))
+            .into_iter()
+            .filter(|n| n != "round.received")
+            .collect::<Vec<_>>(),
+        ["final_pages", "restore", "verify", "await_commit", "resume"]
+    );
+    assert!(
+        d.downtime_ms > 0.0 && d.downtime_ms <= e.report.downtime_ms,
+        "{d:?}"
+    );
+}
+
+#[test]
+fn an_abort_is_a_phase_with_its_reason() {
+    let e = run(Case {
+        features: vec!["avx512f"],
+        ..Case::default()
+    });
+    let abort = e
+        .report
+        .phases
+        .iter()
+        .find(|p| p.name == "abort")
+        .expect("abort phase");
+    let Some(Figure::Text(reason)) = abort.figure("reason") else {
+        panic!("{abort:?}");
+    };
+    assert!(reason.contains("avx512f"), "{reason}");
+    assert!(e.report.phases.iter().all(|p| p.end_ms.is_some()));
+}
+
+#[test]
+fn a_cancel_in_any_phase_before_the_release_leaves_the_vm_on_the_source() {
+    // Cancel after each message of a clean run: the offer, its answer,
+    // each round's acknowledgement, the switchover, Ready (from there on
+    // the VM is handed over and the cancel is refused), the commit.
+    let messages = clean_run_messages();
+    let mut cancelled = 0;
+    let mut refused = 0;
+    for at in 1..=messages {
+        let e = run(Case {
+            wss_bytes: 4 << 20,
+            cancel_after_messages: Some(at),
+            ..Case::default()
+        });
+        assert_one_owner(&e);
+        match e.cancel_answer.clone().expect("asked") {
+            Ok(()) => {
+                cancelled += 1;
+                let Outcome::Aborted { reason } = &e.report.outcome else {
+                    panic!("cancel at {at}: {:?}", e.report)
+                };
+                assert_eq!(reason, "cancelled by ops", "at {at}");
+                assert!(e.source_running, "at {at}: the VM runs on the source");
+                assert!(!e.dest_running && !e.source_freed, "at {at}");
+                assert!(
+                    !matches!(e.dest, DestOutcome::Adopted),
+                    "at {at}: {:?}",
+                    e.dest
+                );
+                let phases = &e.report.phases;
+                assert!(phases.iter().any(|p| p.name == "abort"), "at {at}");
+            }
+            Err(why) => {
+                refused += 1;
+                assert!(
+                    why.contains("too late") || why.contains("ended"),
+                    "at {at}: {why}"
+                );
+                assert!(
+                    e.report.completed(),
+                    "at {at}: a refused cancel changes nothing"
+                );
+                assert!(e.dest_running && !e.source_running);
+            }
+        }
+    }
+    // Offer, accepted, the rounds and the switchover can be cancelled; only
+    // the last steps (after Ready) cannot.
+    assert!(cancelled >= messages - 3, "{cancelled} of {messages}");
+    assert!(refused >= 1, "the cancel after Ready is refused");
+}
+
+#[test]
+fn a_cancel_while_the_guest_is_paused_resumes_it_on_the_source() {
+    // The switchover message is the last thing the source sends before it
+    // waits for Ready with the guest paused.
+    let messages = clean_run_messages();
+    let e = run(Case {
+        cancel_after_messages: Some(messages - 3),
+        ..Case::default()
+    });
+    assert_eq!(e.cancel_answer, Some(Ok(())));
+    assert!(e.source_running && !e.dest_running);
+    assert!(e.report.downtime_ms > 0.0, "it was paused: {:?}", e.report);
 }

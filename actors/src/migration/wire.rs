@@ -172,6 +172,9 @@ pub struct Offer {
     /// Disks move too (shared-nothing migration); without it the disks
     /// must be on datastores both hosts share, and only their locks move.
     pub storage: Option<StorageMove>,
+    /// The source's trace (W3C `traceparent`), which the destination's
+    /// spans join; empty when the source exports no traces.
+    pub trace_parent: String,
 }
 
 /// Why a destination said no.
@@ -238,7 +241,7 @@ impl std::fmt::Display for Refusal {
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum SourceMsg {
     /// Opens the migration.
-    Offer(Offer),
+    Offer(Box<Offer>),
     /// The vCPUs are paused: `final_round` holds the last pages, `state`
     /// the vCPU and device state.
     Switchover {

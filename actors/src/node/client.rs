@@ -160,6 +160,22 @@ pub enum ClientRequest {
     },
     /// Where this node believes each MAC lives.
     MacTable,
+    /// Migrations this node took part in: `id`'s records, or the `last`
+    /// most recent.
+    Migrations {
+        /// One migration (`None`: the most recent ones).
+        id: Option<u64>,
+        /// How many of the most recent.
+        last: u32,
+    },
+    /// The node's migration metrics.
+    Stats,
+    /// Call off migration `id` if this node is sending it (before the VM
+    /// is handed over; the VM keeps running here).
+    CancelMigration {
+        /// The migration.
+        id: u64,
+    },
     /// Move a VM's disks to another datastore of its host, live.
     MoveStorage {
         /// The VM.
@@ -200,6 +216,10 @@ pub enum ClientReply {
     Disks(Vec<DiskView>),
     /// Storage moved on one host (final).
     StorageMoved(Vec<crate::storage::DiskMoveReport>),
+    /// Migration records.
+    Migrations(Vec<super::host::history::MigrationRecord>),
+    /// Migration metrics.
+    Stats(super::metrics::NodeStats),
     /// The request failed.
     Error(String),
 }
@@ -208,7 +228,10 @@ pub enum ClientReply {
 pub fn allowed(role: ferry_transport::Role, request: &ClientRequest) -> bool {
     use ferry_transport::Role;
     match request {
-        ClientRequest::ListVms | ClientRequest::MacTable => true,
+        ClientRequest::ListVms
+        | ClientRequest::MacTable
+        | ClientRequest::Migrations { .. }
+        | ClientRequest::Stats => true,
         ClientRequest::Disks { verify, .. } => {
             !verify || matches!(role, Role::Admin | Role::Operator)
         }

@@ -11,6 +11,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use super::factory::GuestFactory;
 use super::lanes::{self, LaneRound};
 use super::now;
+use super::trace::PhaseSpans;
 use super::vm::{VmActor, VmArgs, VmMsg, VmPhase, with_guest};
 use crate::migration::{DestAction, DestMachine, DestOutcome, Mac, SourceMsg};
 use crate::ram::{GuestRam, PageHashes};
@@ -51,10 +52,12 @@ pub struct DestArgs<C: Connection> {
     pub factory: Arc<dyn GuestFactory>,
     /// This host's name.
     pub host: String,
+    /// The source's host.
+    pub peer: String,
     /// Tells the virtual network where a MAC lives now.
     pub announce: Box<dyn Fn(Mac) + Send>,
-    /// Called once at the end.
-    pub on_end: Box<dyn FnOnce(DestEnd) + Send>,
+    /// Called once at the end, with this side's report.
+    pub on_end: Box<dyn FnOnce(DestEnd, crate::migration::DestReport) + Send>,
 }
 
 /// The destination of one migration.
@@ -79,7 +82,11 @@ pub struct DestState<C: Connection> {
     lanes_seen: Vec<bool>,
     generation: u64,
     announce: Box<dyn Fn(Mac) + Send>,
-    on_end: Option<Box<dyn FnOnce(DestEnd) + Send>>,
+    on_end: Option<Box<dyn FnOnce(DestEnd, crate::migration::DestReport) + Send>>,
+    /// The source's host.
+    peer: String,
+    /// One span per phase, under this side's root span.
+    spans: Option<PhaseSpans>,
 }
 
 impl<C: Connection> Actor for MigrationDestination<C> {
@@ -95,6 +102,16 @@ impl<C: Connection> Actor for MigrationDestination<C> {
         myself.send_interval(TICK, || DestPump::Tick);
         tokio::spawn(read_control(args.reader, myself.clone()));
         let lanes = args.machine.lanes() as usize;
+        let offer = args.machine.offer();
+        let root = tracing::info_span!(
+            parent: None,
+            "migration.destination",
+            migration.id = %crate::migration::report::show_id(offer.migration_id),
+            vm = %offer.vm.name,
+            from = %args.peer,
+            to = %args.host,
+        );
+        super::trace::join(&root, &offer.trace_parent);
         Ok(DestState {
             machine: args.machine,
             writer: args.writer,
@@ -108,6 +125,8 @@ impl<C: Connection> Actor for MigrationDestination<C> {
             generation: 0,
             announce: args.announce,
             on_end: Some(args.on_end),
+            peer: args.peer,
+            spans: Some(PhaseSpans::new(root)),
         })
     }
 
@@ -198,6 +217,7 @@ fn accept_lane<C: Connection>(
 }
 
 async fn pump<C: Connection>(myself: &ActorRef<DestPump<C>>, s: &mut DestState<C>) {
+    sync_spans(s);
     while let Some(action) = s.machine.poll_action() {
         let name = format!("{action:?}");
         let name = name.split(['(', ' ', '{']).next().unwrap_or("").to_owned();
@@ -211,8 +231,26 @@ async fn pump<C: Connection>(myself: &ActorRef<DestPump<C>>, s: &mut DestState<C
         if let Err(why) = result {
             s.machine.handle_failure(now(), why);
         }
+        sync_spans(s);
     }
     while let Some(outcome) = s.machine.poll_event() {
+        let mut report = s.machine.report(now(), &s.peer, &s.host);
+        report.started_unix_ms = crate::migration::report::unix_ms_ago(report.total_ms);
+        if let Some(spans) = s.spans.take() {
+            super::trace::set_attributes(
+                spans.root(),
+                vec![
+                    opentelemetry::KeyValue::new("outcome", report.outcome.clone()),
+                    opentelemetry::KeyValue::new("downtime_ms", report.downtime_ms),
+                    opentelemetry::KeyValue::new("total_ms", report.total_ms),
+                    opentelemetry::KeyValue::new(
+                        "bytes_received",
+                        i64::try_from(report.bytes_received).unwrap_or(i64::MAX),
+                    ),
+                ],
+            );
+            spans.finish(s.machine.timeline());
+        }
         let vm = s.vm.take();
         let end = match (&outcome, vm) {
             (DestOutcome::Adopted | DestOutcome::ResumeFailed(_), Some(vm)) => DestEnd::Adopted(vm),
@@ -225,7 +263,7 @@ async fn pump<C: Connection>(myself: &ActorRef<DestPump<C>>, s: &mut DestState<C
         };
         tracing::info!(vm = %s.machine.offer().vm.name, ?outcome, "incoming migration ended");
         if let Some(on_end) = s.on_end.take() {
-            on_end(end);
+            on_end(end, report);
         }
         myself.stop(None);
     }
@@ -333,4 +371,10 @@ async fn perform<C: Connection>(
         }
     }
     Ok(())
+}
+
+fn sync_spans<C: Connection>(s: &mut DestState<C>) {
+    if let Some(spans) = s.spans.as_mut() {
+        spans.sync(s.machine.timeline());
+    }
 }

@@ -18,8 +18,10 @@ pub mod disk;
 pub mod factory;
 pub mod host;
 pub mod lanes;
+pub mod metrics;
 pub mod net;
 pub mod source;
+pub mod trace;
 pub mod vm;
 pub mod vm_disks;
 
@@ -90,6 +92,8 @@ pub async fn offload<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'stati
     }
     match tokio::task::spawn_blocking(work).await {
         Ok(r) => r,
+        // The runtime is shutting down: this task goes with it.
+        Err(e) if e.is_cancelled() => std::future::pending().await,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }

@@ -78,7 +78,7 @@ async fn serve_stream<T: Transport>(
                 Ok(SourceMsg::Offer(offer)) => {
                     let _ = host.cast(HostMsg::IncomingMigration {
                         peer: peer.name,
-                        offer,
+                        offer: *offer,
                         writer,
                         reader,
                     });
@@ -173,7 +173,14 @@ async fn serve_stream<T: Transport>(
             let (tx, mut rx) = mpsc::unbounded_channel();
             if allowed(peer.role, &request) {
                 tracing::info!(client = %peer.subject, ?request, "request");
-                let _ = host.cast(HostMsg::Client(request, tx));
+                let _ = match request {
+                    ClientRequest::CancelMigration { id } => host.cast(HostMsg::Cancel {
+                        id,
+                        who: peer.name.clone(),
+                        reply: tx,
+                    }),
+                    request => host.cast(HostMsg::Client(request, tx)),
+                };
             } else {
                 let _ = tx.send(ClientReply::Error(format!(
                     "permission denied: role {:?} may not do this",

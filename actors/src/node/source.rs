@@ -7,8 +7,10 @@ use std::time::Duration;
 use ferry_transport::{Connection, FrameKind, FrameReader, FrameWriter};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use super::lanes::{self, LaneJob};
+use super::trace::{self, PhaseSpans};
 use super::vm::{VmMsg, with_guest};
 use super::{now, open_stream};
 use crate::migration::{
@@ -36,6 +38,14 @@ pub enum SourcePump {
     ResolveFailed(String),
     /// Every disk copy has converged.
     StorageConverged,
+    /// An operator calls the migration off; the answer says whether it
+    /// was still possible.
+    Cancel {
+        /// Who (certificate name).
+        who: String,
+        /// Ok, or why not.
+        reply: ractor::RpcReplyPort<Result<(), String>>,
+    },
 }
 
 /// Dials the destination afresh (for asking how a migration ended).
@@ -65,6 +75,10 @@ pub struct SourceArgs<C: Connection> {
     pub redial: Redial<C>,
     /// The VM's disks.
     pub disks: super::vm_disks::MigratingDisks<C>,
+    /// The node's metrics (progress of running migrations).
+    pub metrics: std::sync::Arc<super::metrics::NodeMetrics>,
+    /// Called once with the report, when the migration ended.
+    pub on_end: Box<dyn FnOnce(MigrationReport) + Send>,
 }
 
 /// The source of one migration.
@@ -91,6 +105,12 @@ pub struct SourceState<C: Connection> {
     migration_id: u64,
     redial: Redial<C>,
     disks: super::vm_disks::MigratingDisks<C>,
+    /// One span per phase, under the migration's root span.
+    spans: Option<PhaseSpans>,
+    metrics: std::sync::Arc<super::metrics::NodeMetrics>,
+    on_end: Option<Box<dyn FnOnce(MigrationReport) + Send>>,
+    /// Opened with the first clean-up action after the end.
+    cleanup: Option<tracing::Span>,
 }
 
 impl<C: Connection> Actor for MigrationSource<C> {
@@ -103,10 +123,21 @@ impl<C: Connection> Actor for MigrationSource<C> {
         _myself: ActorRef<SourcePump>,
         args: SourceArgs<C>,
     ) -> Result<SourceState<C>, ActorProcessingErr> {
-        let vm_name = args.machine.offer().vm.name.clone();
-        let migration_id = args.machine.offer().migration_id;
+        let mut machine = args.machine;
+        let vm_name = machine.offer().vm.name.clone();
+        let migration_id = machine.offer().migration_id;
+        let root = tracing::info_span!(
+            parent: None,
+            "migration",
+            migration.id = %crate::migration::report::show_id(migration_id),
+            vm = %vm_name,
+            from = machine.hosts().0,
+            to = machine.hosts().1,
+            cold = machine.offer().cold,
+        );
+        machine.set_trace_parent(trace::traceparent(&root));
         Ok(SourceState {
-            machine: args.machine,
+            machine,
             vm: args.vm,
             ram: args.ram,
             conn: args.conn,
@@ -119,6 +150,10 @@ impl<C: Connection> Actor for MigrationSource<C> {
             migration_id,
             redial: args.redial,
             disks: args.disks,
+            spans: Some(PhaseSpans::new(root)),
+            metrics: args.metrics,
+            on_end: Some(args.on_end),
+            cleanup: None,
         })
     }
 
@@ -158,6 +193,11 @@ impl<C: Connection> Actor for MigrationSource<C> {
             SourcePump::Resolved(committed) => s.machine.handle_resolution(now(), committed),
             SourcePump::ResolveFailed(why) => s.machine.handle_resolution_failed(now(), why),
             SourcePump::StorageConverged => s.machine.handle_storage_converged(now()),
+            SourcePump::Cancel { who, reply } => {
+                let answer = s.machine.handle_cancel(now(), &who);
+                tracing::info!(migration = s.migration_id, %who, ?answer, "cancel");
+                let _ = reply.send(answer);
+            }
         }
         pump(&myself, s).await;
         Ok(())
@@ -185,10 +225,21 @@ async fn read_control<R: ferry_transport::RecvStream>(
 
 /// Carries out the machine's actions until it has none, then reports.
 async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<C>) {
+    sync_spans(s);
     while let Some(action) = s.machine.poll_action() {
         let name = action_name(&action);
         let started = now();
-        let result = perform(myself, s, action).await;
+        if s.machine.is_done() && s.cleanup.is_none() {
+            let root = s.spans.as_ref().map(|t| t.root().clone());
+            s.cleanup = root.map(|root| {
+                tracing::info_span!(parent: &root, "migration.phase", otel.name = "cleanup", phase = "cleanup")
+            });
+        }
+        let span = s
+            .spans
+            .as_ref()
+            .map_or_else(tracing::Span::none, |t| t.root().clone());
+        let result = perform(myself, s, action).instrument(span).await;
         tracing::debug!(
             migration = s.migration_id,
             action = name,
@@ -198,15 +249,27 @@ async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<
         if let Err(why) = result {
             s.machine.handle_failure(now(), why);
         }
+        sync_spans(s);
     }
     while let Some(event) = s.machine.poll_event() {
         match event {
             SourceEvent::Progress(p) => {
+                let to = s.machine.hosts().1;
+                s.metrics
+                    .progress(s.migration_id, &s.vm_name, to, p.clone());
                 if let Some(tx) = &s.progress {
                     let _ = tx.send(p);
                 }
             }
-            SourceEvent::Finished(report) => {
+            SourceEvent::Finished(mut report) => {
+                report.started_unix_ms = crate::migration::report::unix_ms_ago(report.total_ms);
+                s.cleanup.take();
+                if let Some(spans) = s.spans.take() {
+                    trace::set_attributes(spans.root(), report_attributes(&report));
+                    let root = spans.root().clone();
+                    let _entered = root.enter();
+                    spans.finish(s.machine.timeline());
+                }
                 tracing::info!(
                     migration = s.migration_id,
                     vm = %s.vm_name,
@@ -224,13 +287,45 @@ async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<
                     }
                     Outcome::Completed => {}
                 }
+                if let Some(on_end) = s.on_end.take() {
+                    on_end((*report).clone());
+                }
                 if let Some(done) = s.done.take() {
-                    let _ = done.send(report);
+                    let _ = done.send(*report);
                 }
                 myself.stop(None);
             }
         }
     }
+}
+
+fn sync_spans<C: Connection>(s: &mut SourceState<C>) {
+    if let Some(spans) = s.spans.as_mut() {
+        spans.sync(s.machine.timeline());
+    }
+}
+
+/// The report's headline figures, as attributes of the root span.
+fn report_attributes(report: &MigrationReport) -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    let outcome = match &report.outcome {
+        Outcome::Completed => "completed".to_owned(),
+        Outcome::Aborted { reason } => format!("aborted: {reason}"),
+        Outcome::InDoubt { reason } => format!("in doubt: {reason}"),
+    };
+    let bytes = i64::try_from(report.bytes_sent).unwrap_or(i64::MAX);
+    vec![
+        KeyValue::new("outcome", outcome),
+        KeyValue::new("total_ms", report.total_ms),
+        KeyValue::new("downtime_ms", report.downtime_ms),
+        KeyValue::new("predicted_downtime_ms", report.predicted_downtime_ms),
+        KeyValue::new("bytes_sent", bytes),
+        KeyValue::new("rounds", i64::from(report.rounds)),
+        KeyValue::new(
+            "throttle_max_percent",
+            i64::from(report.throttle_max_percent),
+        ),
+    ]
 }
 
 fn action_name(action: &SourceAction) -> &'static str {

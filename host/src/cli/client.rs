@@ -72,10 +72,11 @@ pub struct NameArgs {
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// VM name.
-    pub vm: String,
+    #[arg(required = true)]
+    pub vm: Option<String>,
     /// Destination host.
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required = true)]
+    pub to: Option<String>,
     /// Downtime budget in milliseconds.
     #[arg(long, default_value_t = 50)]
     pub downtime_ms: u64,
@@ -264,7 +265,7 @@ pub fn disks(args: &DisksArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn connect(args: &ClientArgs) -> anyhow::Result<Cluster<QuicTransport>> {
+pub(crate) fn connect(args: &ClientArgs) -> anyhow::Result<Cluster<QuicTransport>> {
     let (config, creds) = ClientConfig::load(&args.client)?;
     let any = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
     let local = if config.nodes.iter().all(|n| n.addr.ip().is_loopback()) {
@@ -283,7 +284,9 @@ fn connect(args: &ClientArgs) -> anyhow::Result<Cluster<QuicTransport>> {
     ))
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub(crate) fn block_on<T>(
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -383,13 +386,16 @@ pub fn list(args: &ClientArgs) -> anyhow::Result<()> {
 
 /// `ferry migrate`.
 pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
+    let (Some(vm), Some(to)) = (&args.vm, &args.to) else {
+        anyhow::bail!("ferry migrate: name the VM and --to HOST");
+    };
     let report = block_on(async {
         let cluster = connect(&args.client)?;
         let bar = ProgressBar::new(args.json);
         let progress = bar.clone();
         let migrate = cluster
-            .vm(&args.vm)
-            .migrate_to(&args.to)
+            .vm(vm)
+            .migrate_to(to)
             .downtime_ms(args.downtime_ms)
             .time_limit_s(args.time_limit_s)
             .auto_converge(!args.no_auto_converge)

@@ -110,6 +110,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
                 vcpus: args.vcpus,
             },
             synthetic_guests: false,
+            otlp_endpoint: None,
             memory_pool_mib: Vec::new(),
             datastores: vec![
                 DatastoreConfig {

@@ -39,6 +39,9 @@ pub struct DemoArgs {
     /// Print the report as JSON (and no progress).
     #[arg(long)]
     pub json: bool,
+    /// Where the report (text and JSON) and the timeline chart go.
+    #[arg(long, default_value = "ferry-demo")]
+    pub out: std::path::PathBuf,
 }
 
 /// What `ferry demo --json` prints.
@@ -61,6 +64,8 @@ pub struct DemoReport {
     /// Every write the disk workload acknowledged, before and after the
     /// move, is on the destination's disk (`None`: no disk).
     pub disk_verified: Option<bool>,
+    /// The files written: report.txt, report.json, timeline.svg.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// Runs the demo.
@@ -68,7 +73,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(demo(args))?;
+    let mut report = runtime.block_on(demo(args))?;
+    report.files = write_files(&report.migration, &args.out)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -87,6 +93,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 if ok { "present" } else { "NOT present" }
             );
         }
+        let names: Vec<String> = report
+            .files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!(
+            "  report and timeline chart: {} (again with: ferry migrate show {:016x} --chart FILE, while the nodes run)",
+            names.join(", "),
+            report.migration.migration_id
+        );
     }
     anyhow::ensure!(
         report.migration.completed(),
@@ -186,7 +202,17 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     } else {
         None
     };
+    // The whole report, with the destination's side, as `ferry migrate
+    // show` gives it.
+    let migration = match local.client.migration(migration.migration_id).await {
+        Ok(full) => full,
+        Err(e) => {
+            eprintln!("WARNING: the destination's side of the report is missing: {e}");
+            migration
+        }
+    };
     Ok(DemoReport {
+        files: Vec::new(),
         disk_verified,
         guest,
         memory_mib: args.memory,
@@ -195,4 +221,22 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         guest_progressed,
         mac_moved,
     })
+}
+
+/// Writes `report.txt`, `report.json` and `timeline.svg` into `dir`.
+fn write_files(
+    report: &MigrationReport,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let text = dir.join("report.txt");
+    std::fs::write(&text, report.to_detail_text())
+        .with_context(|| format!("writing {}", text.display()))?;
+    let json = dir.join("report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let chart = dir.join("timeline.svg");
+    crate::chart::write_svg(report, &chart)?;
+    Ok(vec![text, json, chart])
 }

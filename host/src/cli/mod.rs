@@ -9,6 +9,7 @@ pub mod bench_storage;
 pub mod client;
 pub mod cluster;
 pub mod demo;
+pub mod history;
 pub mod node;
 pub mod progress;
 pub mod vm;
@@ -31,10 +32,13 @@ pub enum Command {
     /// Manage VMs on the cluster's nodes, or run a test guest locally.
     #[command(subcommand)]
     Vm(vm::VmCommand),
-    /// Move a running (or, with --cold, stopped) VM to another host.
-    Migrate(client::MigrateArgs),
-    /// Run this host's node.
-    Node(node::NodeArgs),
+    /// Move a running (or, with --cold, stopped) VM to another host; `show`
+    /// and `list` tell what migrations did.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Migrate(MigrateCommand),
+    /// Run this host's node; `stats` shows the nodes' migration metrics.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Node(NodeCommand),
     /// Set up a cluster: CA, certificates, config files.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -43,14 +47,64 @@ pub enum Command {
     Demo(demo::DemoArgs),
 }
 
-/// Runs a parsed command line.
+/// `ferry migrate`: a migration, or one of its subcommands.
+#[derive(Debug, clap::Args)]
+pub struct MigrateCommand {
+    /// `show` or `list`.
+    #[command(subcommand)]
+    pub action: Option<history::MigrateAction>,
+    /// The migration to run.
+    #[command(flatten)]
+    pub run: client::MigrateArgs,
+}
+
+/// `ferry node`: run a node, or ask the nodes for their figures.
+#[derive(Debug, clap::Args)]
+pub struct NodeCommand {
+    /// `stats`.
+    #[command(subcommand)]
+    pub action: Option<NodeAction>,
+    /// The node to run.
+    #[command(flatten)]
+    pub run: node::NodeArgs,
+}
+
+/// `ferry node` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// Migration metrics of the nodes: counts, bytes, downtime histogram,
+    /// pages per round, what runs now.
+    Stats(history::StatsArgs),
+}
+
+/// Runs a parsed command line (logging and telemetry included: `ferry
+/// node` sets them up from its node file, every other command from the
+/// environment).
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Node(NodeCommand { action: None, run }) = &cli.command {
+        return node::run(run);
+    }
+    let who = match cli.command {
+        Command::Demo(_) => "demo",
+        _ => "ferry-client",
+    };
+    let _telemetry = crate::telemetry::init(who, crate::telemetry::endpoint(None))?;
+    dispatch(cli)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Vm(cmd) => vm::run(cmd),
         Command::Demo(args) => demo::run(&args),
-        Command::Migrate(args) => client::migrate(&args),
-        Command::Node(args) => node::run(&args),
+        Command::Migrate(cmd) => match &cmd.action {
+            Some(action) => history::run(action),
+            None => client::migrate(&cmd.run),
+        },
+        Command::Node(cmd) => match &cmd.action {
+            Some(NodeAction::Stats(args)) => history::stats(args),
+            None => node::run(&cmd.run),
+        },
         Command::Cluster(cmd) => cluster::run(cmd),
     }
 }

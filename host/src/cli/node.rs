@@ -16,13 +16,24 @@ use crate::node::{Node, cpu_features};
 #[derive(Debug, Args)]
 pub struct NodeArgs {
     /// The node's configuration file.
-    #[arg(long)]
-    pub config: PathBuf,
+    #[arg(long, required = true)]
+    pub config: Option<PathBuf>,
 }
 
 /// Runs a node.
 pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
-    let (config, creds) = NodeConfig::load(&args.config)?;
+    let path = args
+        .config
+        .as_ref()
+        .context("ferry node: give --config FILE")?;
+    let (config, creds) = NodeConfig::load(path)?;
+    let telemetry = crate::telemetry::init(
+        &config.name,
+        crate::telemetry::endpoint(config.otlp_endpoint.as_deref()),
+    )?;
+    if let Some(e) = &telemetry.endpoint {
+        eprintln!("node {}: sending traces and metrics to {e}", config.name);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -75,8 +86,20 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             config.listen,
             config.peers.len()
         );
-        tokio::signal::ctrl_c().await?;
+        wait_for_stop().await?;
         eprintln!("node {} stopping", config.name);
         anyhow::Ok(())
-    })
+    })?;
+    // Dropping the guard flushes the spans still batched.
+    drop(telemetry);
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_stop() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
 }

@@ -40,6 +40,8 @@ pub struct GuestProgress {
     pub io_exits: AtomicU64,
     /// The disk device, once attached.
     pub disk: DiskSlot,
+    /// Guest disk writes that failed (the guest retries them).
+    pub disk_failures: AtomicU64,
 }
 
 /// The guest's disk device: where its requests go, and its memory (to
@@ -67,7 +69,7 @@ impl std::fmt::Debug for DiskSlot {
 impl DiskSlot {
     /// Carries out the request in guest memory: 0 for done, 1 for failed
     /// (or no disk).
-    fn serve(&self) -> u32 {
+    fn serve(&self, failures: &AtomicU64) -> u32 {
         let Ok(slot) = self.0.lock() else {
             return 1;
         };
@@ -87,7 +89,15 @@ impl DiskSlot {
         match dev.port.write(offset, page, seq) {
             Ok(()) => 0,
             Err(e) => {
-                tracing::warn!("guest disk write at {offset}: {e}");
+                // The guest retries at once: say so on the first failure
+                // and every thousandth, not on each.
+                let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n.is_multiple_of(1000) {
+                    tracing::warn!(
+                        "guest disk write at {offset}: {e} ({} failures so far)",
+                        n + 1
+                    );
+                }
                 1
             }
         }
@@ -367,7 +377,11 @@ impl Runner {
                 VcpuExit::IoIn(port, data) => {
                     self.progress.io_exits.fetch_add(1, Ordering::Relaxed);
                     if port == PORT_DISK {
-                        let status = self.progress.disk.serve().to_le_bytes();
+                        let status = self
+                            .progress
+                            .disk
+                            .serve(&self.progress.disk_failures)
+                            .to_le_bytes();
                         let n = data.len().min(4);
                         data[..n].copy_from_slice(&status[..n]);
                     } else {

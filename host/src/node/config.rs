@@ -88,6 +88,12 @@ pub struct NodeConfig {
     /// moves only its disks' locks).
     #[serde(default)]
     pub datastores: Vec<DatastoreConfig>,
+    /// An OpenTelemetry collector to send traces and metrics to, over
+    /// OTLP/HTTP (e.g. `http://127.0.0.1:4318`); without it,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is used if set, else nothing is
+    /// exported.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
     /// The other hosts.
     #[serde(default)]
     pub peers: Vec<Peer>,

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use ferry_transport::Transport;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::super::client::{ClientReply, DiskSpec, DiskView};
 use super::super::disk::{self, DiskMsg};
@@ -451,6 +452,8 @@ async fn move_one(
         .await
         .map_err(|e| e.to_string())?;
     let name = d.config.name.clone();
+    let span = tracing::info_span!("storage.disk", disk = %name, to = %datastore);
+    let copy_span = tracing::info_span!(parent: &span, "storage.copy");
     let copied = disk::copy_until_converged(&d.actor, 0, |p| {
         if let disk::CopyProgress::Copied { cursor, len, sent } = p {
             let _ = reply.send(ClientReply::Progress(Progress {
@@ -465,6 +468,7 @@ async fn move_one(
             let _ = sent;
         }
     })
+    .instrument(copy_span)
     .await;
     if let Err(e) = copied {
         let _ = disk::call(&d.actor, |reply| DiskMsg::Abort {
@@ -477,16 +481,33 @@ async fn move_one(
     // The last changes go under a pause of the vCPUs (a mirror has none
     // left, so its guest never stops).
     let pause = method != Method::Mirror;
-    let was_running = with_guest(vm, |g| g.is_running()).await.unwrap_or(false);
-    if pause && was_running {
-        let _ = with_guest(vm, |g| g.pause()).await;
+    let final_span = tracing::info_span!(parent: &span, "storage.final", paused = pause);
+    let finished = async {
+        let was_running = with_guest(vm, |g| g.is_running()).await.unwrap_or(false);
+        if pause && was_running {
+            let _ = with_guest(vm, |g| g.pause()).await;
+        }
+        let finished = disk::call(&d.actor, DiskMsg::Finish).await.and_then(|r| r);
+        if pause && was_running {
+            let _ = with_guest(vm, |g| g.resume()).await;
+        }
+        finished
     }
-    let finished = disk::call(&d.actor, DiskMsg::Finish).await.and_then(|r| r);
-    if pause && was_running {
-        let _ = with_guest(vm, |g| g.resume()).await;
-    }
+    .instrument(final_span)
+    .await;
     match finished {
         Ok(report) => {
+            super::super::trace::set_attributes(
+                &span,
+                vec![
+                    opentelemetry::KeyValue::new(
+                        "copied_bytes",
+                        i64::try_from(report.copied_bytes).unwrap_or(i64::MAX),
+                    ),
+                    opentelemetry::KeyValue::new("copy_mb_s", report.copy_mb_per_s),
+                    opentelemetry::KeyValue::new("final_step_ms", report.pause_ms),
+                ],
+            );
             disk::call(&d.actor, DiskMsg::Commit)
                 .await
                 .and_then(|r| r)

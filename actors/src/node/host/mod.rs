@@ -2,6 +2,7 @@
 //! starts outgoing ones and keeps the virtual network's MAC table.
 
 mod disks;
+pub mod history;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
 use super::destination::{DestArgs, DestEnd, DestPump, MigrationDestination};
 use super::factory::GuestFactory;
-use super::source::{MigrationSource, SourceArgs};
+use super::source::{MigrationSource, SourceArgs, SourcePump};
 use super::vm::{VmActor, VmArgs, VmInfo, VmMsg, VmPhase, with_guest};
 use super::vm_disks::{MigratingDisks, VmDisk};
 use super::{NodeCtx, NodeError, open_stream};
@@ -64,6 +65,19 @@ pub enum HostMsg<T: Transport> {
         vm: String,
         /// How.
         end: DestEnd,
+        /// What the destination saw.
+        report: Box<crate::migration::DestReport>,
+    },
+    /// An outgoing migration ended.
+    SourceEnded(Box<crate::migration::MigrationReport>),
+    /// Call off an outgoing migration.
+    Cancel {
+        /// The migration.
+        id: u64,
+        /// Who asks (certificate name).
+        who: String,
+        /// Ok, or why not.
+        reply: mpsc::UnboundedSender<ClientReply>,
     },
     /// The VM moved away: forget it.
     VmLeft(String),
@@ -154,6 +168,12 @@ pub struct HostState<T: Transport> {
     resolves: BTreeMap<(String, u64), Vec<oneshot::Sender<bool>>>,
     /// Outgoing migrations (stopped ones linger until the next power-off).
     outgoing: Vec<ractor::ActorCell>,
+    /// Migrations this host took part in.
+    history: history::History,
+    /// Counters for `ferry node stats` and OpenTelemetry.
+    metrics: Arc<super::metrics::NodeMetrics>,
+    /// Outgoing migrations still running, by id (for cancel).
+    running: BTreeMap<u64, ActorRef<super::source::SourcePump>>,
 }
 
 /// Incoming outcomes remembered for sources that lost the link.
@@ -170,6 +190,7 @@ impl<T: Transport> Actor for HostActor<T> {
         args: HostArgs<T>,
     ) -> Result<HostState<T>, ActorProcessingErr> {
         let next_migration_id = (u64::from(args.ctx.incarnation) << 32) | 1;
+        let metrics = Arc::new(super::metrics::NodeMetrics::new(&args.ctx.name));
         let (stores, host) = (args.stores.clone(), args.ctx.name.clone());
         super::offload(move || {
             crate::storage::datastore::remove_arrivals(stores.as_ref(), &host);
@@ -188,6 +209,9 @@ impl<T: Transport> Actor for HostActor<T> {
             outcomes: BTreeMap::new(),
             resolves: BTreeMap::new(),
             outgoing: Vec::new(),
+            history: history::History::default(),
+            metrics,
+            running: BTreeMap::new(),
         })
     }
 
@@ -234,8 +258,48 @@ impl<T: Transport> Actor for HostActor<T> {
                     tracing::warn!(%peer, migration_id, lane, "lane for no migration");
                 }
             }
-            HostMsg::IncomingEnded { key, vm, end } => {
+            HostMsg::Cancel { id, who, reply } => {
+                let Some(source) = s.running.get(&id).cloned() else {
+                    let _ = reply.send(ClientReply::Error(format!(
+                        "{} is not sending migration {}",
+                        s.ctx.name,
+                        crate::migration::report::show_id(id)
+                    )));
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    let answer = source
+                        .call(
+                            |port| SourcePump::Cancel { who, reply: port },
+                            Some(std::time::Duration::from_secs(10)),
+                        )
+                        .await;
+                    let _ = reply.send(match answer {
+                        Ok(ractor::rpc::CallResult::Success(Ok(()))) => ClientReply::Ok,
+                        Ok(ractor::rpc::CallResult::Success(Err(why))) => {
+                            ClientReply::Error(format!(
+                                "cannot cancel migration {}: {why}",
+                                crate::migration::report::show_id(id)
+                            ))
+                        }
+                        _ => ClientReply::Error("the migration ended meanwhile".into()),
+                    });
+                });
+            }
+            HostMsg::SourceEnded(report) => {
+                s.running.remove(&report.migration_id);
+                s.metrics.source_ended(&report);
+                s.history.source_ended(&report);
+            }
+            HostMsg::IncomingEnded {
+                key,
+                vm,
+                end,
+                report,
+            } => {
                 s.incoming.remove(&key);
+                s.metrics.destination_ended(&report);
+                s.history.destination_ended(&report);
                 let committed = matches!(end, DestEnd::Adopted(_));
                 if s.outcomes.len() >= OUTCOMES_KEPT {
                     s.outcomes.pop_first();
@@ -420,7 +484,16 @@ async fn client_request<T: Transport>(
                 let (config, vm_disks) = (entry.config.clone(), entry.disks.clone());
                 let stores = s.stores.clone();
                 let me = myself.clone();
+                let metrics = s.metrics.clone();
+                let span = tracing::info_span!(
+                    parent: None,
+                    "storage.move",
+                    vm = %vm,
+                    datastore = %datastore,
+                    method = %method,
+                );
                 tokio::spawn(async move {
+                    use tracing::Instrument;
                     let r = disks::move_storage(
                         stores,
                         config,
@@ -438,9 +511,11 @@ async fn client_request<T: Transport>(
                         },
                         reply.clone(),
                     )
+                    .instrument(span)
                     .await;
                     let _ = reply.send(match r {
                         Ok((configs, reports)) => {
+                            metrics.disk_copied(reports.iter().map(|r| r.copied_bytes).sum());
                             let _ = me.cast(HostMsg::DisksMoved { vm, disks: configs });
                             ClientReply::StorageMoved(reports)
                         }
@@ -462,6 +537,19 @@ async fn client_request<T: Transport>(
                 }
             }
             answer(Ok(ClientReply::Vms(list)));
+        }
+        ClientRequest::Migrations { id, last } => answer(Ok(ClientReply::Migrations(
+            s.history.find(id, last as usize),
+        ))),
+        ClientRequest::Stats => answer(Ok(ClientReply::Stats(s.metrics.snapshot()))),
+        // The accept loop sends cancels as `HostMsg::Cancel`, with the
+        // caller's name; one arriving here has none.
+        ClientRequest::CancelMigration { id } => {
+            let _ = myself.cast(HostMsg::Cancel {
+                id,
+                who: "an unnamed client".into(),
+                reply,
+            });
         }
         ClientRequest::MacTable => answer(Ok(ClientReply::Macs(
             s.macs
@@ -658,12 +746,14 @@ async fn incoming<T: Transport>(
         reader,
         factory: s.factory.clone(),
         host: s.ctx.name.clone(),
+        peer: peer.clone(),
         announce: Box::new(move |mac| announce(&me2, &ctx, mac)),
-        on_end: Box::new(move |end| {
+        on_end: Box::new(move |end, report| {
             let _ = me.cast(HostMsg::IncomingEnded {
                 key: end_key,
                 vm: end_name,
                 end,
+                report: Box::new(report),
             });
         }),
     };
@@ -761,6 +851,21 @@ async fn start_migration<T: Transport>(
     );
     let (done_tx, done_rx) = oneshot::channel();
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+    s.metrics.started(
+        id,
+        name,
+        to,
+        crate::migration::Progress {
+            phase: "offer".into(),
+            round: 0,
+            pages_left: 0,
+            pages_total: 0,
+            rate_bytes_per_s: 0.0,
+            predicted_downtime_ms: 0.0,
+            throttle_percent: 0,
+        },
+    );
+    let me_end = myself.clone();
     let me = myself.clone();
     let ctx = s.ctx.clone();
     let dest = to.to_owned();
@@ -819,9 +924,14 @@ async fn start_migration<T: Transport>(
         }),
         redial,
         disks: vm_disks,
+        metrics: s.metrics.clone(),
+        on_end: Box::new(move |report| {
+            let _ = me_end.cast(HostMsg::SourceEnded(Box::new(report)));
+        }),
     };
     match Actor::spawn(None, MigrationSource::default(), args).await {
         Ok((source, _)) => {
+            s.running.insert(id, source.clone());
             s.outgoing
                 .retain(|c| c.get_status() != ractor::ActorStatus::Stopped);
             s.outgoing.push(source.get_cell());
