@@ -32,6 +32,7 @@ pub mod disk;
 pub mod guest;
 pub mod migration;
 pub mod node;
+pub mod ops;
 pub mod ram;
 pub mod storage;
 pub mod synthetic;
