@@ -272,7 +272,14 @@ pub async fn request_to(
     request: ClientRequest,
 ) -> ClientReply {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    if host.cast(HostMsg::Client(request, tx)).is_err() {
+    if host
+        .cast(HostMsg::Client(
+            request,
+            "CN=sim,OU=admin,O=ferry".into(),
+            tx,
+        ))
+        .is_err()
+    {
         return ClientReply::Error("host actor gone".into());
     }
     while let Some(reply) = rx.recv().await {

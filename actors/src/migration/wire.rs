@@ -208,6 +208,8 @@ pub enum Refusal {
     BadOffer(String),
     /// A disk cannot be placed here.
     Datastore(String),
+    /// The host takes no VMs now (maintenance mode, or degraded).
+    OutOfService(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -233,6 +235,7 @@ impl std::fmt::Display for Refusal {
             Self::UnsupportedGuest(why) => write!(f, "unsupported guest: {why}"),
             Self::ShadowFailed(why) => write!(f, "could not create the shadow VM: {why}"),
             Self::BadOffer(why) => write!(f, "bad offer: {why}"),
+            Self::OutOfService(why) => write!(f, "the host takes no VMs: {why}"),
         }
     }
 }

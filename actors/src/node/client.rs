@@ -95,6 +95,12 @@ pub struct MigrateOptions {
     pub disk_rate_mb_per_s: u64,
     /// Disks that go elsewhere than `datastore`: (disk name, datastore).
     pub disk_datastores: Vec<(String, String)>,
+    /// Queue priority.
+    pub priority: crate::ops::jobs::Priority,
+    /// Start at this time (ms since the epoch; 0: now, and the request
+    /// waits for the report). A migration with a start time (a past one
+    /// runs at once) is queued and the request answers at once.
+    pub at_unix_ms: u64,
 }
 
 impl Default for MigrateOptions {
@@ -111,6 +117,8 @@ impl Default for MigrateOptions {
             method: crate::storage::Method::Mirror,
             disk_rate_mb_per_s: 0,
             disk_datastores: Vec::new(),
+            priority: crate::ops::jobs::Priority::Normal,
+            at_unix_ms: 0,
         }
     }
 }
@@ -149,11 +157,11 @@ pub enum ClientRequest {
     DeleteVm(String),
     /// The VMs on this node.
     ListVms,
-    /// Move a VM to another host.
+    /// Move a VM to another host (through this node's job queue).
     Migrate {
         /// The VM.
         vm: String,
-        /// Destination host.
+        /// Destination host, or `auto` (placement picks).
         to: String,
         /// How.
         options: MigrateOptions,
@@ -197,6 +205,37 @@ pub enum ClientRequest {
         /// Check the pattern.
         verify: bool,
     },
+    /// This node's jobs.
+    Jobs,
+    /// Call off a job: a queued one is dropped, a running one's migration
+    /// is cancelled.
+    CancelJob {
+        /// The job.
+        id: u64,
+    },
+    /// This node's audit log.
+    Audit(crate::ops::audit::AuditQuery),
+    /// This node's load (hosts ask each other for placement).
+    HostLoad,
+    /// Rank the hosts a VM of this node could go to.
+    Recommend {
+        /// The VM.
+        vm: String,
+        /// Datastore its disks would move to (empty: they stay).
+        datastore: String,
+    },
+    /// Enter (`true`) or leave maintenance mode. Entering migrates every
+    /// VM away and answers when the host is empty.
+    Maintenance {
+        /// Enter or leave.
+        enter: bool,
+    },
+    /// The host reports itself degraded (`reason`; empty: healthy again).
+    /// Degraded, it evacuates like maintenance mode.
+    Degraded {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A reply.
@@ -220,21 +259,121 @@ pub enum ClientReply {
     Migrations(Vec<super::host::history::MigrationRecord>),
     /// Migration metrics.
     Stats(super::metrics::NodeStats),
+    /// A migration was queued to run later (final).
+    JobQueued(crate::ops::jobs::Job),
+    /// Jobs.
+    Jobs(Vec<crate::ops::jobs::Job>),
+    /// Audit entries, oldest first.
+    Audit(Vec<crate::ops::audit::AuditEntry>),
+    /// A host's load.
+    Load(crate::ops::placement::HostLoad),
+    /// Candidate hosts, best first.
+    Ranking(Vec<crate::ops::placement::HostScore>),
+    /// The host was evacuated: the jobs that moved its VMs (final).
+    Evacuated(Vec<crate::ops::jobs::Job>),
     /// The request failed.
     Error(String),
 }
 
-/// Whether a certificate role may make `request`.
-pub fn allowed(role: ferry_transport::Role, request: &ClientRequest) -> bool {
+/// Whether a certificate role may make `request`, or why not.
+///
+/// Viewers read; operators also change VMs and run migrations; admins
+/// also put hosts in and out of service. A host certificate is not a
+/// user: hosts may only ask each other for their load.
+pub fn allowed(role: ferry_transport::Role, request: &ClientRequest) -> Result<(), String> {
     use ferry_transport::Role;
-    match request {
+    let needs = match request {
+        ClientRequest::HostLoad => return Ok(()),
         ClientRequest::ListVms
         | ClientRequest::MacTable
         | ClientRequest::Migrations { .. }
-        | ClientRequest::Stats => true,
-        ClientRequest::Disks { verify, .. } => {
-            !verify || matches!(role, Role::Admin | Role::Operator)
-        }
-        _ => matches!(role, Role::Admin | Role::Operator),
+        | ClientRequest::Stats
+        | ClientRequest::Jobs
+        | ClientRequest::Audit(_)
+        | ClientRequest::Recommend { .. }
+        | ClientRequest::Disks { verify: false, .. } => Role::Viewer,
+        ClientRequest::Maintenance { .. } | ClientRequest::Degraded { .. } => Role::Admin,
+        _ => Role::Operator,
+    };
+    let rank = |r: Role| match r {
+        Role::Host => 0,
+        Role::Viewer => 1,
+        Role::Operator => 2,
+        Role::Admin => 3,
+    };
+    if role == Role::Host {
+        Err("a host certificate cannot act as a user".into())
+    } else if rank(role) >= rank(needs) {
+        Ok(())
+    } else {
+        Err(format!(
+            "role {} may not {}; it needs {}",
+            role.as_str(),
+            action(request),
+            needs.as_str()
+        ))
     }
+}
+
+/// A request in a few words, for errors and the audit log.
+pub fn action(request: &ClientRequest) -> &'static str {
+    match request {
+        ClientRequest::CreateVm(_) => "vm create",
+        ClientRequest::StartVm(_) => "vm start",
+        ClientRequest::StopVm(_) => "vm stop",
+        ClientRequest::DeleteVm(_) => "vm delete",
+        ClientRequest::ListVms => "vm list",
+        ClientRequest::Migrate { .. } => "migrate",
+        ClientRequest::MacTable => "mac table",
+        ClientRequest::Migrations { .. } => "migrate show",
+        ClientRequest::Stats => "node stats",
+        ClientRequest::CancelMigration { .. } => "migrate cancel",
+        ClientRequest::MoveStorage { .. } => "vm move-storage",
+        ClientRequest::Disks { verify: true, .. } => "vm disks --verify",
+        ClientRequest::Disks { .. } => "vm disks",
+        ClientRequest::Jobs => "jobs list",
+        ClientRequest::CancelJob { .. } => "jobs cancel",
+        ClientRequest::Audit(_) => "audit",
+        ClientRequest::HostLoad => "host load",
+        ClientRequest::Recommend { .. } => "recommend",
+        ClientRequest::Maintenance { enter: true } => "host maintenance enter",
+        ClientRequest::Maintenance { enter: false } => "host maintenance exit",
+        ClientRequest::Degraded { .. } => "host degraded",
+    }
+}
+
+/// The VM and the destination a request names, for the audit log.
+pub fn subject(request: &ClientRequest) -> (String, String) {
+    match request {
+        ClientRequest::CreateVm(spec) => (spec.name.clone(), String::new()),
+        ClientRequest::StartVm(vm)
+        | ClientRequest::StopVm(vm)
+        | ClientRequest::DeleteVm(vm)
+        | ClientRequest::Disks { vm, .. }
+        | ClientRequest::Recommend { vm, .. } => (vm.clone(), String::new()),
+        ClientRequest::Migrate { vm, to, .. } => (vm.clone(), to.clone()),
+        ClientRequest::MoveStorage { vm, datastore, .. } => (vm.clone(), datastore.clone()),
+        ClientRequest::CancelMigration { id } => {
+            (String::new(), crate::migration::report::show_id(*id))
+        }
+        ClientRequest::CancelJob { id } => (String::new(), format!("job {id}")),
+        _ => (String::new(), String::new()),
+    }
+}
+
+/// Whether a request only reads (the audit log records reads too, and
+/// `ferry audit` hides them unless asked).
+pub fn is_read(request: &ClientRequest) -> bool {
+    matches!(
+        request,
+        ClientRequest::ListVms
+            | ClientRequest::MacTable
+            | ClientRequest::Migrations { .. }
+            | ClientRequest::Stats
+            | ClientRequest::Jobs
+            | ClientRequest::Audit(_)
+            | ClientRequest::HostLoad
+            | ClientRequest::Recommend { .. }
+            | ClientRequest::Disks { .. }
+    )
 }

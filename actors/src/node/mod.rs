@@ -20,6 +20,7 @@ pub mod host;
 pub mod lanes;
 pub mod metrics;
 pub mod net;
+pub mod scheduler;
 pub mod source;
 pub mod trace;
 pub mod vm;

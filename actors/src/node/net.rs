@@ -2,15 +2,17 @@
 //! their [`StreamIntro`].
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use ferry_transport::{Connection, FrameKind, FrameReader, FrameWriter, Role, Transport};
 use ractor::ActorRef;
 use tokio::sync::mpsc;
 
 use super::NodeCtx;
-use super::client::{ClientReply, ClientRequest, allowed};
+use super::client::{ClientReply, ClientRequest, action, allowed, is_read, subject};
 use super::host::HostMsg;
 use crate::migration::{SourceMsg, StreamIntro};
+use crate::ops::audit::AuditEntry;
 
 /// Accepts connections until the endpoint closes.
 pub async fn serve<T: Transport>(ctx: Arc<NodeCtx<T>>, host: ActorRef<HostMsg<T>>) {
@@ -171,38 +173,104 @@ async fn serve_stream<T: Transport>(
                 }
             };
             let (tx, mut rx) = mpsc::unbounded_channel();
-            if allowed(peer.role, &request) {
-                tracing::info!(client = %peer.subject, ?request, "request");
-                let _ = match request {
-                    ClientRequest::CancelMigration { id } => host.cast(HostMsg::Cancel {
-                        id,
-                        who: peer.name.clone(),
-                        reply: tx,
-                    }),
-                    request => host.cast(HostMsg::Client(request, tx)),
-                };
-            } else {
-                let _ = tx.send(ClientReply::Error(format!(
-                    "permission denied: role {:?} may not do this",
-                    peer.role
-                )));
+            let asked = Instant::now();
+            let mut audit = AuditEntry {
+                at_unix_ms: crate::ops::unix_ms_now(),
+                node: String::new(),
+                who: peer.subject.clone(),
+                action: action(&request).into(),
+                vm: String::new(),
+                from: String::new(),
+                to: String::new(),
+                duration_ms: 0,
+                downtime_ms: None,
+                outcome: String::new(),
+                detail: String::new(),
+                read: is_read(&request),
+            };
+            (audit.vm, audit.to) = subject(&request);
+            // Hosts asking each other for their load are not users.
+            let audited = request != ClientRequest::HostLoad;
+            match allowed(peer.role, &request) {
+                Ok(()) => {
+                    tracing::info!(client = %peer.subject, ?request, "request");
+                    let _ = match request {
+                        ClientRequest::CancelMigration { id } => host.cast(HostMsg::Cancel {
+                            id,
+                            who: peer.name.clone(),
+                            reply: tx,
+                        }),
+                        request => host.cast(HostMsg::Client(request, peer.subject.clone(), tx)),
+                    };
+                }
+                Err(why) => {
+                    tracing::warn!(client = %peer.subject, ?request, "refused: {why}");
+                    let _ = tx.send(ClientReply::Error(format!("permission denied: {why}")));
+                }
             }
+            let mut last_reply = None;
             while let Some(reply) = rx.recv().await {
                 let last = !matches!(reply, ClientReply::Progress(_));
-                if writer
-                    .send_message(FrameKind::Control, &reply)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                let sent = writer.send_message(FrameKind::Control, &reply).await;
                 if last {
+                    last_reply = Some(reply);
+                }
+                if sent.is_err() || last {
                     break;
                 }
+            }
+            if audited {
+                audit.duration_ms = u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
+                judge(&mut audit, last_reply.as_ref());
+                let _ = host.cast(HostMsg::Audit(Box::new(audit)));
             }
             let _ = writer.finish();
             // Hold the stream until the client has read the last reply.
             let _ = reader.next_header().await;
         }
     }
+}
+
+/// Fills in how a request ended from its final reply.
+fn judge(audit: &mut AuditEntry, reply: Option<&ClientReply>) {
+    let (outcome, detail) = match reply {
+        None => ("failed", "the client left before the answer".to_owned()),
+        Some(ClientReply::Error(e)) if e.starts_with("permission denied") => ("refused", e.clone()),
+        Some(ClientReply::Error(e)) => ("failed", e.clone()),
+        Some(ClientReply::Report(r)) => {
+            audit.from.clone_from(&r.from);
+            audit.to.clone_from(&r.to);
+            match &r.outcome {
+                crate::migration::Outcome::Completed => {
+                    audit.downtime_ms = Some(r.downtime_ms);
+                    (
+                        "ok",
+                        format!(
+                            "migration {}",
+                            crate::migration::report::show_id(r.migration_id)
+                        ),
+                    )
+                }
+                crate::migration::Outcome::Aborted { reason } => ("aborted", reason.clone()),
+                crate::migration::Outcome::InDoubt { reason } => ("in doubt", reason.clone()),
+            }
+        }
+        Some(ClientReply::JobQueued(job)) => (
+            "queued",
+            format!("job {} at {}", job.id, job.not_before_unix_ms),
+        ),
+        Some(ClientReply::Evacuated(jobs)) => {
+            let moved = jobs
+                .iter()
+                .filter(|j| j.state == crate::ops::jobs::JobState::Done)
+                .count();
+            (
+                if moved == jobs.len() { "ok" } else { "failed" },
+                format!("{moved} of {} VMs moved", jobs.len()),
+            )
+        }
+        Some(_) => ("ok", String::new()),
+    };
+    outcome.clone_into(&mut audit.outcome);
+    audit.detail = detail;
 }

@@ -33,10 +33,14 @@ pub struct AuditEntry {
     pub outcome: String,
     /// The error or other detail.
     pub detail: String,
+    /// Whether the request only read.
+    pub read: bool,
 }
 
 /// Which entries to return.
-#[derive(Debug, Clone, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct AuditQuery {
     /// Only this VM's.
     pub vm: Option<String>,
@@ -44,12 +48,16 @@ pub struct AuditQuery {
     pub since_unix_ms: u64,
     /// At most this many, the newest (0: no limit).
     pub limit: u32,
+    /// Include requests that only read.
+    pub reads: bool,
 }
 
 impl AuditQuery {
     /// Whether `e` is wanted.
     pub fn matches(&self, e: &AuditEntry) -> bool {
-        e.at_unix_ms >= self.since_unix_ms && self.vm.as_ref().is_none_or(|vm| &e.vm == vm)
+        e.at_unix_ms >= self.since_unix_ms
+            && self.vm.as_ref().is_none_or(|vm| &e.vm == vm)
+            && (self.reads || !e.read)
     }
 }
 
@@ -79,6 +87,7 @@ mod tests {
             downtime_ms: None,
             outcome: "ok".into(),
             detail: String::new(),
+            read: false,
         }
     }
 
@@ -88,7 +97,18 @@ mod tests {
             vm: Some("web".into()),
             since_unix_ms: 10,
             limit: 0,
+            reads: false,
         };
+        let mut read = entry(11, "a", "web");
+        read.read = true;
+        assert!(!q.matches(&read));
+        assert!(
+            AuditQuery {
+                reads: true,
+                ..q.clone()
+            }
+            .matches(&read)
+        );
         assert!(q.matches(&entry(10, "a", "web")));
         assert!(!q.matches(&entry(9, "a", "web")));
         assert!(!q.matches(&entry(11, "a", "db")));

@@ -136,7 +136,11 @@ mod tests {
         assert!(p.moves.iter().all(|m| m.from == "a" && m.to == "b"));
         assert!(p.imbalance_after < p.imbalance_before);
         assert!(p.imbalance_after <= 0.1, "{p:?}");
-        assert!(p.moves[0].reason.contains("spread"), "{}", p.moves[0].reason);
+        assert!(
+            p.moves[0].reason.contains("spread"),
+            "{}",
+            p.moves[0].reason
+        );
     }
 
     #[test]

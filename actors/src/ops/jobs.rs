@@ -287,10 +287,7 @@ impl JobQueue {
         }
         let on_link = self.running.values().filter(|r| r.link == fp.link).count();
         if on_link >= b.link as usize {
-            return Err(format!(
-                "link budget: {on_link} migrations to {}",
-                fp.link
-            ));
+            return Err(format!("link budget: {on_link} migrations to {}", fp.link));
         }
         Ok(())
     }
@@ -374,7 +371,10 @@ impl JobQueue {
             .filter(|j| j.state.is_final())
             .map(|j| j.id)
             .collect();
-        for id in finished.iter().take(finished.len().saturating_sub(FINISHED_KEPT)) {
+        for id in finished
+            .iter()
+            .take(finished.len().saturating_sub(FINISHED_KEPT))
+        {
             self.jobs.remove(id);
         }
     }
@@ -455,13 +455,19 @@ mod tests {
         assert!(link.contains("link budget"), "{link}");
         q.fits(&live("c")).expect("another link is free");
         q.start(ids[2], storage("c", &["a:local", "c:fast"]), 0);
-        let host_storage = q.fits(&storage("d", &["a:other"])).expect_err("storage full");
-        assert!(host_storage.contains("storage migrations running"), "{host_storage}");
+        let host_storage = q
+            .fits(&storage("d", &["a:other"]))
+            .expect_err("storage full");
+        assert!(
+            host_storage.contains("storage migrations running"),
+            "{host_storage}"
+        );
         q.start(ids[3], live("d"), 0);
         let host = q.fits(&live("e")).expect_err("host full");
         assert!(host.contains("host budget: 4"), "{host}");
         q.finish(ids[2], JobState::Done, "ok".into(), 1);
-        q.fits(&storage("e", &["a:other"])).expect("a storage slot is free again");
+        q.fits(&storage("e", &["a:other"]))
+            .expect("a storage slot is free again");
         assert_eq!(q.peak_running(), 4);
     }
 
@@ -491,7 +497,11 @@ mod tests {
         let cancelled = q.cancel(a, 5, "ops").expect("queued");
         assert_eq!(cancelled.state, JobState::Cancelled);
         assert!(q.cancel(a, 6, "ops").expect_err("over").contains("over"));
-        assert!(q.cancel(b, 6, "ops").expect_err("running").contains("running"));
+        assert!(
+            q.cancel(b, 6, "ops")
+                .expect_err("running")
+                .contains("running")
+        );
         assert!(q.cancel(99, 6, "ops").expect_err("none").contains("no job"));
         assert!(q.due(10).is_empty());
     }

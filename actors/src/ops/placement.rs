@@ -207,7 +207,9 @@ pub fn ruled_out(vm: &VmNeeds, host: &HostLoad) -> Option<String> {
         DiskAccess::Shared(locations) => locations
             .iter()
             .find(|l| !host.datastores.iter().any(|(_, hl)| hl == *l))
-            .map(|l| format!("cannot see the disks' datastore at {l} (move them with --datastore)")),
+            .map(|l| {
+                format!("cannot see the disks' datastore at {l} (move them with --datastore)")
+            }),
         DiskAccess::Named(names) => names
             .iter()
             .find(|n| !host.datastores.iter().any(|(hn, _)| hn == *n))
@@ -235,8 +237,14 @@ pub fn score(vm: &VmNeeds, host: &HostLoad, rtt_ms: f64) -> HostScore {
     let busy = host.migrations_in + host.migrations_out;
     let load = 1.0 / (1.0 + f64::from(busy));
     let parts = [
-        (40.0 * mem_left, format!("memory: {:.0}% free after the move", mem_left * 100.0)),
-        (25.0 * cpu_left, format!("vCPUs: {:.0}% free after the move", cpu_left * 100.0)),
+        (
+            40.0 * mem_left,
+            format!("memory: {:.0}% free after the move", mem_left * 100.0),
+        ),
+        (
+            25.0 * cpu_left,
+            format!("vCPUs: {:.0}% free after the move", cpu_left * 100.0),
+        ),
         (20.0 * link, format!("link: {rtt_ms:.2} ms round trip")),
         (15.0 * load, format!("migrations: {busy} running there")),
     ];
@@ -248,7 +256,10 @@ pub fn score(vm: &VmNeeds, host: &HostLoad, rtt_ms: f64) -> HostScore {
     if vm.cpu_features.is_empty() {
         reasons.push("CPU: no features required".into());
     } else {
-        reasons.push(format!("CPU: has all {} features the VM uses", vm.cpu_features.len()));
+        reasons.push(format!(
+            "CPU: has all {} features the VM uses",
+            vm.cpu_features.len()
+        ));
     }
     match &vm.datastores {
         DiskAccess::None => {}
@@ -396,7 +407,11 @@ pub(crate) mod tests {
         assert!(s.reasons[0].contains("/elsewhere"), "{:?}", s.reasons);
         disks.datastores = DiskAccess::Named(vec!["fast".into()]);
         let s = score(&disks, &host("x", 0, vec![]), 0.1);
-        assert!(s.reasons[0].contains("no datastore fast"), "{:?}", s.reasons);
+        assert!(
+            s.reasons[0].contains("no datastore fast"),
+            "{:?}",
+            s.reasons
+        );
         let none = best(&disks, "a", &[(host("x", 0, vec![]), 0.1)]).expect_err("none fits");
         assert!(none.contains("no host can take db"), "{none}");
     }

@@ -126,7 +126,10 @@ impl MemStore {
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut MemInner) -> R) -> R {
-        f(&mut self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        f(&mut self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 }
 

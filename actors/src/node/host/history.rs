@@ -2,7 +2,8 @@
 //! reports, kept for `ferry migrate show` and `ferry migrate list`.
 //!
 //! Bounded: the oldest records go first once [`HISTORY_KEPT`] are held.
-//! Records live as long as the node process (no database yet).
+//! Each record is also written to the node store, and read back when the
+//! node starts again.
 
 // rkyv derives resolver twins of the types whose fields carry no docs;
 // every item written here is documented.
@@ -41,15 +42,22 @@ pub struct History {
 }
 
 impl History {
-    fn push(&mut self, record: MigrationRecord) {
+    fn push(&mut self, record: MigrationRecord) -> MigrationRecord {
         if self.records.len() >= HISTORY_KEPT {
             self.records.pop_front();
         }
-        self.records.push_back(record);
+        self.records.push_back(record.clone());
+        record
+    }
+
+    /// Takes back the records a store kept (oldest first).
+    pub fn restore(&mut self, records: Vec<MigrationRecord>) {
+        let skip = records.len().saturating_sub(HISTORY_KEPT);
+        self.records = records.into_iter().skip(skip).collect();
     }
 
     /// This host sent a migration.
-    pub fn source_ended(&mut self, report: &MigrationReport) {
+    pub fn source_ended(&mut self, report: &MigrationReport) -> MigrationRecord {
         self.push(MigrationRecord {
             id: report.migration_id,
             vm: report.vm.clone(),
@@ -57,11 +65,11 @@ impl History {
             to: report.to.clone(),
             source: Some(report.clone()),
             destination: None,
-        });
+        })
     }
 
     /// This host received a migration.
-    pub fn destination_ended(&mut self, report: &DestReport) {
+    pub fn destination_ended(&mut self, report: &DestReport) -> MigrationRecord {
         self.push(MigrationRecord {
             id: report.migration_id,
             vm: report.vm.clone(),
@@ -69,7 +77,7 @@ impl History {
             to: report.to.clone(),
             source: None,
             destination: Some(report.clone()),
-        });
+        })
     }
 
     /// Records of migration `id` (`None`: the `last` most recent ones, newest

@@ -3,6 +3,8 @@
 
 mod disks;
 pub mod history;
+mod inventory;
+mod ops;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,8 +35,30 @@ type Send_<T> = <Conn<T> as ferry_transport::Connection>::Send;
 
 /// Messages to a [`HostActor`].
 pub enum HostMsg<T: Transport> {
-    /// A client request; replies go to the sender.
-    Client(ClientRequest, mpsc::UnboundedSender<ClientReply>),
+    /// A client request from `who` (certificate subject); replies go to
+    /// the sender.
+    Client(ClientRequest, String, mpsc::UnboundedSender<ClientReply>),
+    /// Record a served request in the audit log.
+    Audit(Box<crate::ops::audit::AuditEntry>),
+    /// The scheduler asks for a VM's definition (to place and budget a job).
+    JobFacts {
+        /// The VM.
+        vm: String,
+        /// Its definition, or why not.
+        reply: oneshot::Sender<Result<VmConfig, String>>,
+    },
+    /// The scheduler starts a job's migration.
+    RunJob {
+        /// The job, its destination resolved.
+        job: Box<crate::ops::jobs::Job>,
+        /// Where the migration's progress and report go.
+        replies: mpsc::UnboundedSender<ClientReply>,
+        /// The migration id, or why it could not start.
+        started: oneshot::Sender<Result<u64, String>>,
+    },
+    /// The host's own health check found it degraded (`reason`; empty:
+    /// healthy again): evacuate, as in maintenance mode.
+    Degraded(String),
     /// A peer offers a VM.
     IncomingMigration {
         /// The peer host.
@@ -132,6 +156,10 @@ pub struct HostArgs<T: Transport> {
     pub factory: Arc<dyn GuestFactory>,
     /// The datastores this host mounts.
     pub stores: Arc<dyn Datastores>,
+    /// Where the inventory, jobs, records and audit log are kept.
+    pub store: Arc<dyn crate::ops::store::NodeStore>,
+    /// The scheduler's concurrency limits.
+    pub budgets: crate::ops::jobs::Budgets,
 }
 
 struct VmEntry {
@@ -140,6 +168,8 @@ struct VmEntry {
     actor: Option<ActorRef<VmMsg>>,
     /// Its disks here.
     disks: Vec<VmDisk>,
+    /// A migration away is under way: (destination, migration id).
+    leaving: Option<(String, u64)>,
 }
 
 /// The host actor.
@@ -174,6 +204,17 @@ pub struct HostState<T: Transport> {
     metrics: Arc<super::metrics::NodeMetrics>,
     /// Outgoing migrations still running, by id (for cancel).
     running: BTreeMap<u64, ActorRef<super::source::SourcePump>>,
+    /// What must survive a restart.
+    store: Arc<dyn crate::ops::store::NodeStore>,
+    /// The job queue (started once the inventory is back).
+    scheduler: Option<ActorRef<super::scheduler::SchedulerMsg>>,
+    budgets: crate::ops::jobs::Budgets,
+    /// In maintenance mode: takes no VMs.
+    maintenance: bool,
+    /// Why the host reported itself degraded (empty: it did not).
+    degraded: String,
+    /// VMs read back from the store, brought back in `post_start`.
+    restoring: Vec<crate::ops::store::StoredVm>,
 }
 
 /// Incoming outcomes remembered for sources that lost the link.
@@ -196,6 +237,13 @@ impl<T: Transport> Actor for HostActor<T> {
             crate::storage::datastore::remove_arrivals(stores.as_ref(), &host);
         })
         .await;
+        let stored = args.store.load().unwrap_or_else(|e| {
+            tracing::error!("reading the node store: {e}; starting empty");
+            crate::ops::store::StoredState::default()
+        });
+        let mut history = history::History::default();
+        history.restore(stored.migrations);
+        let setting = |k: &str| stored.settings.get(k).cloned().unwrap_or_default();
         Ok(HostState {
             ctx: args.ctx,
             capacity: args.capacity,
@@ -209,10 +257,44 @@ impl<T: Transport> Actor for HostActor<T> {
             outcomes: BTreeMap::new(),
             resolves: BTreeMap::new(),
             outgoing: Vec::new(),
-            history: history::History::default(),
+            history,
             metrics,
             running: BTreeMap::new(),
+            store: args.store,
+            scheduler: None,
+            budgets: args.budgets,
+            maintenance: setting(crate::ops::store::SETTING_MAINTENANCE) == "1",
+            degraded: setting(crate::ops::store::SETTING_DEGRADED),
+            restoring: stored.vms,
         })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<HostMsg<T>>,
+        s: &mut HostState<T>,
+    ) -> Result<(), ActorProcessingErr> {
+        let vms = std::mem::take(&mut s.restoring);
+        inventory::restore(&myself, s, vms).await;
+        let runner = ops::HostRunner {
+            host: myself.clone(),
+            ctx: s.ctx.clone(),
+        };
+        let (scheduler, _) = Actor::spawn_linked(
+            None,
+            super::scheduler::SchedulerActor,
+            super::scheduler::SchedulerArgs {
+                host: s.ctx.name.clone(),
+                store: s.store.clone(),
+                budgets: s.budgets,
+                runner: Arc::new(runner),
+                tick: std::time::Duration::from_millis(200),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        s.scheduler = Some(scheduler);
+        Ok(())
     }
 
     async fn handle(
@@ -222,10 +304,57 @@ impl<T: Transport> Actor for HostActor<T> {
         s: &mut HostState<T>,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            HostMsg::Client(request, reply) => client_request(&myself, s, request, reply).await,
+            HostMsg::Client(request, who, reply) => {
+                client_request(&myself, s, request, who, reply).await;
+            }
+            HostMsg::Audit(mut entry) => {
+                entry.node.clone_from(&s.ctx.name);
+                if entry.from.is_empty() {
+                    entry.from.clone_from(&s.ctx.name);
+                }
+                if let Err(e) = s.store.append_audit(&entry) {
+                    tracing::error!("writing the audit log: {e}");
+                }
+            }
+            HostMsg::JobFacts { vm, reply } => {
+                let _ = reply.send(
+                    s.vms
+                        .get(&vm)
+                        .filter(|e| e.actor.is_some())
+                        .map(|e| e.config.clone())
+                        .ok_or_else(|| format!("no VM named {vm} on {}", s.ctx.name)),
+                );
+            }
+            HostMsg::RunJob {
+                job,
+                replies,
+                started,
+            } => {
+                let r = start_migration(&myself, s, &job.vm, &job.to, &job.options).await;
+                let _ = started.send(match r {
+                    Ok(task) => {
+                        let id = task.id;
+                        tokio::spawn(task.run(replies));
+                        Ok(id)
+                    }
+                    Err(e) => Err(e.to_string()),
+                });
+            }
+            HostMsg::Degraded(reason) => {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                ops::set_service(s, None, Some(reason), "the host's health check", tx).await;
+                tokio::spawn(async move {
+                    if let Some(ClientReply::Error(e)) = rx.recv().await {
+                        tracing::error!("evacuating a degraded host: {e}");
+                    }
+                });
+            }
             HostMsg::PowerOff => {
                 for cell in s.outgoing.drain(..) {
                     cell.stop(Some("power off".into()));
+                }
+                if let Some(scheduler) = s.scheduler.take() {
+                    scheduler.stop(Some("power off".into()));
                 }
                 for dest in s.incoming.values() {
                     dest.stop(Some("power off".into()));
@@ -289,7 +418,19 @@ impl<T: Transport> Actor for HostActor<T> {
             HostMsg::SourceEnded(report) => {
                 s.running.remove(&report.migration_id);
                 s.metrics.source_ended(&report);
-                s.history.source_ended(&report);
+                let record = s.history.source_ended(&report);
+                if let Err(e) = s.store.put_migration(&record) {
+                    tracing::error!("storing a migration record: {e}");
+                }
+                if let Some(entry) = s.vms.get_mut(&report.vm)
+                    && entry
+                        .leaving
+                        .as_ref()
+                        .is_some_and(|l| l.1 == report.migration_id)
+                {
+                    entry.leaving = None;
+                    inventory::persist(s, &report.vm, None).await;
+                }
             }
             HostMsg::IncomingEnded {
                 key,
@@ -299,7 +440,10 @@ impl<T: Transport> Actor for HostActor<T> {
             } => {
                 s.incoming.remove(&key);
                 s.metrics.destination_ended(&report);
-                s.history.destination_ended(&report);
+                let record = s.history.destination_ended(&report);
+                if let Err(e) = s.store.put_migration(&record) {
+                    tracing::error!("storing a migration record: {e}");
+                }
                 let committed = matches!(end, DestEnd::Adopted(_));
                 if s.outcomes.len() >= OUTCOMES_KEPT {
                     s.outcomes.pop_first();
@@ -317,6 +461,7 @@ impl<T: Transport> Actor for HostActor<T> {
                                 entry.disks = vm_disks;
                                 entry.config = config;
                             }
+                            inventory::persist(s, &vm, None).await;
                         }
                     }
                     DestEnd::Discarded => {
@@ -328,6 +473,7 @@ impl<T: Transport> Actor for HostActor<T> {
                 }
             }
             HostMsg::VmLeft(name) => {
+                inventory::forget(s, &name);
                 if let Some(entry) = s.vms.remove(&name)
                     && let Some(actor) = entry.actor
                 {
@@ -389,6 +535,7 @@ impl<T: Transport> Actor for HostActor<T> {
                         }
                     }
                 }
+                inventory::persist(s, &vm, None).await;
             }
             HostMsg::Announce { mac, host } => {
                 tracing::info!(mac = %mac_string(&mac), %host, "MAC announced");
@@ -400,6 +547,17 @@ impl<T: Transport> Actor for HostActor<T> {
 }
 
 impl<T: Transport> HostState<T> {
+    /// Why the host takes no VMs now, if it does not.
+    fn out_of_service(&self) -> Option<String> {
+        if self.maintenance {
+            Some("it is in maintenance mode".into())
+        } else if !self.degraded.is_empty() {
+            Some(format!("it is degraded ({})", self.degraded))
+        } else {
+            None
+        }
+    }
+
     fn usage(&self) -> Usage {
         self.vms.values().fold(Usage::default(), |u, e| Usage {
             memory_bytes: u.memory_bytes + e.config.memory_bytes,
@@ -445,6 +603,7 @@ async fn client_request<T: Transport>(
     myself: &ActorRef<HostMsg<T>>,
     s: &mut HostState<T>,
     request: ClientRequest,
+    who: String,
     reply: mpsc::UnboundedSender<ClientReply>,
 ) {
     let answer = |r: Result<ClientReply, NodeError>| {
@@ -452,20 +611,32 @@ async fn client_request<T: Transport>(
     };
     match request {
         ClientRequest::CreateVm(spec) => answer(create_vm(myself, s, spec).await),
-        ClientRequest::StartVm(name) => answer(match s.vm(&name) {
-            Ok(vm) => call(&vm, VmMsg::Start).await.map(|()| {
-                disks::set_workload(&s.vms[&name].disks, true);
-                ClientReply::Ok
-            }),
-            Err(e) => Err(e),
-        }),
-        ClientRequest::StopVm(name) => answer(match s.vm(&name) {
-            Ok(vm) => call(&vm, VmMsg::Stop).await.map(|()| {
-                disks::set_workload(&s.vms[&name].disks, false);
-                ClientReply::Ok
-            }),
-            Err(e) => Err(e),
-        }),
+        ClientRequest::StartVm(name) => {
+            let r = match s.vm(&name) {
+                Ok(vm) => call(&vm, VmMsg::Start).await.map(|()| {
+                    disks::set_workload(&s.vms[&name].disks, true);
+                    ClientReply::Ok
+                }),
+                Err(e) => Err(e),
+            };
+            if r.is_ok() {
+                inventory::persist(s, &name, Some(true)).await;
+            }
+            answer(r);
+        }
+        ClientRequest::StopVm(name) => {
+            let r = match s.vm(&name) {
+                Ok(vm) => call(&vm, VmMsg::Stop).await.map(|()| {
+                    disks::set_workload(&s.vms[&name].disks, false);
+                    ClientReply::Ok
+                }),
+                Err(e) => Err(e),
+            };
+            if r.is_ok() {
+                inventory::persist(s, &name, Some(false)).await;
+            }
+            answer(r);
+        }
         ClientRequest::Disks { vm, verify } => answer(match s.vm(&vm) {
             Ok(_) => Ok(ClientReply::Disks(
                 disks::views(&s.vms[&vm].disks, verify).await,
@@ -558,14 +729,107 @@ async fn client_request<T: Transport>(
                 .collect(),
         ))),
         ClientRequest::Migrate { vm, to, options } => {
-            match start_migration(myself, s, &vm, &to, &options).await {
-                Ok(task) => {
-                    tokio::spawn(task.run(reply));
+            answer_job(s, vm, to, options, who, reply);
+        }
+        ClientRequest::Jobs => match &s.scheduler {
+            Some(scheduler) => {
+                let scheduler = scheduler.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(
+                        match scheduler
+                            .call(super::scheduler::SchedulerMsg::List, None)
+                            .await
+                        {
+                            Ok(ractor::rpc::CallResult::Success(jobs)) => ClientReply::Jobs(jobs),
+                            _ => ClientReply::Error("the scheduler is gone".into()),
+                        },
+                    );
+                });
+            }
+            None => answer(Err(NodeError::Gone("scheduler".into()))),
+        },
+        ClientRequest::CancelJob { id } => match &s.scheduler {
+            Some(scheduler) => {
+                let _ = scheduler.cast(super::scheduler::SchedulerMsg::Cancel { id, who, reply });
+            }
+            None => answer(Err(NodeError::Gone("scheduler".into()))),
+        },
+        ClientRequest::Audit(query) => answer(
+            s.store
+                .audit(&query)
+                .map(ClientReply::Audit)
+                .map_err(|e| NodeError::Gone(e.to_string())),
+        ),
+        ClientRequest::HostLoad => answer(Ok(ClientReply::Load(ops::load(s).await))),
+        ClientRequest::Recommend { vm, datastore } => {
+            match s.vms.get(&vm).filter(|e| e.actor.is_some()) {
+                Some(entry) => {
+                    let (ctx, config) = (s.ctx.clone(), entry.config.clone());
+                    tokio::spawn(async move {
+                        let ranked = ops::recommend(&ctx, &config, &datastore).await;
+                        let _ = reply.send(ClientReply::Ranking(ranked));
+                    });
                 }
-                Err(e) => answer(Err(e)),
+                None => answer(Err(NodeError::NoSuchVm(vm))),
             }
         }
+        ClientRequest::Maintenance { enter } => {
+            ops::set_service(s, Some(enter), None, &who, reply).await;
+        }
+        ClientRequest::Degraded { reason } => {
+            ops::set_service(s, None, Some(reason), &who, reply).await;
+        }
     }
+}
+
+/// Queues a migration as a job; the client waits on it unless it has a
+/// start time.
+fn answer_job<T: Transport>(
+    s: &HostState<T>,
+    vm: String,
+    to: String,
+    options: MigrateOptions,
+    who: String,
+    reply: mpsc::UnboundedSender<ClientReply>,
+) {
+    let refuse = |e: NodeError| {
+        let _ = reply.send(ClientReply::Error(e.to_string()));
+    };
+    if let Err(e) = s.vm(&vm) {
+        return refuse(e);
+    }
+    if to == s.ctx.name {
+        return refuse(NodeError::BadRequest(format!("{vm} already lives on {to}")));
+    }
+    if to != "auto" && !s.ctx.peers.contains_key(&to) {
+        let known: Vec<&str> = s.ctx.peers.keys().map(String::as_str).collect();
+        return refuse(NodeError::NoSuchHost(to, known.join(", ")));
+    }
+    if let Err(e) = options.to_options().check() {
+        return refuse(NodeError::BadRequest(e));
+    }
+    let Some(scheduler) = &s.scheduler else {
+        return refuse(NodeError::Gone("scheduler".into()));
+    };
+    let job = crate::ops::jobs::Job {
+        id: 0,
+        vm,
+        to,
+        priority: options.priority,
+        not_before_unix_ms: options.at_unix_ms,
+        options,
+        submitted_unix_ms: crate::ops::unix_ms_now(),
+        submitted_by: who,
+        state: crate::ops::jobs::JobState::Queued,
+        started_unix_ms: 0,
+        ended_unix_ms: 0,
+        migration_id: 0,
+        result: String::new(),
+    };
+    let _ = scheduler.cast(super::scheduler::SchedulerMsg::Submit {
+        job: Box::new(job),
+        waiter: Some(reply),
+    });
 }
 
 async fn call<T: Send + 'static>(
@@ -595,6 +859,12 @@ async fn create_vm<T: Transport>(
     }
     if s.vms.contains_key(&spec.name) {
         return Err(NodeError::Exists(spec.name));
+    }
+    if let Some(why) = s.out_of_service() {
+        return Err(NodeError::Busy(format!(
+            "{} takes no new VMs: {why}",
+            s.ctx.name
+        )));
     }
     if spec.memory_mib < 2 || spec.wss_mib + 1 > spec.memory_mib {
         return Err(NodeError::BadRequest(format!(
@@ -668,13 +938,15 @@ async fn create_vm<T: Transport>(
     super::vm_disks::attach_to_guest(&actor, &mut vm_disks).await;
     announce(myself, &s.ctx, config.mac);
     s.vms.insert(
-        spec.name,
+        spec.name.clone(),
         VmEntry {
             config,
             actor: Some(actor),
             disks: vm_disks,
+            leaving: None,
         },
     );
+    inventory::persist(s, &spec.name, Some(false)).await;
     Ok(ClientReply::Ok)
 }
 
@@ -696,6 +968,7 @@ async fn delete_vm<T: Transport>(
     if let Some(entry) = s.vms.remove(name) {
         disks::remove_all(&s.stores, &entry.config, &entry.disks).await;
     }
+    inventory::forget(s, name);
     vm.stop(None);
     Ok(ClientReply::Ok)
 }
@@ -709,8 +982,11 @@ async fn incoming<T: Transport>(
     reader: FrameReader<Recv<T>>,
 ) {
     let exists = s.vms.contains_key(&offer.vm.name);
-    let admitted = admit(&offer, &s.capacity, s.usage(), exists)
-        .and_then(|()| disks::admit_disks(s.stores.as_ref(), &offer));
+    let admitted = match s.out_of_service() {
+        Some(why) => Err(crate::migration::Refusal::OutOfService(why)),
+        None => admit(&offer, &s.capacity, s.usage(), exists),
+    }
+    .and_then(|()| disks::admit_disks(s.stores.as_ref(), &offer));
     if let Err(refusal) = admitted {
         tracing::info!(%peer, vm = %offer.vm.name, %refusal, "migration refused");
         tokio::spawn(async move {
@@ -733,6 +1009,7 @@ async fn incoming<T: Transport>(
             config: offer.vm.clone(),
             actor: None,
             disks: Vec::new(),
+            leaving: None,
         },
     );
     let me = myself.clone();
@@ -770,6 +1047,7 @@ async fn incoming<T: Transport>(
 
 /// An outgoing migration, started and waiting for its report.
 struct MigrationTask {
+    id: u64,
     report: oneshot::Receiver<crate::migration::MigrationReport>,
     progress: mpsc::UnboundedReceiver<crate::migration::Progress>,
 }
@@ -931,6 +1209,10 @@ async fn start_migration<T: Transport>(
     };
     match Actor::spawn(None, MigrationSource::default(), args).await {
         Ok((source, _)) => {
+            if let Some(entry) = s.vms.get_mut(name) {
+                entry.leaving = Some((to.to_owned(), id));
+            }
+            inventory::persist(s, name, Some(running)).await;
             s.running.insert(id, source.clone());
             s.outgoing
                 .retain(|c| c.get_status() != ractor::ActorStatus::Stopped);
@@ -942,18 +1224,42 @@ async fn start_migration<T: Transport>(
         }
     }
     Ok(MigrationTask {
+        id,
         report: done_rx,
         progress: progress_rx,
     })
 }
 
-/// Starts a host: its actor, and the accept loop serving `ctx`'s transport.
+/// Starts a host with a store in memory and the default budgets: its
+/// actor, and the accept loop serving `ctx`'s transport.
 pub async fn start_host<T: Transport>(
     ctx: Arc<NodeCtx<T>>,
     capacity: Capacity,
     factory: Arc<dyn GuestFactory>,
     stores: Arc<dyn Datastores>,
 ) -> Result<ActorRef<HostMsg<T>>, NodeError> {
+    start_host_with(
+        ctx,
+        capacity,
+        factory,
+        stores,
+        Arc::new(crate::ops::store::MemStore::new()),
+        crate::ops::jobs::Budgets::default(),
+    )
+    .await
+}
+
+/// Starts a host that keeps its state in `store` (and reads back what
+/// is there) and schedules within `budgets`.
+pub async fn start_host_with<T: Transport>(
+    ctx: Arc<NodeCtx<T>>,
+    capacity: Capacity,
+    factory: Arc<dyn GuestFactory>,
+    stores: Arc<dyn Datastores>,
+    store: Arc<dyn crate::ops::store::NodeStore>,
+    budgets: crate::ops::jobs::Budgets,
+) -> Result<ActorRef<HostMsg<T>>, NodeError> {
+    budgets.check().map_err(NodeError::BadRequest)?;
     let (host, _) = Actor::spawn(
         None,
         HostActor::default(),
@@ -962,6 +1268,8 @@ pub async fn start_host<T: Transport>(
             capacity,
             factory,
             stores,
+            store,
+            budgets,
         },
     )
     .await

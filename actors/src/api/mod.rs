@@ -8,9 +8,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Operations (jobs, scheduled and batch migrations, the audit log,
+//! placement, DRS, maintenance mode) are in `ops.rs`, as more methods of
+//! [`Cluster`].
+//!
 //! A [`Cluster`] knows the nodes by name and address and talks to each over
 //! the transport with the caller's (client) certificate, using the request
 //! protocol of [`crate::node::client`].
+
+mod ops;
+
+pub use ops::{BatchItem, BatchResult, parse_batch};
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
@@ -470,6 +478,18 @@ impl<'a, T: Transport> Migrate<'a, T> {
     /// Limit the disks' copy rate, in MB/s (0: none).
     pub fn storage_rate_mb_per_s(mut self, rate: u64) -> Self {
         self.options.disk_rate_mb_per_s = rate;
+        self
+    }
+
+    /// Every option at once (the builder's other methods change one).
+    pub fn options(mut self, options: MigrateOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Queue priority: a higher one takes a free slot first.
+    pub fn priority(mut self, priority: crate::ops::jobs::Priority) -> Self {
+        self.options.priority = priority;
         self
     }
 

@@ -1,0 +1,158 @@
+//! The host's inventory in the node store: each VM's definition, disks,
+//! generation and whether it ran, written at every change and read back
+//! when the node starts again.
+//!
+//! A VM that was leaving when the node stopped is settled by the
+//! protocol's rule first: the destination is asked how the migration
+//! ended (the same `Resolve` question a source asks after losing the link
+//! past the release). If the destination took the VM, it is forgotten
+//! here; if not, it comes back. If the destination cannot be asked, the
+//! VM comes back stopped (never started on this host's own initiative)
+//! and the log says so.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_transport::{FrameKind, Transport};
+use ractor::{Actor, ActorRef};
+
+use super::{HostMsg, HostState, VmEntry, announce, disks};
+use crate::migration::StreamIntro;
+use crate::node::vm::{VmActor, VmArgs, VmMsg, VmPhase};
+use crate::node::{NodeCtx, NodeError, open_stream};
+use crate::ops::store::StoredVm;
+
+/// Writes VM `name` as it is now (`running`: whether it runs, if the VM
+/// actor cannot say, as during a migration).
+pub(super) async fn persist<T: Transport>(s: &HostState<T>, name: &str, running: Option<bool>) {
+    let Some(entry) = s.vms.get(name) else {
+        return;
+    };
+    let Some(actor) = &entry.actor else {
+        return;
+    };
+    let info = match actor.call(VmMsg::Info, None).await {
+        Ok(ractor::rpc::CallResult::Success(i)) => i,
+        _ => return,
+    };
+    let stored = StoredVm {
+        config: entry.config.clone(),
+        generation: info.generation,
+        running: running.unwrap_or(info.running),
+        leaving: entry.leaving.clone(),
+    };
+    if let Err(e) = s.store.put_vm(&stored) {
+        tracing::error!(vm = %name, "storing the inventory: {e}");
+    }
+}
+
+/// Forgets VM `name` in the store.
+pub(super) fn forget<T: Transport>(s: &HostState<T>, name: &str) {
+    if let Err(e) = s.store.remove_vm(name) {
+        tracing::error!(vm = %name, "removing from the inventory: {e}");
+    }
+}
+
+/// Brings back the stored VMs.
+pub(super) async fn restore<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    vms: Vec<StoredVm>,
+) {
+    for mut stored in vms {
+        let name = stored.config.name.clone();
+        if let Some((to, migration_id)) = stored.leaving.take() {
+            match ask_destination(&s.ctx, &to, migration_id).await {
+                Ok(true) => {
+                    tracing::info!(vm = %name, %to, "the VM moved while this node was down");
+                    forget(s, &name);
+                    continue;
+                }
+                Ok(false) => {
+                    tracing::info!(vm = %name, %to, "the migration did not complete; the VM stays here");
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %name, %to, "cannot ask how the migration ended ({e}); the VM comes back stopped");
+                    stored.running = false;
+                }
+            }
+        }
+        match bring_back(myself, s, &stored).await {
+            Ok(()) => persist(s, &name, None).await,
+            Err(e) => tracing::error!(vm = %name, "bringing the VM back: {e}"),
+        }
+    }
+}
+
+async fn ask_destination<T: Transport>(
+    ctx: &Arc<NodeCtx<T>>,
+    to: &str,
+    migration_id: u64,
+) -> Result<bool, String> {
+    let ask = async {
+        let conn = ctx.link(to).await.map_err(|e| e.to_string())?;
+        let (mut writer, mut reader) =
+            open_stream(&conn, &StreamIntro::Resolve { migration_id }).await?;
+        let answer = reader
+            .read_message::<crate::migration::wire::Resolution>(FrameKind::Control)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = writer.finish();
+        Ok(answer.committed)
+    };
+    tokio::time::timeout(Duration::from_secs(10), ask)
+        .await
+        .map_err(|_| "no answer in 10 s".to_owned())?
+}
+
+async fn bring_back<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    stored: &StoredVm,
+) -> Result<(), NodeError> {
+    let config = stored.config.clone();
+    let factory = s.factory.clone();
+    let boot_config = config.clone();
+    let guest = crate::node::offload(move || factory.boot(&boot_config))
+        .await
+        .map_err(|e| NodeError::Guest(e.to_string()))?;
+    let mut vm_disks = Vec::new();
+    for c in &config.disks {
+        vm_disks.push(
+            crate::node::vm_disks::open_disk(c.clone(), s.stores.clone())
+                .await
+                .map_err(|e| NodeError::Guest(format!("{}: {e}", c.name)))?,
+        );
+    }
+    let (actor, _) = Actor::spawn(
+        None,
+        VmActor,
+        VmArgs {
+            config: config.clone(),
+            guest,
+            host: s.ctx.name.clone(),
+            generation: stored.generation,
+            phase: VmPhase::Stopped,
+        },
+    )
+    .await
+    .map_err(|e| NodeError::Gone(format!("VM actor ({e})")))?;
+    crate::node::vm_disks::attach_to_guest(&actor, &mut vm_disks).await;
+    if stored.running {
+        match actor.call(VmMsg::Start, None).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(()))) => disks::set_workload(&vm_disks, true),
+            _ => tracing::warn!(vm = %config.name, "restarting the VM failed; it stays stopped"),
+        }
+    }
+    announce(myself, &s.ctx, config.mac);
+    s.vms.insert(
+        config.name.clone(),
+        VmEntry {
+            config,
+            actor: Some(actor),
+            disks: vm_disks,
+            leaving: None,
+        },
+    );
+    Ok(())
+}
