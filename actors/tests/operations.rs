@@ -37,16 +37,28 @@ struct World {
     ops: Cluster<MemTransport>,
 }
 
-async fn boot(
-    w_net: &MemNetwork,
-    storage: &MemStorage,
-    names: &[&'static str],
+/// One life of a host.
+struct Life {
     name: &'static str,
     memory_mib: u64,
     budgets: Budgets,
     store: MemStore,
     incarnation: u32,
+}
+
+async fn boot(
+    w_net: &MemNetwork,
+    storage: &MemStorage,
+    names: &[&'static str],
+    life: Life,
 ) -> Node {
+    let Life {
+        name,
+        memory_mib,
+        budgets,
+        store,
+        incarnation,
+    } = life;
     let transport = Arc::new(w_net.endpoint(PeerIdentity::new(name, Role::Host)));
     let peers = names
         .iter()
@@ -99,17 +111,14 @@ async fn world(hosts: &[(&'static str, u64)], budgets: Budgets) -> World {
     let names: Vec<&'static str> = hosts.iter().map(|h| h.0).collect();
     let mut nodes = BTreeMap::new();
     for (name, mem) in hosts {
-        let node = boot(
-            &net,
-            &storage,
-            &names,
+        let life = Life {
             name,
-            *mem,
+            memory_mib: *mem,
             budgets,
-            MemStore::new(),
-            1,
-        )
-        .await;
+            store: MemStore::new(),
+            incarnation: 1,
+        };
+        let node = boot(&net, &storage, &names, life).await;
         nodes.insert(*name, node);
     }
     let ops = client(&net, &names, "alice", Role::Admin);
@@ -286,17 +295,14 @@ async fn a_scheduled_migration_survives_a_restart_of_its_node() {
     let _ = old.host.cast(HostMsg::PowerOff);
     old.transport.close();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let a = boot(
-        &w.net,
-        &w.storage,
-        &w.names.clone(),
-        "a",
-        512,
-        Budgets::default(),
-        old.store.clone(),
-        2,
-    )
-    .await;
+    let life = Life {
+        name: "a",
+        memory_mib: 512,
+        budgets: Budgets::default(),
+        store: old.store.clone(),
+        incarnation: 2,
+    };
+    let a = boot(&w.net, &w.storage, &w.names.clone(), life).await;
     w.nodes.insert("a", a);
     let ops = client(&w.net, &w.names, "alice", Role::Admin);
     w.ops = ops;

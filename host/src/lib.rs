@@ -10,4 +10,5 @@ pub mod cli;
 pub mod datastore;
 pub mod kvm;
 pub mod node;
+pub mod store;
 pub mod telemetry;

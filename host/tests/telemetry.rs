@@ -6,18 +6,16 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+mod common;
+use common::{Node, ferry, free_udp_port};
 
 /// A span as received, with the host that sent it.
 #[derive(Debug, Clone)]
@@ -144,81 +142,6 @@ fn record(path: &str, body: &[u8], sink: &Mutex<Received>) {
     }
 }
 
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn ferry(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(FERRY)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .output()
-        .expect("run ferry");
-    assert!(
-        out.status.success(),
-        "ferry {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Node(Child);
-
-impl Node {
-    fn start(dir: &Path, name: &str, endpoint: &str) -> Self {
-        let mut child = Command::new(FERRY)
-            .args(["node", "--config", &format!("node-{name}.toml")])
-            .current_dir(dir)
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn node");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
-                    let _ = tx.send(());
-                }
-                eprintln!("[node] {line}");
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("the node came up");
-        Self(child)
-    }
-
-    /// SIGTERM, so the node flushes its spans, then wait.
-    fn stop(mut self) {
-        let pid = i32::try_from(self.0.id()).expect("pid");
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                assert!(status.success(), "node exited with {status}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        panic!("the node did not stop on SIGTERM");
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
-}
-
 fn children<'a>(spans: &'a [Got], parent: &Got) -> Vec<&'a Got> {
     spans
         .iter()
@@ -257,8 +180,8 @@ fn one_migration_is_one_trace_across_two_node_processes() {
         let text = text.replace("synthetic_guests = false", "synthetic_guests = true");
         std::fs::write(&path, text).expect("write");
     }
-    let a = Node::start(d, "host-a", &endpoint);
-    let b = Node::start(d, "host-b", &endpoint);
+    let a = Node::start(d, "host-a", &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
+    let b = Node::start(d, "host-b", &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
     let client = ["--client", "client.toml"];
     ferry(
         d,

@@ -208,20 +208,26 @@ async fn serve_stream<T: Transport>(
                     let _ = tx.send(ClientReply::Error(format!("permission denied: {why}")));
                 }
             }
-            let mut last_reply = None;
+            let mut answered = false;
             while let Some(reply) = rx.recv().await {
                 let last = !matches!(reply, ClientReply::Progress(_));
-                let sent = writer.send_message(FrameKind::Control, &reply).await;
-                if last {
-                    last_reply = Some(reply);
+                if last && audited {
+                    // Recorded before the client hears the answer, so a
+                    // look at the log right after finds it.
+                    answered = true;
+                    audit.duration_ms =
+                        u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    judge(&mut audit, Some(&reply));
+                    let _ = host.cast(HostMsg::Audit(Box::new(audit.clone())));
                 }
+                let sent = writer.send_message(FrameKind::Control, &reply).await;
                 if sent.is_err() || last {
                     break;
                 }
             }
-            if audited {
+            if audited && !answered {
                 audit.duration_ms = u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
-                judge(&mut audit, last_reply.as_ref());
+                judge(&mut audit, None);
                 let _ = host.cast(HostMsg::Audit(Box::new(audit)));
             }
             let _ = writer.finish();
@@ -234,7 +240,10 @@ async fn serve_stream<T: Transport>(
 /// Fills in how a request ended from its final reply.
 fn judge(audit: &mut AuditEntry, reply: Option<&ClientReply>) {
     let (outcome, detail) = match reply {
-        None => ("failed", "the client left before the answer".to_owned()),
+        None => (
+            "failed",
+            "no answer: the client left or the node stopped".to_owned(),
+        ),
         Some(ClientReply::Error(e)) if e.starts_with("permission denied") => ("refused", e.clone()),
         Some(ClientReply::Error(e)) => ("failed", e.clone()),
         Some(ClientReply::Report(r)) => {

@@ -72,11 +72,28 @@ pub struct NameArgs {
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// VM name.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "batch", conflicts_with = "batch")]
     pub vm: Option<String>,
-    /// Destination host.
-    #[arg(long, required = true)]
+    /// Destination host, or `auto` (placement picks the best; see `ferry
+    /// recommend`).
+    #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
     pub to: Option<String>,
+    /// Queue priority: high, normal or low (a higher one takes a free slot
+    /// first).
+    #[arg(long, default_value = "normal")]
+    pub priority: ferry_actors::ops::jobs::Priority,
+    /// Run at this time instead of now, as a job of the VM's node (RFC
+    /// 3339, e.g. 2026-12-01T02:00:00Z, or +DURATION such as +30m); the
+    /// command returns at once. `ferry jobs list` follows it.
+    #[arg(long, value_parser = super::ops::parse_time)]
+    pub at: Option<u64>,
+    /// Migrate every `VM HOST` line of FILE (HOST may be auto), continuing
+    /// past failures, with a summary at the end.
+    #[arg(long)]
+    pub batch: Option<PathBuf>,
+    /// With --batch: migrations at once (the nodes' budgets still apply).
+    #[arg(long, default_value_t = 1, requires = "batch")]
+    pub parallel: usize,
     /// Downtime budget in milliseconds.
     #[arg(long, default_value_t = 50)]
     pub downtime_ms: u64,
@@ -386,35 +403,25 @@ pub fn list(args: &ClientArgs) -> anyhow::Result<()> {
 
 /// `ferry migrate`.
 pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
+    if let Some(file) = &args.batch {
+        return super::ops::batch(args, file);
+    }
     let (Some(vm), Some(to)) = (&args.vm, &args.to) else {
         anyhow::bail!("ferry migrate: name the VM and --to HOST");
     };
+    if let Some(at) = args.at {
+        return super::ops::schedule(args, vm, to, at);
+    }
     let report = block_on(async {
         let cluster = connect(&args.client)?;
         let bar = ProgressBar::new(args.json);
         let progress = bar.clone();
-        let migrate = cluster
+        let report = cluster
             .vm(vm)
             .migrate_to(to)
-            .downtime_ms(args.downtime_ms)
-            .time_limit_s(args.time_limit_s)
-            .auto_converge(!args.no_auto_converge)
-            .cold(args.cold)
-            .verify_memory(args.verify)
-            .lanes(args.lanes);
-        let migrate = match &args.datastore {
-            Some(ds) => {
-                let mut m = migrate
-                    .storage(ds, args.copy.method)
-                    .storage_rate_mb_per_s(args.copy.rate_mb);
-                for (disk, to) in &args.copy.disk_datastores {
-                    m = m.disk_datastore(disk, to);
-                }
-                m
-            }
-            None => migrate,
-        };
-        let report = migrate.on_progress(move |p| progress.update(p)).await?;
+            .options(migrate_options(args))
+            .on_progress(move |p| progress.update(p))
+            .await?;
         bar.finish();
         Ok(report)
     })?;
@@ -425,4 +432,27 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(report.completed(), "the migration did not complete");
     Ok(())
+}
+
+/// The options `args` ask for.
+pub(crate) fn migrate_options(args: &MigrateArgs) -> ferry_actors::node::client::MigrateOptions {
+    let storage = args.datastore.is_some();
+    ferry_actors::node::client::MigrateOptions {
+        downtime_ms: args.downtime_ms,
+        time_limit_s: args.time_limit_s,
+        auto_converge: !args.no_auto_converge,
+        lanes: args.lanes,
+        verify_memory: args.verify,
+        cold: args.cold,
+        datastore: args.datastore.clone().unwrap_or_default(),
+        method: args.copy.method,
+        disk_rate_mb_per_s: if storage { args.copy.rate_mb } else { 0 },
+        disk_datastores: if storage {
+            args.copy.disk_datastores.clone()
+        } else {
+            Vec::new()
+        },
+        priority: args.priority,
+        at_unix_ms: args.at.unwrap_or(0),
+    }
 }

@@ -16,6 +16,36 @@ pub enum ClusterCommand {
     /// Make a CA, host and user certificates, `node-NAME.toml` per host and
     /// `client.toml`, in one directory.
     Init(InitArgs),
+    /// Issue a host certificate and `node-NAME.toml` from the cluster's CA
+    /// (in --dir), and add the host to the other node files and to
+    /// `client.toml` (restart the nodes to pick it up).
+    AddHost {
+        /// Host name.
+        name: String,
+        /// Its address (ADDR:PORT).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// The cluster directory (`ca.pem`, `ca.key`, node files).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Issue a user certificate with a role, and `client-NAME.toml` to use
+    /// it (`FERRY_CLIENT=client-NAME.toml ferry ...`).
+    AddUser {
+        /// User name.
+        name: String,
+        /// admin (everything), operator (VMs and migrations) or viewer
+        /// (reads).
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The cluster directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    parse_user(&format!("x={s}")).map(|(_, r)| r)
 }
 
 /// Options of `ferry cluster init`.
@@ -66,6 +96,134 @@ fn parse_user(s: &str) -> Result<(String, Role), String> {
 pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Init(args) => init(&args),
+        ClusterCommand::AddHost { name, addr, dir } => add_host(&dir, &name, addr),
+        ClusterCommand::AddUser { name, role, dir } => add_user(&dir, &name, role),
+    }
+}
+
+fn load_ca(dir: &Path) -> anyhow::Result<ClusterCa> {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f)).with_context(|| {
+            format!(
+                "reading {} (run ferry cluster init first)",
+                dir.join(f).display()
+            )
+        })
+    };
+    Ok(ClusterCa::from_pem(&read("ca.pem")?, &read("ca.key")?)?)
+}
+
+fn issue(dir: &Path, ca: &ClusterCa, name: &str, role: Role) -> anyhow::Result<()> {
+    ferry_transport::pki::check_name(name)?;
+    anyhow::ensure!(
+        !dir.join(format!("{name}.pem")).exists(),
+        "{} exists: {name} already has a certificate",
+        dir.join(format!("{name}.pem")).display()
+    );
+    let cert = ca.issue(name, role)?;
+    write_new(&dir.join(format!("{name}.pem")), &cert.cert_pem)?;
+    write_new(&dir.join(format!("{name}.key")), &cert.key_pem)?;
+    Ok(())
+}
+
+/// Rewrites a TOML file in place, atomically.
+fn rewrite(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+fn add_host(dir: &Path, name: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    let ca = load_ca(dir)?;
+    let client_path = dir.join("client.toml");
+    let mut client: ClientConfig = toml::from_str(
+        &std::fs::read_to_string(&client_path)
+            .with_context(|| format!("reading {}", client_path.display()))?,
+    )?;
+    anyhow::ensure!(
+        client.nodes.iter().all(|n| n.name != name),
+        "{name} is already in {}",
+        client_path.display()
+    );
+    issue(dir, &ca, name, Role::Host)?;
+    let peers = client.nodes.clone();
+    let me = Peer {
+        name: name.to_owned(),
+        addr,
+    };
+    let mut config = node_config(name, addr, 16384, 16);
+    config.peers = peers.clone();
+    write_new(
+        &dir.join(format!("node-{name}.toml")),
+        &toml::to_string_pretty(&config)?,
+    )?;
+    for p in &peers {
+        let path = dir.join(format!("node-{}.toml", p.name));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let mut other: NodeConfig = toml::from_str(&text)?;
+            other.peers.push(me.clone());
+            rewrite(&path, &toml::to_string_pretty(&other)?)?;
+        }
+    }
+    client.nodes.push(me);
+    rewrite(&client_path, &toml::to_string_pretty(&client)?)?;
+    println!(
+        "{name}: {name}.pem, node-{name}.toml; added to client.toml and {} node files (restart those nodes)",
+        peers.len()
+    );
+    Ok(())
+}
+
+fn add_user(dir: &Path, name: &str, role: Role) -> anyhow::Result<()> {
+    let ca = load_ca(dir)?;
+    let client_path = dir.join("client.toml");
+    let client: ClientConfig = toml::from_str(
+        &std::fs::read_to_string(&client_path)
+            .with_context(|| format!("reading {}", client_path.display()))?,
+    )?;
+    issue(dir, &ca, name, role)?;
+    let mine = ClientConfig {
+        ca: "ca.pem".into(),
+        cert: format!("{name}.pem").into(),
+        key: format!("{name}.key").into(),
+        nodes: client.nodes,
+    };
+    let file = format!("client-{name}.toml");
+    write_new(&dir.join(&file), &toml::to_string_pretty(&mine)?)?;
+    println!("{name} ({role}): {name}.pem and {file}; use it with FERRY_CLIENT={file}");
+    Ok(())
+}
+
+fn node_config(name: &str, addr: SocketAddr, memory_mib: u64, vcpus: u32) -> NodeConfig {
+    NodeConfig {
+        name: name.to_owned(),
+        listen: addr,
+        ca: "ca.pem".into(),
+        cert: format!("{name}.pem").into(),
+        key: format!("{name}.key").into(),
+        capacity: CapacityConfig { memory_mib, vcpus },
+        synthetic_guests: false,
+        otlp_endpoint: None,
+        state_db: None,
+        budgets: ferry_actors::ops::jobs::Budgets::default(),
+        memory_pool_mib: Vec::new(),
+        datastores: vec![
+            DatastoreConfig {
+                name: "local".into(),
+                path: format!("datastores/{name}/local").into(),
+            },
+            DatastoreConfig {
+                name: "archive".into(),
+                path: format!("datastores/{name}/archive").into(),
+            },
+            DatastoreConfig {
+                name: "shared".into(),
+                path: "datastores/shared".into(),
+            },
+        ],
+        peers: Vec::new(),
     }
 }
 
@@ -99,35 +257,8 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         let cert = ca.issue(name, Role::Host)?;
         write_new(&args.dir.join(format!("{name}.pem")), &cert.cert_pem)?;
         write_new(&args.dir.join(format!("{name}.key")), &cert.key_pem)?;
-        let config = NodeConfig {
-            name: name.clone(),
-            listen: *addr,
-            ca: "ca.pem".into(),
-            cert: format!("{name}.pem").into(),
-            key: format!("{name}.key").into(),
-            capacity: CapacityConfig {
-                memory_mib: args.memory_mib,
-                vcpus: args.vcpus,
-            },
-            synthetic_guests: false,
-            otlp_endpoint: None,
-            memory_pool_mib: Vec::new(),
-            datastores: vec![
-                DatastoreConfig {
-                    name: "local".into(),
-                    path: format!("datastores/{name}/local").into(),
-                },
-                DatastoreConfig {
-                    name: "archive".into(),
-                    path: format!("datastores/{name}/archive").into(),
-                },
-                DatastoreConfig {
-                    name: "shared".into(),
-                    path: "datastores/shared".into(),
-                },
-            ],
-            peers: peers.iter().filter(|p| &p.name != name).cloned().collect(),
-        };
+        let mut config = node_config(name, *addr, args.memory_mib, args.vcpus);
+        config.peers = peers.iter().filter(|p| &p.name != name).cloned().collect();
         write_new(
             &args.dir.join(format!("node-{name}.toml")),
             &toml::to_string_pretty(&config)?,

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod demo;
 pub mod history;
 pub mod node;
+pub mod ops;
 pub mod progress;
 pub mod vm;
 
@@ -42,6 +43,19 @@ pub enum Command {
     /// Set up a cluster: CA, certificates, config files.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// The nodes' migration jobs: list, cancel.
+    #[command(subcommand)]
+    Jobs(ops::JobsCommand),
+    /// The nodes' audit logs: who did what, when, and how it ended.
+    Audit(ops::AuditArgs),
+    /// Rank the hosts a VM could move to, with the reasons.
+    Recommend(ops::RecommendArgs),
+    /// Balance the hosts' load: plan, or apply through the scheduler.
+    #[command(subcommand)]
+    Drs(ops::DrsCommand),
+    /// Take a host out of service (maintenance, degraded) and back.
+    #[command(subcommand)]
+    Host(ops::HostCommand),
     /// Two nodes on loopback, a guest with a dirty working set, one live
     /// migration and its report.
     Demo(demo::DemoArgs),
@@ -106,5 +120,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             None => node::run(&cmd.run),
         },
         Command::Cluster(cmd) => cluster::run(cmd),
+        Command::Jobs(cmd) => ops::jobs(&cmd),
+        Command::Audit(args) => ops::audit(&args),
+        Command::Recommend(args) => ops::recommend(&args),
+        Command::Drs(cmd) => ops::drs(&cmd),
+        Command::Host(cmd) => ops::host(&cmd),
     }
 }

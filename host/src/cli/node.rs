@@ -71,6 +71,12 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             list.push((d.name.clone(), d.path.clone()));
         }
         let stores = crate::datastore::FileDatastores::open(&list)?;
+        let db = config
+            .state_db
+            .clone()
+            .unwrap_or_else(|| format!("ferry-{}.db", config.name).into());
+        let store = crate::store::SqliteStore::open(&db)
+            .with_context(|| format!("opening the node database {}", db.display()))?;
         let _node = Node::start(
             &config.name,
             transport,
@@ -78,13 +84,18 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             capacity,
             Arc::new(factory),
             Arc::new(stores),
+            crate::node::Operations {
+                store: Arc::new(store),
+                budgets: config.budgets,
+            },
         )
         .await?;
         eprintln!(
-            "node {} listening on {} ({} peers); Ctrl-C stops it",
+            "node {} listening on {} ({} peers, state in {}); Ctrl-C stops it",
             config.name,
             config.listen,
-            config.peers.len()
+            config.peers.len(),
+            db.display()
         );
         wait_for_stop().await?;
         eprintln!("node {} stopping", config.name);

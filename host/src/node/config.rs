@@ -94,6 +94,14 @@ pub struct NodeConfig {
     /// exported.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// The node's database (inventory, jobs, migration records, audit
+    /// log), relative to this file; default `ferry-NAME.db` beside it.
+    #[serde(default)]
+    pub state_db: Option<PathBuf>,
+    /// How many migrations may run at once (`host_live`, `host_storage`,
+    /// `datastore_storage`, `link`); defaults 8, 2, 8 and 4.
+    #[serde(default)]
+    pub budgets: ferry_actors::ops::jobs::Budgets,
     /// The other hosts.
     #[serde(default)]
     pub peers: Vec<Peer>,
@@ -157,6 +165,15 @@ impl NodeConfig {
         for d in &mut config.datastores {
             d.path = base.join(&d.path);
         }
+        let db = config
+            .state_db
+            .clone()
+            .unwrap_or_else(|| format!("ferry-{}.db", config.name).into());
+        config.state_db = Some(resolve(&base, &db));
+        config
+            .budgets
+            .check()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let mut names: Vec<&str> = config.datastores.iter().map(|d| d.name.as_str()).collect();
         names.sort_unstable();
         anyhow::ensure!(

@@ -109,7 +109,16 @@ impl LocalCluster {
                 kvm: factory.kvm(),
             };
             nodes.push(
-                Node::start(name, t.clone(), peers, capacity, factory.clone(), stores).await?,
+                Node::start(
+                    name,
+                    t.clone(),
+                    peers,
+                    capacity,
+                    factory.clone(),
+                    stores,
+                    super::Operations::in_memory(),
+                )
+                .await?,
             );
         }
         let client_creds = ca.credentials("demo-admin", Role::Admin)?;

@@ -11,10 +11,31 @@ use std::sync::Arc;
 use ferry_actors::migration::Capacity;
 use ferry_actors::node::NodeCtx;
 use ferry_actors::node::factory::GuestFactory;
-use ferry_actors::node::host::{HostMsg, start_host};
+use ferry_actors::node::host::{HostMsg, start_host_with};
+use ferry_actors::ops::jobs::Budgets;
+use ferry_actors::ops::store::NodeStore;
 use ferry_actors::storage::datastore::Datastores;
 use ferry_transport::Transport;
 use ractor::ActorRef;
+
+/// Where a node keeps its state and how many migrations it runs at once.
+pub struct Operations {
+    /// Inventory, jobs, records, audit log.
+    pub store: Arc<dyn NodeStore>,
+    /// Concurrency limits.
+    pub budgets: Budgets,
+}
+
+impl Operations {
+    /// A store in memory (lost when the process ends) and default budgets:
+    /// the demo's and the benchmarks' throwaway clusters.
+    pub fn in_memory() -> Self {
+        Self {
+            store: Arc::new(ferry_actors::ops::store::MemStore::new()),
+            budgets: Budgets::default(),
+        }
+    }
+}
 
 /// A running node.
 pub struct Node<T: Transport> {
@@ -33,6 +54,7 @@ impl<T: Transport> Node<T> {
         capacity: Capacity,
         factory: Arc<dyn GuestFactory>,
         stores: Arc<dyn Datastores>,
+        ops: Operations,
     ) -> anyhow::Result<Self> {
         // Seconds since the epoch, wrapped: a restarted node gets a new
         // incarnation, so its migration ids never match its previous life's.
@@ -42,7 +64,15 @@ impl<T: Transport> Node<T> {
             .unwrap_or(0);
         let incarnation = u32::try_from(boot).unwrap_or(0);
         let ctx = Arc::new(NodeCtx::new(name.to_owned(), transport, peers, incarnation));
-        let host = start_host(ctx.clone(), capacity, factory, stores).await?;
+        let host = start_host_with(
+            ctx.clone(),
+            capacity,
+            factory,
+            stores,
+            ops.store,
+            ops.budgets,
+        )
+        .await?;
         Ok(Self { ctx, host })
     }
 }

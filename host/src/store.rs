@@ -1,0 +1,321 @@
+//! The node store on SQLite: inventory, jobs, migration records, audit
+//! log and settings in one database file per node.
+//!
+//! WAL journal with `synchronous = FULL`: every write is durable (fsync'd)
+//! when the call returns, so a node killed right after answering a
+//! request still has what it answered about. Values are the actors'
+//! rkyv archives; the audit log also keeps its searchable columns.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use ferry_actors::node::host::history::MigrationRecord;
+use ferry_actors::ops::audit::{AuditEntry, AuditQuery, merge};
+use ferry_actors::ops::jobs::Job;
+use ferry_actors::ops::store::{NodeStore, StoreError, StoredState, StoredVm, decode, encode};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema version this code writes.
+const SCHEMA_VERSION: i64 = 1;
+
+/// A node's SQLite database.
+pub struct SqliteStore {
+    db: Mutex<Connection>,
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    ///
+    /// # Errors
+    /// The file cannot be opened, or it was written by a newer ferry.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Connection::open(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, value BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS migrations (
+                 source TEXT NOT NULL, id INTEGER NOT NULL, seq INTEGER NOT NULL,
+                 value BLOB NOT NULL, PRIMARY KEY (source, id));
+             CREATE TABLE IF NOT EXISTS audit (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL,
+                 vm TEXT NOT NULL, read INTEGER NOT NULL, value BLOB NOT NULL);
+             CREATE INDEX IF NOT EXISTS audit_at ON audit (at_ms);
+             CREATE INDEX IF NOT EXISTS audit_vm ON audit (vm, at_ms);
+             CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let version: Option<String> = db
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        match version.and_then(|v| v.parse::<i64>().ok()) {
+            None => {
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                    params![SCHEMA_VERSION.to_string()],
+                )
+                .map_err(err)?;
+            }
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(err(format!(
+                    "{} has schema {v}; this ferry knows up to {SCHEMA_VERSION}",
+                    path.display()
+                )));
+            }
+            Some(_) => {}
+        }
+        Ok(Self { db: Mutex::new(db) })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
+        let db = self
+            .db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&db).map_err(err)
+    }
+
+    fn blobs(&self, sql: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.with(|db| {
+            let mut stmt = db.prepare(sql)?;
+            let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+            rows.collect()
+        })
+    }
+}
+
+/// Records kept in the database (the oldest go first).
+const MIGRATIONS_KEPT: i64 = 1000;
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl NodeStore for SqliteStore {
+    fn load(&self) -> Result<StoredState, StoreError> {
+        let vms = self
+            .blobs("SELECT value FROM vms ORDER BY name")?
+            .iter()
+            .map(|b| decode::<StoredVm>(b))
+            .collect::<Result<_, _>>()?;
+        let jobs = self
+            .blobs("SELECT value FROM jobs ORDER BY id")?
+            .iter()
+            .map(|b| decode::<Job>(b))
+            .collect::<Result<_, _>>()?;
+        let migrations = self
+            .blobs("SELECT value FROM migrations ORDER BY seq")?
+            .iter()
+            .map(|b| decode::<MigrationRecord>(b))
+            .collect::<Result<_, _>>()?;
+        let settings = self.with(|db| {
+            let mut stmt = db.prepare("SELECT key, value FROM settings")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        Ok(StoredState {
+            vms,
+            jobs,
+            migrations,
+            settings,
+        })
+    }
+
+    fn put_vm(&self, vm: &StoredVm) -> Result<(), StoreError> {
+        let value = encode(vm)?;
+        self.with(|db| {
+            db.execute(
+                "INSERT OR REPLACE INTO vms (name, value) VALUES (?1, ?2)",
+                params![vm.config.name, value],
+            )
+        })
+        .map(drop)
+    }
+
+    fn remove_vm(&self, name: &str) -> Result<(), StoreError> {
+        self.with(|db| db.execute("DELETE FROM vms WHERE name = ?1", params![name]))
+            .map(drop)
+    }
+
+    fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        let value = encode(job)?;
+        self.with(|db| {
+            db.execute(
+                "INSERT OR REPLACE INTO jobs (id, value) VALUES (?1, ?2)",
+                params![to_i64(job.id), value],
+            )
+        })
+        .map(drop)
+    }
+
+    fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError> {
+        let value = encode(record)?;
+        self.with(|db| {
+            let seq: i64 = db.query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM migrations",
+                [],
+                |r| r.get(0),
+            )?;
+            db.execute(
+                "INSERT OR REPLACE INTO migrations (source, id, seq, value) VALUES (?1, ?2, ?3, ?4)",
+                params![record.from, to_i64(record.id), seq, value],
+            )?;
+            db.execute(
+                "DELETE FROM migrations WHERE seq <= ?1",
+                params![seq - MIGRATIONS_KEPT],
+            )
+        })
+        .map(drop)
+    }
+
+    fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let value = encode(entry)?;
+        self.with(|db| {
+            db.execute(
+                "INSERT INTO audit (at_ms, vm, read, value) VALUES (?1, ?2, ?3, ?4)",
+                params![to_i64(entry.at_unix_ms), entry.vm, entry.read, value],
+            )
+        })
+        .map(drop)
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let blobs = self.with(|db| {
+            let mut stmt = db.prepare(
+                "SELECT value FROM audit
+                 WHERE at_ms >= ?1 AND (?2 IS NULL OR vm = ?2) AND (?3 OR read = 0)
+                 ORDER BY at_ms, seq",
+            )?;
+            let rows = stmt.query_map(
+                params![to_i64(query.since_unix_ms), query.vm, query.reads],
+                |r| r.get::<_, Vec<u8>>(0),
+            )?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let entries = blobs
+            .iter()
+            .map(|b| decode::<AuditEntry>(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(merge(entries, query.limit))
+    }
+
+    fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.with(|db| {
+            db.execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+        })
+        .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_actors::node::client::MigrateOptions;
+    use ferry_actors::ops::jobs::{JobState, Priority};
+
+    fn job(id: u64) -> Job {
+        Job {
+            id,
+            vm: "web".into(),
+            to: "b".into(),
+            options: MigrateOptions::default(),
+            priority: Priority::High,
+            not_before_unix_ms: 5,
+            submitted_unix_ms: 1,
+            submitted_by: "CN=alice".into(),
+            state: JobState::Queued,
+            started_unix_ms: 0,
+            ended_unix_ms: 0,
+            migration_id: 0,
+            result: String::new(),
+        }
+    }
+
+    fn entry(at: u64, vm: &str, read: bool) -> AuditEntry {
+        AuditEntry {
+            at_unix_ms: at,
+            node: "a".into(),
+            who: "CN=alice".into(),
+            action: "migrate".into(),
+            vm: vm.into(),
+            from: "a".into(),
+            to: "b".into(),
+            duration_ms: 3,
+            downtime_ms: Some(1.5),
+            outcome: "ok".into(),
+            detail: String::new(),
+            read,
+        }
+    }
+
+    #[test]
+    fn what_is_written_is_there_after_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.db");
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            store.put_job(&job(1)).expect("job");
+            let mut done = job(2);
+            done.state = JobState::Done;
+            store.put_job(&done).expect("job");
+            store.put_job(&job(1)).expect("replace");
+            store.set_setting("maintenance", "1").expect("setting");
+            store.append_audit(&entry(10, "web", false)).expect("audit");
+            store.append_audit(&entry(20, "db", false)).expect("audit");
+            store.append_audit(&entry(30, "web", true)).expect("audit");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        let state = store.load().expect("load");
+        assert_eq!(state.jobs.len(), 2);
+        assert_eq!(state.jobs[0], job(1));
+        assert_eq!(state.jobs[1].state, JobState::Done);
+        assert_eq!(
+            state.settings.get("maintenance").map(String::as_str),
+            Some("1")
+        );
+        let web = store
+            .audit(&AuditQuery {
+                vm: Some("web".into()),
+                ..AuditQuery::default()
+            })
+            .expect("audit");
+        assert_eq!(web, vec![entry(10, "web", false)]);
+        let since = store
+            .audit(&AuditQuery {
+                since_unix_ms: 15,
+                reads: true,
+                ..AuditQuery::default()
+            })
+            .expect("audit");
+        assert_eq!(since.len(), 2);
+        store
+            .remove_vm("nothing")
+            .expect("removing nothing is fine");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.db");
+        drop(SqliteStore::open(&path).expect("open"));
+        let db = Connection::open(&path).expect("raw");
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'", [])
+            .expect("bump");
+        drop(db);
+        let e = SqliteStore::open(&path).err().expect("refused");
+        assert!(e.0.contains("schema 99"), "{e}");
+    }
+}

@@ -1,0 +1,99 @@
+//! What the tests that run `ferry` processes share: running the binary,
+//! free ports, and node processes that stop on SIGTERM.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// Runs `ferry ARGS` in `dir`, without a telemetry endpoint, and returns its
+/// output, whether it succeeded and its stderr.
+pub fn ferry_status(dir: &Path, args: &[&str]) -> (String, bool, String) {
+    let out = Command::new(FERRY)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .output()
+        .expect("run ferry");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Runs `ferry ARGS` in `dir` and returns its output; fails the test if
+/// it fails.
+pub fn ferry(dir: &Path, args: &[&str]) -> String {
+    let (out, ok, err) = ferry_status(dir, args);
+    assert!(ok, "ferry {args:?} failed:\n{out}\n{err}");
+    out
+}
+
+/// A `ferry node` process.
+pub struct Node(Child);
+
+impl Node {
+    /// Starts `node-NAME.toml` in `dir` with `env` and waits until it
+    /// listens.
+    pub fn start(dir: &Path, name: &str, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(FERRY)
+            .args(["node", "--config", &format!("node-{name}.toml")])
+            .current_dir(dir)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn node");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening") {
+                    let _ = tx.send(());
+                }
+                eprintln!("[node] {line}");
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the node came up");
+        Self(child)
+    }
+
+    /// SIGTERM, so the node flushes its spans, then wait.
+    pub fn stop(mut self) {
+        let pid = i32::try_from(self.0.id()).expect("pid");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                assert!(status.success(), "node exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        panic!("the node did not stop on SIGTERM");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
