@@ -8,7 +8,7 @@
 //!
 //! - memory left after the VM arrives (40),
 //! - vCPUs left after it arrives (25),
-//! - link quality: round-trip time (20),
+//! - link quality: round-trip time, 1 ms or less counting as perfect (20),
 //! - migration load: migrations it is already sending or receiving (15).
 
 // rkyv derives resolver twins of the types whose fields carry no docs;
@@ -232,8 +232,9 @@ pub fn score(vm: &VmNeeds, host: &HostLoad, rtt_ms: f64) -> HostScore {
             u64::from(host.vcpus_used + vm.vcpus),
             u64::from(host.vcpus_total),
         );
-    // 0.1 ms or less is as good as a link gets on one LAN; 10 ms is poor.
-    let link = (1.0 - (rtt_ms.max(0.1) / 0.1).log10() / 2.0).clamp(0.0, 1.0);
+    // 1 ms or less is as good as a LAN link gets (finer differences are
+    // noise); 10 ms scores half, 100 ms nothing.
+    let link = (1.0 - rtt_ms.max(1.0).log10() / 2.0).clamp(0.0, 1.0);
     let busy = host.migrations_in + host.migrations_out;
     let load = 1.0 / (1.0 + f64::from(busy));
     let parts = [
