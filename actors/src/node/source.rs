@@ -490,9 +490,17 @@ async fn perform<C: Connection>(
 }
 
 async fn ask_outcome<C: Connection>(redial: Redial<C>, migration_id: u64) -> Result<bool, String> {
-    let conn = redial().await?;
+    ask_destination(&redial().await?, migration_id).await
+}
+
+/// Asks the destination on `conn` whether it took migration
+/// `migration_id` (the `Resolve` question).
+pub(crate) async fn ask_destination<C: Connection>(
+    conn: &C,
+    migration_id: u64,
+) -> Result<bool, String> {
     let (mut writer, mut reader) =
-        open_stream(&conn, &StreamIntro::Resolve { migration_id }).await?;
+        open_stream(conn, &StreamIntro::Resolve { migration_id }).await?;
     let answer = reader
         .read_message::<crate::migration::wire::Resolution>(FrameKind::Control)
         .await

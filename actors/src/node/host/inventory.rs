@@ -13,13 +13,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_transport::{FrameKind, Transport};
+use ferry_transport::Transport;
 use ractor::{Actor, ActorRef};
 
 use super::{HostMsg, HostState, VmEntry, announce, disks};
-use crate::migration::StreamIntro;
 use crate::node::vm::{VmActor, VmArgs, VmMsg, VmPhase};
-use crate::node::{NodeCtx, NodeError, open_stream};
+use crate::node::{NodeCtx, NodeError};
 use crate::ops::store::StoredVm;
 
 /// Writes VM `name` as it is now (`running`: whether it runs, if the VM
@@ -91,14 +90,7 @@ async fn ask_destination<T: Transport>(
 ) -> Result<bool, String> {
     let ask = async {
         let conn = ctx.link(to).await.map_err(|e| e.to_string())?;
-        let (mut writer, mut reader) =
-            open_stream(&conn, &StreamIntro::Resolve { migration_id }).await?;
-        let answer = reader
-            .read_message::<crate::migration::wire::Resolution>(FrameKind::Control)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = writer.finish();
-        Ok(answer.committed)
+        crate::node::source::ask_destination(&conn, migration_id).await
     };
     tokio::time::timeout(Duration::from_secs(10), ask)
         .await
