@@ -26,6 +26,7 @@
 //! ```
 
 pub mod net;
+pub mod ops;
 pub mod rng;
 pub mod scenario;
 pub mod world;
@@ -41,4 +42,18 @@ pub fn seeds(first: u64, default_count: u64) -> Vec<u64> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default_count);
     (first..first + count).collect()
+}
+
+/// Runs `work` to its end on a fresh single-threaded runtime with a
+/// paused clock, tokio's own choices seeded by `seed`, and blocking work
+/// done inline.
+pub fn on_sim_runtime<F: std::future::Future>(seed: u64, work: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
+        .build()
+        .expect("runtime");
+    ferry_actors::node::run_blocking_work_inline_on_this_thread();
+    tokio::task::LocalSet::new().block_on(&runtime, work)
 }

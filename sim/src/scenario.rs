@@ -86,6 +86,10 @@ pub struct Scenario {
     /// datastore, with the disk workload running, and every migration
     /// moves it along (a method drawn per migration); 0: no disks.
     pub disk_mib: u64,
+    /// Hosts keep their node database through a crash: a crashed host's
+    /// VMs come back when it restarts (a VM that was leaving is settled
+    /// by asking its destination), so none may be lost with it.
+    pub durable: bool,
 }
 
 /// What a run produced.
@@ -117,15 +121,7 @@ pub struct RunResult {
 /// paused clock and tokio's own choices seeded.
 pub fn run(scenario: &Scenario, seed: u64) -> RunResult {
     let wall = std::time::Instant::now();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
-        .build()
-        .expect("runtime");
-    ferry_actors::node::run_blocking_work_inline_on_this_thread();
-    let local = tokio::task::LocalSet::new();
-    let mut result = local.block_on(&runtime, drive(scenario.clone(), seed));
+    let mut result = crate::on_sim_runtime(seed, drive(scenario.clone(), seed));
     result.wall = wall.elapsed();
     result
 }
@@ -133,15 +129,20 @@ pub fn run(scenario: &Scenario, seed: u64) -> RunResult {
 async fn drive(s: Scenario, seed: u64) -> RunResult {
     let mut rng = SimRng::new(seed);
     let net = SimNetwork::new(s.link);
-    let world = Rc::new(World::start(net.clone(), s.hosts, s.host_memory_mib).await);
+    let setup = world::HostSetup {
+        durable: s.durable,
+        ..world::HostSetup::default()
+    };
+    let world = Rc::new(World::start_with(net.clone(), s.hosts, s.host_memory_mib, setup).await);
     let trace = Rc::new(RefCell::new(Trace::default()));
     let violations = Rc::new(RefCell::new(Vec::<String>::new()));
     let maybe_lost = Rc::new(RefCell::new(std::collections::BTreeSet::<String>::new()));
-    // Migrations under way, VM -> destination: a VM arriving on a host
-    // that crashes may be lost with it too.
-    let arriving = Rc::new(RefCell::new(
-        std::collections::BTreeMap::<String, String>::new(),
-    ));
+    // Migrations under way, VM -> (source, destination): a VM arriving
+    // on a host that crashes may be lost with it too.
+    let arriving = Rc::new(RefCell::new(std::collections::BTreeMap::<
+        String,
+        (String, String),
+    >::new()));
 
     let mut vms = Vec::new();
     for i in 0..s.vms {
@@ -199,7 +200,9 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                 world.elapsed(),
                 format!("m{k}: {vm} {owner} -> {to} ({})", options.method),
             );
-            arriving.borrow_mut().insert(vm.clone(), to.clone());
+            arriving
+                .borrow_mut()
+                .insert(vm.clone(), (owner.clone(), to.clone()));
             let r = tokio::time::timeout(
                 MIGRATION_TIME_MAX,
                 world::migrate(&world.actor(from), &vm, &to, options),
@@ -301,32 +304,52 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                         if !world.is_up(index) {
                             continue;
                         }
-                        // What lived there may be lost with it.
-                        if let crate::world::Census(Some(vms)) = world.host_vms(index).await {
+                        // What lived there may be lost with it, unless
+                        // the host's database brings it back.
+                        if !world.durable()
+                            && let crate::world::Census(Some(vms)) = world.host_vms(index).await
+                        {
                             maybe_lost.borrow_mut().extend(vms);
                         }
                         maybe_lost.borrow_mut().extend(
                             arriving
                                 .borrow()
                                 .iter()
-                                .filter(|(_, to)| **to == a)
+                                .filter(|(_, (_, to))| **to == a)
                                 .map(|(vm, _)| vm.clone()),
                         );
+                        let in_flight: Vec<String> = arriving
+                            .borrow()
+                            .iter()
+                            .filter(|(_, (from, to))| *from == a || *to == a)
+                            .map(|(vm, (from, _))| {
+                                format!("{vm} {}", if *from == a { "out" } else { "in" })
+                            })
+                            .collect();
                         #[allow(clippy::cast_possible_truncation)]
                         let down =
                             Duration::from_nanos(rng.below(f.down_max.as_nanos().max(1) as u64));
-                        trace
-                            .borrow_mut()
-                            .record(world.elapsed(), format!("fault: crash {a} for {down:?}"));
+                        trace.borrow_mut().record(
+                            world.elapsed(),
+                            format!(
+                                "fault: crash {a} for {down:?} (migrating: {})",
+                                in_flight.join(", ")
+                            ),
+                        );
                         world.crash(index);
                         let world = world.clone();
                         let trace = trace.clone();
                         tokio::task::spawn_local(async move {
                             tokio::time::sleep(down).await;
                             world.restart(index).await;
+                            let how = if world.durable() {
+                                "with its database"
+                            } else {
+                                "empty"
+                            };
                             trace
                                 .borrow_mut()
-                                .record(world.elapsed(), format!("{a} back up, empty"));
+                                .record(world.elapsed(), format!("{a} back up, {how}"));
                         });
                     } else {
                         #[allow(clippy::cast_possible_truncation)]

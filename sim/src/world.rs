@@ -9,8 +9,10 @@ use ferry_actors::migration::{Capacity, MigrationReport};
 use ferry_actors::node::NodeCtx;
 use ferry_actors::node::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
 use ferry_actors::node::factory::SyntheticFactory;
-use ferry_actors::node::host::{HostMsg, start_host};
+use ferry_actors::node::host::{HostMsg, start_host_with};
 use ferry_actors::node::vm::{VmInfo, VmPhase};
+use ferry_actors::ops::jobs::Budgets;
+use ferry_actors::ops::store::MemStore;
 use ferry_transport::Role;
 use ractor::ActorRef;
 use tokio::sync::mpsc;
@@ -24,6 +26,10 @@ pub struct SimHost {
     pub name: String,
     /// Its host actor.
     pub actor: ActorRef<HostMsg<SimTransport>>,
+    /// Its node context (links, link shares).
+    pub ctx: Arc<NodeCtx<SimTransport>>,
+    /// Its node database (kept across lives when the world is durable).
+    pub store: MemStore,
     transport: Arc<SimTransport>,
     incarnation: u32,
     up: bool,
@@ -66,20 +72,45 @@ pub struct World {
     hosts: std::cell::RefCell<Vec<SimHost>>,
     names: Vec<String>,
     memory_mib: u64,
+    setup: HostSetup,
     started: Instant,
     /// Every host's datastores: `local` (its own) and `shared` (a SAN
     /// every host sees).
     pub storage: MemStorage,
 }
 
-async fn boot_host(
-    net: &SimNetwork,
-    name: &str,
-    names: &[String],
+/// How every host of a world is set up.
+#[derive(Debug, Clone, Default)]
+pub struct HostSetup {
+    /// A crashed host keeps its node database and brings its VMs back
+    /// when it restarts (otherwise it comes back empty).
+    pub durable: bool,
+    /// Every host's concurrency budgets.
+    pub budgets: Budgets,
+}
+
+struct Boot<'a> {
+    net: &'a SimNetwork,
+    name: &'a str,
+    names: &'a [String],
     memory_mib: u64,
     incarnation: u32,
-    storage: &MemStorage,
-) -> SimHost {
+    storage: &'a MemStorage,
+    store: MemStore,
+    budgets: Budgets,
+}
+
+async fn boot_host(b: Boot<'_>) -> SimHost {
+    let Boot {
+        net,
+        name,
+        names,
+        memory_mib,
+        incarnation,
+        storage,
+        store,
+        budgets,
+    } = b;
     let transport = Arc::new(net.endpoint(name, Role::Host));
     let peers: BTreeMap<String, String> = names
         .iter()
@@ -92,6 +123,7 @@ async fn boot_host(
         peers,
         incarnation,
     ));
+    let node_ctx = ctx.clone();
     let capacity = Capacity {
         memory_bytes: memory_mib << 20,
         vcpus: 1024,
@@ -99,12 +131,21 @@ async fn boot_host(
         kvm: false,
     };
     let stores = MemDatastores::standard(storage.clone(), name);
-    let actor = start_host(ctx, capacity, Arc::new(SyntheticFactory), Arc::new(stores))
-        .await
-        .expect("host actor");
+    let actor = start_host_with(
+        ctx,
+        capacity,
+        Arc::new(SyntheticFactory),
+        Arc::new(stores),
+        Arc::new(store.clone()),
+        budgets,
+    )
+    .await
+    .expect("host actor");
     SimHost {
         name: name.to_owned(),
         actor,
+        ctx: node_ctx,
+        store,
         transport,
         incarnation,
         up: true,
@@ -114,17 +155,40 @@ async fn boot_host(
 impl World {
     /// Starts `hosts` hosts of `memory_mib` each, all peers of each other.
     pub async fn start(net: SimNetwork, hosts: usize, memory_mib: u64) -> Self {
+        Self::start_with(net, hosts, memory_mib, HostSetup::default()).await
+    }
+
+    /// Starts `hosts` hosts set up as `setup` says.
+    pub async fn start_with(
+        net: SimNetwork,
+        hosts: usize,
+        memory_mib: u64,
+        setup: HostSetup,
+    ) -> Self {
         let names: Vec<String> = (0..hosts).map(|i| format!("h{i:03}")).collect();
         let mut list = Vec::new();
         let storage = MemStorage::new();
         for name in &names {
-            list.push(boot_host(&net, name, &names, memory_mib, 1, &storage).await);
+            list.push(
+                boot_host(Boot {
+                    net: &net,
+                    name,
+                    names: &names,
+                    memory_mib,
+                    incarnation: 1,
+                    storage: &storage,
+                    store: MemStore::new(),
+                    budgets: setup.budgets,
+                })
+                .await,
+            );
         }
         Self {
             net,
             hosts: std::cell::RefCell::new(list),
             names,
             memory_mib,
+            setup,
             storage,
             started: Instant::now(),
         }
@@ -133,6 +197,16 @@ impl World {
     /// Host names, by index.
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Host `index`'s node context (its current life's).
+    pub fn ctx(&self, index: usize) -> Arc<NodeCtx<SimTransport>> {
+        self.hosts.borrow()[index].ctx.clone()
+    }
+
+    /// Whether crashed hosts keep their database.
+    pub fn durable(&self) -> bool {
+        self.setup.durable
     }
 
     /// Host `index`'s actor (its current life's).
@@ -158,23 +232,35 @@ impl World {
         let _ = h.actor.cast(HostMsg::PowerOff);
     }
 
-    /// Boots host `index` again, empty, in its next life.
+    /// Boots host `index` again in its next life: empty, or with what
+    /// its database kept when the world is durable.
     pub async fn restart(&self, index: usize) {
-        let (name, incarnation) = {
+        let (name, incarnation, store) = {
             let hosts = self.hosts.borrow();
             if hosts[index].up {
                 return;
             }
-            (hosts[index].name.clone(), hosts[index].incarnation + 1)
+            let store = if self.setup.durable {
+                hosts[index].store.clone()
+            } else {
+                MemStore::new()
+            };
+            (
+                hosts[index].name.clone(),
+                hosts[index].incarnation + 1,
+                store,
+            )
         };
-        let host = boot_host(
-            &self.net,
-            &name,
-            &self.names,
-            self.memory_mib,
+        let host = boot_host(Boot {
+            net: &self.net,
+            name: &name,
+            names: &self.names,
+            memory_mib: self.memory_mib,
             incarnation,
-            &self.storage,
-        )
+            storage: &self.storage,
+            store,
+            budgets: self.setup.budgets,
+        })
         .await;
         self.hosts.borrow_mut()[index] = host;
     }

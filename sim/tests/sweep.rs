@@ -39,6 +39,7 @@ fn base(name: &'static str) -> Scenario {
         options: options(),
         check_every: Duration::from_millis(5),
         disk_mib: 0,
+        durable: false,
     }
 }
 
@@ -268,4 +269,20 @@ fn disks_survive_host_crashes() {
         ..base("storage-crashes")
     };
     sweep(&s, 7000, 10);
+}
+
+#[test]
+fn crashed_hosts_bring_their_vms_back_from_their_database() {
+    let s = Scenario {
+        faults: Faults {
+            cuts_per_s: 1.0,
+            crashes_per_s: 1.5,
+            down_max: Duration::from_millis(700),
+            ..Faults::NONE
+        },
+        horizon: Duration::from_secs(3),
+        durable: true,
+        ..base("durable-crashes")
+    };
+    sweep(&s, 8000, 25);
 }

@@ -13,6 +13,7 @@ use ferry_transport::{
 };
 use tokio::sync::mpsc;
 
+use super::share::{Flow, Turn};
 use crate::guest::DirtyBitmap;
 use crate::migration::LaneMark;
 use crate::ram::{GuestRam, PageLane};
@@ -32,15 +33,17 @@ pub struct LaneJob {
 }
 
 /// Sends lane `lane` of `lanes`: for each job, its pages then a mark.
+/// Every batch waits for its turn on the link (`flow`).
 pub async fn send_lane<S: SendStream>(
     mut writer: FrameWriter<S>,
     ram: GuestRam,
-    lane: u32,
-    lanes: u32,
+    (lane, lanes): (u32, u32),
+    flow: Flow,
     mut jobs: mpsc::UnboundedReceiver<LaneJob>,
 ) -> Result<(), String> {
     let pool = BufferPool::new(BATCH_PAGES * ferry_transport::PAGE_BYTES, 8);
     let mut batch = BatchBuilder::with_pool(BatchKind::Pages, pool);
+    let mut turn: Option<Turn> = None;
     while let Some(job) = jobs.recv().await {
         let mut pages = 0u64;
         for gfn in job
@@ -59,18 +62,14 @@ pub async fn send_lane<S: SendStream>(
                 pages += 1;
             }
             if batch.len() >= BATCH_PAGES {
-                writer
-                    .send_batch(batch.finish())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                send_batch(&mut writer, &flow, &mut turn, batch.finish()).await?;
             }
         }
         if !batch.is_empty() {
-            writer
-                .send_batch(batch.finish())
-                .await
-                .map_err(|e| e.to_string())?;
+            send_batch(&mut writer, &flow, &mut turn, batch.finish()).await?;
         }
+        // The round is sent: the lane is quiet until the next one.
+        turn = None;
         let mark = LaneMark {
             round: job.round,
             pages,
@@ -81,6 +80,16 @@ pub async fn send_lane<S: SendStream>(
             .map_err(|e| e.to_string())?;
     }
     writer.finish().map_err(|e| e.to_string())
+}
+
+async fn send_batch<S: SendStream>(
+    writer: &mut FrameWriter<S>,
+    flow: &Flow,
+    turn: &mut Option<Turn>,
+    batch: ferry_transport::batch::EncodedBatch,
+) -> Result<(), String> {
+    *turn = Some(flow.turn(batch.wire_len() as u64, turn.take()).await);
+    writer.send_batch(batch).await.map_err(|e| e.to_string())
 }
 
 /// What a receiving lane reports after each round.

@@ -21,6 +21,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod net;
 pub mod scheduler;
+pub mod share;
 pub mod source;
 pub mod trace;
 pub mod vm;
@@ -118,6 +119,8 @@ pub struct NodeCtx<T: Transport> {
     /// restarted host's ids never match what peers remember of its
     /// previous life. Production nodes take it from the boot time.
     pub incarnation: u32,
+    /// The links' bandwidth, shared between migrations by priority.
+    pub shares: Arc<share::LinkShares>,
     links: tokio::sync::Mutex<BTreeMap<String, T::Connection>>,
 }
 
@@ -134,6 +137,7 @@ impl<T: Transport> NodeCtx<T> {
             transport,
             peers,
             incarnation,
+            shares: Arc::default(),
             links: tokio::sync::Mutex::new(BTreeMap::new()),
         }
     }

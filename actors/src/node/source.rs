@@ -79,6 +79,8 @@ pub struct SourceArgs<C: Connection> {
     pub metrics: std::sync::Arc<super::metrics::NodeMetrics>,
     /// Called once with the report, when the migration ended.
     pub on_end: Box<dyn FnOnce(MigrationReport) + Send>,
+    /// Its share of the link to the destination (lanes take turns).
+    pub flow: super::share::Flow,
 }
 
 /// The source of one migration.
@@ -111,6 +113,7 @@ pub struct SourceState<C: Connection> {
     on_end: Option<Box<dyn FnOnce(MigrationReport) + Send>>,
     /// Opened with the first clean-up action after the end.
     cleanup: Option<tracing::Span>,
+    flow: super::share::Flow,
 }
 
 impl<C: Connection> Actor for MigrationSource<C> {
@@ -154,6 +157,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             metrics: args.metrics,
             on_end: Some(args.on_end),
             cleanup: None,
+            flow: args.flow,
         })
     }
 
@@ -525,8 +529,9 @@ async fn open_lanes<C: Connection>(
         let (tx, rx) = mpsc::unbounded_channel();
         let ram = s.ram.clone();
         let me = myself.clone();
+        let flow = s.flow.clone();
         tokio::spawn(async move {
-            if let Err(e) = lanes::send_lane(writer, ram, lane, lanes, rx).await {
+            if let Err(e) = lanes::send_lane(writer, ram, (lane, lanes), flow, rx).await {
                 let _ = me.cast(SourcePump::Failed(format!("lane {lane}: {e}")));
             }
         });

@@ -8,7 +8,8 @@
 //!   `ferry-host`, [`MemStore`](store::MemStore) here);
 //! - [`audit`]: audit entries and their query;
 //! - [`placement`]: ranking destination hosts for a VM, with reasons;
-//! - [`drs`]: a balancer proposing migrations that even out host load.
+//! - [`drs`]: a balancer proposing migrations that even out host load;
+//! - [`share`]: a link's bandwidth shared between migrations by priority.
 //!
 //! Everything here is plain data and pure functions; the actors that use
 //! it are [`crate::node::scheduler`] and [`crate::node::host`].
@@ -17,6 +18,7 @@ pub mod audit;
 pub mod drs;
 pub mod jobs;
 pub mod placement;
+pub mod share;
 pub mod store;
 
 /// Milliseconds since the Unix epoch, now (wall clock: audit and job

@@ -1083,9 +1083,11 @@ async fn start_migration<T: Transport>(
     to: &str,
     options: &MigrateOptions,
 ) -> Result<MigrationTask, NodeError> {
+    let weight = crate::ops::share::weight(options.priority);
     let options = options.to_options();
     options.check().map_err(NodeError::BadRequest)?;
     let options_storage = options.storage.clone();
+    let options_lanes = options.lanes;
     if let Some(m) = &options_storage
         && s.vms.get(name).is_some_and(|e| e.disks.is_empty())
     {
@@ -1190,7 +1192,9 @@ async fn start_migration<T: Transport>(
             let _ = me_reopen.cast(HostMsg::ReopenDisks(reopen_name.clone()));
         }),
     );
+    let flow = s.ctx.shares.join(to, id, weight, options_lanes);
     let args = SourceArgs {
+        flow,
         machine,
         vm: vm.clone(),
         ram,

@@ -1,0 +1,162 @@
+//! The node's links shared by priority: the async face of
+//! [`LinkShare`](crate::ops::share::LinkShare).
+//!
+//! A migration joins its destination's link when its lanes open and
+//! leaves when its lanes are done ([`Flow`] on drop); each lane takes a
+//! [`Turn`] before sending a page batch and gives it back when it asks
+//! for the next one, or when its round is sent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use crate::ops::share::{FlowStats, LinkShare, Ticket, Turn as Asked};
+
+#[derive(Default)]
+struct Link {
+    share: LinkShare,
+    waiters: HashMap<Ticket, (oneshot::Sender<()>, u64)>,
+}
+
+impl Link {
+    /// Wakes the granted waiters; a waiter that is gone gives its slot
+    /// straight back.
+    fn wake(&mut self, mut granted: Vec<Ticket>) {
+        while let Some(ticket) = granted.pop() {
+            let Some((tx, flow)) = self.waiters.remove(&ticket) else {
+                continue;
+            };
+            if tx.send(()).is_err() {
+                granted.extend(self.share.release(flow));
+            }
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Link>>;
+
+fn lock(link: &Shared) -> std::sync::MutexGuard<'_, Link> {
+    link.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Every link of a node, by destination host.
+#[derive(Default)]
+pub struct LinkShares {
+    links: Mutex<BTreeMap<String, Shared>>,
+    /// Figures of flows that ended, by migration id (the latest 64).
+    ended: Mutex<BTreeMap<u64, FlowStats>>,
+}
+
+impl LinkShares {
+    /// Migration `id` starts sending to `host` with `lanes` lanes at
+    /// `weight`.
+    pub fn join(self: &Arc<Self>, host: &str, id: u64, weight: u32, lanes: u32) -> Flow {
+        let link = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(host.to_owned())
+            .or_default()
+            .clone();
+        lock(&link).share.join(id, weight, lanes);
+        Flow(Arc::new(Member {
+            shares: self.clone(),
+            link,
+            id,
+        }))
+    }
+
+    /// What migration `id` got of its link, once it ended.
+    pub fn ended(&self, id: u64) -> Option<FlowStats> {
+        self.ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .copied()
+    }
+
+    fn record(&self, id: u64, stats: FlowStats) {
+        let mut ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ended.insert(id, stats);
+        while ended.len() > 64 {
+            ended.pop_first();
+        }
+    }
+}
+
+/// One migration's membership of a link (lanes share clones); it leaves
+/// when the last clone is dropped.
+#[derive(Clone)]
+pub struct Flow(Arc<Member>);
+
+struct Member {
+    shares: Arc<LinkShares>,
+    link: Shared,
+    id: u64,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let mut link = lock(&self.link);
+        let left = link.share.leave(self.id);
+        for ticket in &left.dropped {
+            // Its waiter wakes to no turn.
+            link.waiters.remove(ticket);
+        }
+        link.wake(left.granted);
+        drop(link);
+        if let Some(stats) = left.stats {
+            self.shares.record(self.id, stats);
+        }
+    }
+}
+
+impl Flow {
+    /// Waits for a turn to send `bytes`, giving `previous` back once the
+    /// request is in (the flow stays active in between).
+    pub async fn turn(&self, bytes: u64, previous: Option<Turn>) -> Turn {
+        let m = &self.0;
+        let wait = {
+            let mut link = lock(&m.link);
+            // The previous turn is handed back inside the request.
+            let handed_back = previous.and_then(|mut p| p.link.take()).is_some();
+            let (asked, granted) = link.share.request(m.id, bytes, handed_back);
+            link.wake(granted);
+            match asked {
+                Asked::Now => None,
+                Asked::Wait(ticket) => {
+                    let (tx, rx) = oneshot::channel();
+                    link.waiters.insert(ticket, (tx, m.id));
+                    Some(rx)
+                }
+            }
+        };
+        let granted = match wait {
+            None => true,
+            Some(rx) => rx.await.is_ok(),
+        };
+        Turn {
+            link: granted.then(|| (m.link.clone(), m.id)),
+        }
+    }
+}
+
+/// A turn on the link: its slot is free again on drop.
+pub struct Turn {
+    link: Option<(Shared, u64)>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some((shared, flow)) = &self.link {
+            let mut link = lock(shared);
+            let granted = link.share.release(*flow);
+            link.wake(granted);
+        }
+    }
+}
