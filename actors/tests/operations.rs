@@ -522,3 +522,106 @@ async fn drs_evens_out_the_load_and_a_batch_continues_past_failures() {
     assert!(results[0].moved() && results[2].moved(), "{results:?}");
     assert!(matches!(results[1].result, Err(ClientError::NoSuchVm(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_at_its_budget_turns_offers_away_and_the_sources_retry() {
+    // b takes one migration at a time; a and c each send it a VM at once.
+    let net = MemNetwork::new();
+    let storage = MemStorage::new();
+    let names = vec!["a", "b", "c"];
+    let mut nodes = BTreeMap::new();
+    for name in ["a", "b", "c"] {
+        let budgets = if name == "b" {
+            Budgets {
+                host_live: 1,
+                ..Budgets::default()
+            }
+        } else {
+            Budgets::default()
+        };
+        let life = Life {
+            name,
+            memory_mib: 1024,
+            budgets,
+            store: MemStore::new(),
+            incarnation: 1,
+        };
+        nodes.insert(name, boot(&net, &storage, &names, life).await);
+    }
+    let ops = client(&net, &names, "alice", Role::Admin);
+    for (node, vm) in [("a", "big-a"), ("c", "big-c")] {
+        let spec = VmSpec {
+            memory_mib: 128,
+            wss_mib: 8,
+            ..spec(vm)
+        };
+        ops.create_vm(node, spec).await.expect("create");
+        ops.vm(vm).start().await.expect("start");
+    }
+    let phases = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let watch = |vm: &'static str| {
+        let phases = phases.clone();
+        ops.vm(vm).migrate_to("b").lanes(2).on_progress(move |p| {
+            phases
+                .lock()
+                .expect("lock")
+                .push(format!("{vm}: {}", p.phase))
+        })
+    };
+    let (ra, rc) = tokio::join!(watch("big-a"), watch("big-c"));
+    for r in [ra, rc] {
+        let report = r.expect("the migration runs, at once or after waiting");
+        assert_eq!(report.outcome, ferry_actors::migration::Outcome::Completed);
+    }
+    let phases = phases.lock().expect("lock").clone();
+    let waited: Vec<&String> = phases
+        .iter()
+        .filter(|p| p.contains("destination busy") && p.contains("at its migration budget"))
+        .collect();
+    assert!(
+        !waited.is_empty(),
+        "one source was turned away and waited: {phases:?}"
+    );
+    let vms = ops.list_vms("b").await.expect("list");
+    assert_eq!(vms.iter().filter(|v| v.running).count(), 2, "{vms:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_is_called_off_through_its_migration() {
+    let w = world(&[("a", 1024), ("b", 1024)], Budgets::default()).await;
+    // A guest that writes faster than it can converge to a 1 ms downtime:
+    // its pre-copy goes on until its time limit, or until called off.
+    let busy = VmSpec {
+        memory_mib: 64,
+        wss_mib: 48,
+        ..spec("busy")
+    };
+    w.ops.create_vm("a", busy).await.expect("create");
+    w.ops.vm("busy").start().await.expect("start");
+    let options = MigrateOptions {
+        downtime_ms: 1,
+        auto_converge: false,
+        time_limit_s: 60,
+        ..MigrateOptions::default()
+    };
+    let (node, job) = w
+        .ops
+        .schedule_migration("busy", "b", 0, options)
+        .await
+        .expect("queued");
+    wait_for("the job's migration to start", async || {
+        let jobs = w.ops.jobs(&node).await.expect("jobs");
+        jobs.iter()
+            .any(|j| j.id == job.id && j.state == JobState::Running && j.migration_id != 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    w.ops.cancel_job(&node, job.id).await.expect("cancel");
+    let over = job_over(&w, &node, job.id).await;
+    assert_eq!(over.state, JobState::Cancelled, "{over:?}");
+    assert!(over.result.contains("cancelled"), "{}", over.result);
+    assert_eq!(w.ops.locate("busy").await.expect("busy"), "a");
+    let vms = w.ops.list_vms("a").await.expect("list");
+    assert!(vms.iter().any(|v| v.name == "busy" && v.running), "{vms:?}");
+    assert!(w.ops.list_vms("b").await.expect("list").is_empty());
+}

@@ -1,6 +1,7 @@
 //! Operations across real `ferry node` processes over QUIC with mutual
-//! TLS and SQLite node databases: users added with `ferry cluster
-//! add-user` are held to their roles; a migration scheduled with `--at`
+//! TLS and SQLite node databases: a host joins with `ferry cluster
+//! add-host`; users added with `ferry cluster add-user` are held to their
+//! roles; a migration scheduled with `--at`
 //! survives a restart of its node; the audit log and the jobs list tell
 //! what happened; `recommend`, `--to auto` and maintenance mode work
 //! through the CLI.
@@ -38,12 +39,46 @@ fn roles_schedules_restarts_audit_and_maintenance_through_the_cli() {
             ".",
             "--host",
             &format!("host-a=127.0.0.1:{pa}"),
-            "--host",
-            &format!("host-b=127.0.0.1:{pb}"),
             "--memory-mib",
             "1024",
         ],
     );
+    // host-b joins after: its certificate and node file, and it is added
+    // to host-a's peers and to client.toml.
+    let added = ferry(
+        d,
+        &[
+            "cluster",
+            "add-host",
+            "host-b",
+            "--addr",
+            &format!("127.0.0.1:{pb}"),
+            "--dir",
+            ".",
+        ],
+    );
+    assert!(
+        added.contains("added to client.toml and 1 node files"),
+        "{added}"
+    );
+    for file in ["host-b.pem", "host-b.key", "node-host-b.toml"] {
+        assert!(d.join(file).exists(), "{file}");
+    }
+    let node_a = std::fs::read_to_string(d.join("node-host-a.toml")).expect("node-host-a");
+    assert!(node_a.contains("host-b"), "{node_a}");
+    let (_, twice, err) = ferry_status(
+        d,
+        &[
+            "cluster",
+            "add-host",
+            "host-b",
+            "--addr",
+            &format!("127.0.0.1:{pb}"),
+            "--dir",
+            ".",
+        ],
+    );
+    assert!(!twice && err.contains("already"), "{err}");
     ferry(
         d,
         &[

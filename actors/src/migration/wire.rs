@@ -210,6 +210,15 @@ pub enum Refusal {
     Datastore(String),
     /// The host takes no VMs now (maintenance mode, or degraded).
     OutOfService(String),
+    /// The host runs as many migrations as its budgets allow; the source
+    /// may offer again later.
+    Busy(String),
+}
+
+impl Refusal {
+    /// What a [`Refusal::Busy`] says first: a source's scheduler that
+    /// finds it in an abort reason queues the job again.
+    pub const BUSY: &'static str = "at its migration budget";
 }
 
 impl std::fmt::Display for Refusal {
@@ -236,6 +245,7 @@ impl std::fmt::Display for Refusal {
             Self::ShadowFailed(why) => write!(f, "could not create the shadow VM: {why}"),
             Self::BadOffer(why) => write!(f, "bad offer: {why}"),
             Self::OutOfService(why) => write!(f, "the host takes no VMs: {why}"),
+            Self::Busy(why) => write!(f, "{}: {why}", Self::BUSY),
         }
     }
 }

@@ -118,6 +118,8 @@ pub struct SchedulerState {
     waiters: BTreeMap<u64, mpsc::UnboundedSender<ClientReply>>,
     /// What each waiting job was last told about its wait.
     told: BTreeMap<u64, String>,
+    /// Jobs whose destination was busy, and the ticks they still wait.
+    held: BTreeMap<u64, u32>,
     evacuations: Vec<Evacuation>,
 }
 
@@ -154,6 +156,7 @@ impl Actor for SchedulerActor {
             prepared: BTreeMap::new(),
             waiters: BTreeMap::new(),
             told: BTreeMap::new(),
+            held: BTreeMap::new(),
             evacuations: Vec::new(),
         })
     }
@@ -196,7 +199,13 @@ impl Actor for SchedulerActor {
             SchedulerMsg::Peak(reply) => {
                 let _ = reply.send((s.queue.peak_running(), s.queue.running()));
             }
-            SchedulerMsg::Tick => dispatch(&myself, s),
+            SchedulerMsg::Tick => {
+                s.held.retain(|_, ticks| {
+                    *ticks -= 1;
+                    *ticks > 0
+                });
+                dispatch(&myself, s);
+            }
             SchedulerMsg::Prepared(id, result) => {
                 s.preparing.remove(&id);
                 match result {
@@ -228,13 +237,46 @@ impl Actor for SchedulerActor {
                 ),
             },
             SchedulerMsg::Ended(id, reply) => {
-                let (state, result) = judge(&reply);
-                end(s, id, state, result, *reply);
+                match destination_busy(&reply) {
+                    Some(why) => hold(s, id, why),
+                    None => {
+                        let (state, result) = judge(&reply);
+                        end(s, id, state, result, *reply);
+                    }
+                }
                 dispatch(&myself, s);
             }
         }
         Ok(())
     }
+}
+
+/// Ticks a job waits after its destination said it was busy.
+const BUSY_HOLD_TICKS: u32 = 5;
+
+/// Why the destination refused for now (at its budget), if it did.
+fn destination_busy(reply: &ClientReply) -> Option<String> {
+    match reply {
+        ClientReply::Report(r) => match &r.outcome {
+            Outcome::Aborted { reason } if reason.contains(crate::migration::Refusal::BUSY) => {
+                Some(reason.clone())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Queues job `id` again, held for [`BUSY_HOLD_TICKS`]: its destination
+/// runs all the migrations its budgets allow.
+fn hold(s: &mut SchedulerState, id: u64, why: String) {
+    s.told.remove(&id);
+    if let Some(job) = s.queue.retry(id, format!("waiting: {why}")) {
+        put(&s.store, &job.clone());
+        tracing::info!(job = id, %why, "destination busy: the job waits");
+    }
+    s.held.insert(id, BUSY_HOLD_TICKS);
+    tell_waiting(s, id, &format!("destination busy: {why}"));
 }
 
 fn put(store: &Arc<dyn NodeStore>, job: &Job) {
@@ -295,7 +337,7 @@ fn cancel(s: &mut SchedulerState, id: u64, who: String, reply: mpsc::UnboundedSe
 fn dispatch(myself: &ActorRef<SchedulerMsg>, s: &mut SchedulerState) {
     let budgets = s.queue.budgets();
     for id in s.queue.due(unix_ms_now()) {
-        if s.preparing.contains(&id) {
+        if s.preparing.contains(&id) || s.held.contains_key(&id) {
             continue;
         }
         let Some(job) = s.queue.get(id).cloned() else {

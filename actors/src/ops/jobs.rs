@@ -326,6 +326,18 @@ impl JobQueue {
         Some(job)
     }
 
+    /// Job `id` could not run yet (its destination was busy): it is
+    /// queued again, `why` in its result, its slot freed.
+    pub fn retry(&mut self, id: u64, why: String) -> Option<&Job> {
+        self.running.remove(&id);
+        let job = self.jobs.get_mut(&id)?;
+        job.state = JobState::Queued;
+        job.started_unix_ms = 0;
+        job.migration_id = 0;
+        job.result = why;
+        Some(job)
+    }
+
     /// Calls off a queued job. A running one is cancelled through its
     /// migration (the caller's business); a finished one cannot be.
     pub fn cancel(&mut self, id: u64, now_unix_ms: u64, who: &str) -> Result<&Job, String> {

@@ -548,6 +548,28 @@ impl<T: Transport> Actor for HostActor<T> {
 
 impl<T: Transport> HostState<T> {
     /// Why the host takes no VMs now, if it does not.
+    /// Why one more migration from `peer` would break this host's
+    /// budgets (migrations arriving and leaving count alike, as in
+    /// vSphere; `link` caps those from one peer).
+    fn over_budget(&self, peer: &str) -> Option<String> {
+        let arriving = self.incoming.len();
+        let leaving = self.running.len();
+        if arriving + leaving >= self.budgets.host_live as usize {
+            return Some(format!(
+                "{arriving} arriving and {leaving} leaving, {} at once at most",
+                self.budgets.host_live
+            ));
+        }
+        let from_peer = self.incoming.keys().filter(|(p, _)| p == peer).count();
+        if from_peer >= self.budgets.link as usize {
+            return Some(format!(
+                "{from_peer} arriving from {peer}, {} per link at most",
+                self.budgets.link
+            ));
+        }
+        None
+    }
+
     fn out_of_service(&self) -> Option<String> {
         if self.maintenance {
             Some("it is in maintenance mode".into())
@@ -982,9 +1004,10 @@ async fn incoming<T: Transport>(
     reader: FrameReader<Recv<T>>,
 ) {
     let exists = s.vms.contains_key(&offer.vm.name);
-    let admitted = match s.out_of_service() {
-        Some(why) => Err(crate::migration::Refusal::OutOfService(why)),
-        None => admit(&offer, &s.capacity, s.usage(), exists),
+    let admitted = match (s.out_of_service(), s.over_budget(&peer)) {
+        (Some(why), _) => Err(crate::migration::Refusal::OutOfService(why)),
+        (None, Some(why)) => Err(crate::migration::Refusal::Busy(why)),
+        (None, None) => admit(&offer, &s.capacity, s.usage(), exists),
     }
     .and_then(|()| disks::admit_disks(s.stores.as_ref(), &offer));
     if let Err(refusal) = admitted {
