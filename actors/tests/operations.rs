@@ -625,3 +625,62 @@ async fn a_running_job_is_called_off_through_its_migration() {
     assert!(vms.iter().any(|v| v.name == "busy" && v.running), "{vms:?}");
     assert!(w.ops.list_vms("b").await.expect("list").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_migration_leaves_the_job_running_and_audited() {
+    let w = world(&[("a", 1024), ("b", 1024)], Budgets::default()).await;
+    let big = VmSpec {
+        memory_mib: 128,
+        wss_mib: 16,
+        ..spec("big")
+    };
+    w.ops.create_vm("a", big).await.expect("create");
+    w.ops.vm("big").start().await.expect("start");
+    let (first_progress, progress_seen) = tokio::sync::oneshot::channel::<()>();
+    let mut first_progress = Some(first_progress);
+    let migrate = w
+        .ops
+        .vm("big")
+        .migrate_to("b")
+        .lanes(1)
+        .on_progress(move |_| {
+            if let Some(tx) = first_progress.take() {
+                let _ = tx.send(());
+            }
+        });
+    // The client goes away once the migration is under way.
+    tokio::select! {
+        r = migrate => panic!("the client stayed to the end: {r:?}"),
+        _ = progress_seen => {}
+    }
+    let job = job_over(&w, "a", 1).await;
+    assert_eq!(job.state, JobState::Done, "{job:?}");
+    assert_eq!(w.ops.locate("big").await.expect("big"), "b");
+    let mut log = Vec::new();
+    wait_for("the audit entries", async || {
+        log = w
+            .ops
+            .audit(&AuditQuery {
+                vm: Some("big".into()),
+                ..AuditQuery::default()
+            })
+            .await
+            .expect("audit")
+            .into_iter()
+            .filter(|e| e.action == "migrate")
+            .collect();
+        log.len() >= 2
+    })
+    .await;
+    let left = log
+        .iter()
+        .find(|e| e.outcome == "left")
+        .expect("the client's entry");
+    assert!(left.who.contains("alice"), "{left:?}");
+    let end = log
+        .iter()
+        .find(|e| e.who.starts_with("scheduler (job 1 for"))
+        .expect("the scheduler's entry");
+    assert_eq!(end.outcome, "ok", "{end:?}");
+    assert!(end.downtime_ms.is_some(), "{end:?}");
+}

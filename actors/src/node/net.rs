@@ -241,8 +241,9 @@ async fn serve_stream<T: Transport>(
 fn judge(audit: &mut AuditEntry, reply: Option<&ClientReply>) {
     let (outcome, detail) = match reply {
         None => (
-            "failed",
-            "no answer: the client left or the node stopped".to_owned(),
+            "left",
+            "the client left before the answer (a migration goes on as a job: the scheduler audits how it ends)"
+                .to_owned(),
         ),
         Some(ClientReply::Error(e)) if e.starts_with("permission denied") => ("refused", e.clone()),
         Some(ClientReply::Error(e)) => ("failed", e.clone()),
@@ -266,7 +267,11 @@ fn judge(audit: &mut AuditEntry, reply: Option<&ClientReply>) {
         }
         Some(ClientReply::JobQueued(job)) => (
             "queued",
-            format!("job {} at {}", job.id, job.not_before_unix_ms),
+            format!(
+                "job {} at {}",
+                job.id,
+                crate::migration::report_text::utc(job.not_before_unix_ms)
+            ),
         ),
         Some(ClientReply::Evacuated(jobs)) => {
             let moved = jobs

@@ -429,11 +429,13 @@ fn end(s: &mut SchedulerState, id: u64, state: JobState, result: String, reply: 
     };
     put(&s.store, &job);
     tracing::info!(job = id, vm = %job.vm, state = ?job.state, result = %job.result, "job over");
-    match s.waiters.remove(&id) {
-        Some(w) => {
-            let _ = w.send(reply);
-        }
-        None => audit_unattended(s, &job, &reply),
+    // A job nobody hears the end of (its client left) is audited here.
+    let unheard = match s.waiters.remove(&id) {
+        Some(w) => w.send(reply).err().map(|e| e.0),
+        None => Some(reply),
+    };
+    if let Some(reply) = unheard {
+        audit_unattended(s, &job, &reply);
     }
     settle_evacuations(s);
 }
