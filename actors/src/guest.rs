@@ -203,6 +203,10 @@ pub trait GuestBackend: Send {
     /// The workload's own progress report.
     fn progress(&self) -> Result<GuestProgress, GuestError>;
 
+    /// CPU time the guest's vCPUs have used since it was built (DRS
+    /// weighs hosts by it).
+    fn cpu_time(&self) -> Duration;
+
     /// A shared view of guest memory for the bulk copy tasks.
     fn ram(&self) -> GuestRam;
 

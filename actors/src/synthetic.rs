@@ -45,6 +45,9 @@ pub struct SyntheticGuest {
     cursor: u64,
     throttle_percent: u8,
     throttle_debt: u64,
+    /// Virtual CPU time: a running guest with a working set keeps one
+    /// vCPU busy, less the throttle.
+    cpu_time: Duration,
 }
 
 impl SyntheticGuest {
@@ -77,6 +80,7 @@ impl SyntheticGuest {
             cursor: 0,
             throttle_percent: 0,
             throttle_debt: 0,
+            cpu_time: Duration::ZERO,
         }
     }
 
@@ -240,6 +244,9 @@ impl GuestBackend for SyntheticGuest {
     }
 
     fn run_for(&mut self, elapsed: Duration) {
+        if self.running && self.params.writes_per_sec > 0 && self.wss_pages() > 0 {
+            self.cpu_time += elapsed * u32::from(100 - self.throttle_percent) / 100;
+        }
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let work = micros
             .saturating_mul(self.params.writes_per_sec)
@@ -252,6 +259,10 @@ impl GuestBackend for SyntheticGuest {
         if writes > 0 {
             self.step(writes);
         }
+    }
+
+    fn cpu_time(&self) -> Duration {
+        self.cpu_time
     }
 
     fn attach_disk(

@@ -44,6 +44,8 @@ struct Life {
     budgets: Budgets,
     store: MemStore,
     incarnation: u32,
+    /// Capacity of its `local` datastore in MiB (0: the default).
+    local_mib: u64,
 }
 
 async fn boot(
@@ -58,6 +60,7 @@ async fn boot(
         budgets,
         store,
         incarnation,
+        local_mib,
     } = life;
     let transport = Arc::new(w_net.endpoint(PeerIdentity::new(name, Role::Host)));
     let peers = names
@@ -81,7 +84,11 @@ async fn boot(
         ctx,
         capacity,
         Arc::new(SyntheticFactory),
-        Arc::new(MemDatastores::standard(storage.clone(), name)),
+        Arc::new(if local_mib == 0 {
+            MemDatastores::standard(storage.clone(), name)
+        } else {
+            MemDatastores::standard(storage.clone(), name).with_capacity("local", local_mib << 20)
+        }),
         Arc::new(store.clone()),
         budgets,
     )
@@ -117,6 +124,7 @@ async fn world(hosts: &[(&'static str, u64)], budgets: Budgets) -> World {
             budgets,
             store: MemStore::new(),
             incarnation: 1,
+            local_mib: 0,
         };
         let node = boot(&net, &storage, &names, life).await;
         nodes.insert(*name, node);
@@ -301,6 +309,7 @@ async fn a_scheduled_migration_survives_a_restart_of_its_node() {
         budgets: Budgets::default(),
         store: old.store.clone(),
         incarnation: 2,
+        local_mib: 0,
     };
     let a = boot(&w.net, &w.storage, &w.names.clone(), life).await;
     w.nodes.insert("a", a);
@@ -483,7 +492,7 @@ async fn drs_evens_out_the_load_and_a_batch_continues_past_failures() {
     for i in 0..4 {
         running_vm(&w, "a", &format!("d{i}")).await;
     }
-    let plan = w.ops.drs_plan(0.1, 10).await.expect("plan");
+    let plan = w.ops.drs_plan(0.05, 10).await.expect("plan");
     assert_eq!(plan.moves.len(), 2, "{plan:?}");
     assert!(plan.imbalance_after < plan.imbalance_before);
     let results = w.ops.drs_apply(&plan, 2).await;
@@ -491,7 +500,7 @@ async fn drs_evens_out_the_load_and_a_batch_continues_past_failures() {
     assert_eq!(w.ops.list_vms("b").await.expect("b").len(), 2);
     assert!(
         w.ops
-            .drs_plan(0.1, 10)
+            .drs_plan(0.05, 10)
             .await
             .expect("plan")
             .moves
@@ -545,6 +554,7 @@ async fn a_destination_at_its_budget_turns_offers_away_and_the_sources_retry() {
             budgets,
             store: MemStore::new(),
             incarnation: 1,
+            local_mib: 0,
         };
         nodes.insert(name, boot(&net, &storage, &names, life).await);
     }
@@ -588,12 +598,12 @@ async fn a_destination_at_its_budget_turns_offers_away_and_the_sources_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_is_called_off_through_its_migration() {
-    let w = world(&[("a", 1024), ("b", 1024)], Budgets::default()).await;
+    let w = world(&[("a", 2048), ("b", 2048)], Budgets::default()).await;
     // A guest that writes faster than it can converge to a 1 ms downtime:
     // its pre-copy goes on until its time limit, or until called off.
     let busy = VmSpec {
-        memory_mib: 64,
-        wss_mib: 48,
+        memory_mib: 256,
+        wss_mib: 192,
         ..spec("busy")
     };
     w.ops.create_vm("a", busy).await.expect("create");
@@ -615,8 +625,10 @@ async fn a_running_job_is_called_off_through_its_migration() {
             .any(|j| j.id == job.id && j.state == JobState::Running && j.migration_id != 0)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    w.ops.cancel_job(&node, job.id).await.expect("cancel");
+    if let Err(e) = w.ops.cancel_job(&node, job.id).await {
+        let jobs = w.ops.jobs(&node).await.expect("jobs");
+        panic!("cancel: {e:?}; {jobs:#?}");
+    }
     let over = job_over(&w, &node, job.id).await;
     assert_eq!(over.state, JobState::Cancelled, "{over:?}");
     assert!(over.result.contains("cancelled"), "{}", over.result);
@@ -683,4 +695,101 @@ async fn a_client_that_leaves_mid_migration_leaves_the_job_running_and_audited()
         .expect("the scheduler's entry");
     assert_eq!(end.outcome, "ok", "{end:?}");
     assert!(end.downtime_ms.is_some(), "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_drs_moves_disks_off_a_full_datastore_and_then_rests() {
+    // a's `local` holds 64 MiB; three VMs put 3 x 20 MiB of disk on it
+    // (94% full, over the 80% line).
+    let net = MemNetwork::new();
+    let storage = MemStorage::new();
+    let names = vec!["a"];
+    let life = Life {
+        name: "a",
+        memory_mib: 1024,
+        budgets: Budgets::default(),
+        store: MemStore::new(),
+        incarnation: 1,
+        local_mib: 64,
+    };
+    let _a = boot(&net, &storage, &names, life).await;
+    let ops = client(&net, &names, "alice", Role::Admin);
+    for vm in ["s1", "s2", "s3"] {
+        let spec = VmSpec {
+            disks: vec![ferry_actors::node::client::DiskSpec {
+                size_mib: 20,
+                datastore: "local".into(),
+            }],
+            disk_workload: true,
+            ..spec(vm)
+        };
+        ops.create_vm("a", spec).await.expect("create");
+        ops.vm(vm).start().await.expect("start");
+    }
+    let rules = ferry_actors::ops::sdrs::StorageRules::default();
+    let plans = ops.storage_drs_plan(Some("a"), rules).await.expect("plan");
+    let plan = &plans[0];
+    assert_eq!(plan.moves.len(), 1, "{plan:#?}");
+    let m = &plan.moves[0];
+    assert_eq!(m.from, "local");
+    assert!(m.reason.contains("full"), "{}", m.reason);
+    let results = ops.storage_drs_apply(plan, |_, _| {}).await;
+    assert!(results.iter().all(|(_, r)| r.is_ok()), "{results:?}");
+    // The disk is on its new datastore, every acknowledged write on it.
+    let disks = ops.vm(&m.vm).disks(true).await.expect("disks");
+    assert_eq!(disks[0].datastore, m.to, "{disks:?}");
+    assert!(disks[0].verify_error.is_none(), "{disks:?}");
+    let load = ops.host_load("a").await.expect("load");
+    let local = load
+        .datastore_space
+        .iter()
+        .find(|d| d.name == "local")
+        .expect("local");
+    assert!(local.fill() <= 0.8, "{local:?}");
+    let again = ops.storage_drs_plan(Some("a"), rules).await.expect("plan");
+    assert!(again[0].moves.is_empty(), "{again:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drs_counts_guest_cpu_time() {
+    // a has two busy guests; b three idle ones: by memory and vCPUs b is
+    // the fuller host, by the time its guests use a is.
+    let w = world(&[("a", 1024), ("b", 1024)], Budgets::default()).await;
+    let guests = [
+        ("a", "busy-1", 4),
+        ("a", "busy-2", 4),
+        ("b", "idle-1", 0),
+        ("b", "idle-2", 0),
+        ("b", "idle-3", 0),
+    ];
+    for (node, vm, wss) in guests {
+        let spec = VmSpec {
+            wss_mib: wss,
+            ..spec(vm)
+        };
+        w.ops.create_vm(node, spec).await.expect("create");
+        w.ops.vm(vm).start().await.expect("start");
+    }
+    // Two looks a window apart give the rates.
+    w.ops.loads().await.expect("loads");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let loads = w.ops.loads().await.expect("loads");
+    let a = loads.iter().find(|l| l.name == "a").expect("a");
+    let b = loads.iter().find(|l| l.name == "b").expect("b");
+    for v in &a.vms {
+        assert!(v.cpu_busy_milli > 500, "{v:?}");
+    }
+    for v in &b.vms {
+        assert_eq!(v.cpu_busy_milli, 0, "{v:?}");
+    }
+    let static_share =
+        |h: &ferry_actors::ops::placement::HostLoad| h.memory_fraction() + h.vcpu_fraction();
+    assert!(static_share(b) > static_share(a));
+    assert!(
+        ferry_actors::ops::drs::load(a) > ferry_actors::ops::drs::load(b),
+        "CPU time makes a the busier host"
+    );
+    // So DRS never moves an idle guest onto a.
+    let plan = w.ops.drs_plan(0.01, 4).await.expect("plan");
+    assert!(plan.moves.iter().all(|m| m.from == "a"), "{plan:#?}");
 }

@@ -252,6 +252,42 @@ impl BlockBackend for FileDisk {
     }
 }
 
+/// Bytes allocated by the files under `dir` (what `du` counts).
+fn allocated_under(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_under(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The size of the filesystem `dir` is on.
+fn filesystem_bytes(dir: &Path) -> Result<u64, DiskError> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| DiskError::Io {
+        op: "statvfs",
+        reason: format!("{} has a NUL byte", dir.display()),
+    })?;
+    // SAFETY: an all-zero statvfs is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `st` a valid out
+    // pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &raw mut st) } != 0 {
+        return Err(DiskError::Io {
+            op: "statvfs",
+            reason: format!("{}: {}", dir.display(), std::io::Error::last_os_error()),
+        });
+    }
+    Ok(st.f_blocks.saturating_mul(st.f_frsize))
+}
+
 fn too_large() -> DiskError {
     DiskError::Io {
         op: "copy range",
@@ -299,6 +335,13 @@ impl FileDatastores {
 impl ferry_actors::storage::datastore::Datastores for FileDatastores {
     fn names(&self) -> Vec<String> {
         self.stores.keys().cloned().collect()
+    }
+
+    /// Bytes the datastore's files take on disk (sparse disks count what
+    /// they allocated), and the size of the filesystem it is on.
+    fn space(&self, ds: &str) -> Result<(u64, u64), DiskError> {
+        let root = &self.store(ds)?.root;
+        Ok((allocated_under(root), filesystem_bytes(root)?))
     }
 
     fn location(&self, ds: &str) -> Result<String, DiskError> {

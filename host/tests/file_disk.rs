@@ -84,3 +84,25 @@ fn a_new_disk_is_sparse() {
         "1 GiB disk with one write maps {covered} bytes"
     );
 }
+
+#[test]
+fn a_datastore_reports_what_its_files_take_and_what_its_filesystem_holds() {
+    use ferry_actors::storage::datastore::Datastores;
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path().join("local");
+    std::fs::create_dir(&root).expect("mkdir");
+    let stores =
+        ferry_host::datastore::FileDatastores::open(&[("local".into(), root)]).expect("open");
+    let (empty, capacity) = stores.space("local").expect("space");
+    assert!(capacity > 0);
+    // A sparse 64 MiB disk takes only what is written: 1 MiB here.
+    let mut disk = stores
+        .create_disk("local", "vm1/disk0.raw", 64 << 20)
+        .expect("create");
+    disk.write_durable(0, &vec![7u8; 1 << 20]).expect("write");
+    let (used, capacity_after) = stores.space("local").expect("space");
+    assert_eq!(capacity, capacity_after);
+    assert!(used - empty >= 1 << 20, "{used} - {empty}");
+    assert!(used - empty < 8 << 20, "sparse: {used} - {empty}");
+    assert!(stores.space("nosuch").is_err());
+}

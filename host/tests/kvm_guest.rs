@@ -61,6 +61,15 @@ fn test_guest_boots_fills_memory_and_makes_progress() {
     });
     assert_eq!(vm.guest_exception().expect("status"), None);
     assert_eq!(vm.vcpu_status(), vec![VcpuStatus::Running]);
+    // The busy vCPU thread's CPU time is what DRS weighs.
+    let cpu = vm.vcpu_cpu_time();
+    std::thread::sleep(Duration::from_millis(500));
+    let more = vm.vcpu_cpu_time() - cpu;
+    // Lenient: other tests share the two cores.
+    assert!(
+        more >= Duration::from_millis(50),
+        "{more:?} of CPU in 500 ms"
+    );
     // The fill left no zero page above 1 MiB.
     let mut page = vec![0u8; PAGE_BYTES as usize];
     for gfn in [256u64, 1000, 64 * 256 - 1] {

@@ -133,6 +133,24 @@ fn roles_schedules_restarts_audit_and_maintenance_through_the_cli() {
         "{ranking}"
     );
 
+    // DRS over the hosts, and Storage DRS over host-a's datastores
+    // (directories on this machine's filesystem: far from full).
+    let plan = ferry(d, &client(admin, &["drs", "plan"]));
+    assert!(plan.contains("imbalance"), "{plan}");
+    let storage = ferry(
+        d,
+        &client(admin, &["drs", "plan", "--storage", "--node", "host-a"]),
+    );
+    assert!(
+        storage.contains("host-a: 0 disk moves") && storage.contains("% full"),
+        "{storage}"
+    );
+    let (_, ok, err) = ferry_status(
+        d,
+        &client(admin, &["drs", "plan", "--storage", "--fill-max", "0"]),
+    );
+    assert!(!ok && err.contains("--fill-max"), "{err}");
+
     // Scheduled for later; the node restarts in between.
     let queued = ferry(
         d,

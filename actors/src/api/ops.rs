@@ -1,4 +1,5 @@
-//! Operations through the API: jobs, the audit log, placement, DRS,
+//! Operations through the API: jobs, the audit log, placement, DRS and
+//! Storage DRS,
 //! maintenance mode and batches: the same requests the `ferry` commands
 //! make.
 
@@ -12,6 +13,7 @@ use crate::ops::audit::{AuditEntry, AuditQuery, merge};
 use crate::ops::drs::{DrsPlan, plan};
 use crate::ops::jobs::{Job, Priority};
 use crate::ops::placement::{HostLoad, HostScore};
+use crate::ops::sdrs::{DiskMove, StoragePlan, StorageRules, plan as storage_plan};
 
 /// One line of a batch: a VM and where it goes (`auto`: placement picks).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +257,59 @@ impl<T: Transport> Cluster<T> {
             ..MigrateOptions::default()
         };
         self.migrate_batch(items, parallel, &options, |_| {}).await
+    }
+
+    /// Storage DRS plans: for each node (or just `node`), the disk moves
+    /// among its datastores that `rules` call for (space first, then
+    /// write load).
+    pub async fn storage_drs_plan(
+        &self,
+        node: Option<&str>,
+        rules: StorageRules,
+    ) -> Result<Vec<StoragePlan>, ClientError> {
+        let nodes = match node {
+            Some(n) => vec![n.to_owned()],
+            None => self.node_names(),
+        };
+        let mut plans = Vec::new();
+        for n in nodes {
+            let load = self.host_load(&n).await?;
+            let disks: Vec<_> = load.vms.iter().flat_map(|v| v.disks.clone()).collect();
+            plans.push(storage_plan(&n, &load.datastore_space, &disks, rules));
+        }
+        Ok(plans)
+    }
+
+    /// Carries out a Storage DRS plan's moves one at a time (a storage
+    /// migration each, live, by mirroring), continuing past failures;
+    /// `on_result` sees each as it ends.
+    pub async fn storage_drs_apply(
+        &self,
+        plan: &StoragePlan,
+        mut on_result: impl FnMut(&DiskMove, &Result<(), ClientError>),
+    ) -> Vec<(DiskMove, Result<(), ClientError>)> {
+        let mut results = Vec::new();
+        for m in &plan.moves {
+            let result = self.move_one_disk(m).await;
+            on_result(m, &result);
+            results.push((m.clone(), result));
+        }
+        results
+    }
+
+    async fn move_one_disk(&self, m: &DiskMove) -> Result<(), ClientError> {
+        let vm = self.vm(&m.vm);
+        // The VM's other disks stay where they are.
+        let stay: Vec<(String, String)> = vm
+            .disks(false)
+            .await?
+            .into_iter()
+            .filter(|d| d.name != m.disk)
+            .map(|d| (d.name, d.datastore))
+            .collect();
+        vm.move_storage(&m.to, crate::storage::Method::Mirror, 0, &stay, None)
+            .await
+            .map(|_| ())
     }
 
     /// Migrates each item, at most `parallel` at a time, continuing past

@@ -101,6 +101,8 @@ pub enum DiskMsg {
     },
     /// Describe the disk.
     Info(RpcReplyPort<DiskInfo>),
+    /// Guest writes acknowledged so far (no side effect, unlike `Info`).
+    Writes(RpcReplyPort<u64>),
     /// Start moving the disk to `target` (at `to`).
     StartMove {
         /// How.
@@ -257,6 +259,9 @@ impl Actor for DiskActor {
                     s.workload_acked.fetch_max(seq, Ordering::SeqCst);
                 }
                 let _ = reply.send(r);
+            }
+            DiskMsg::Writes(reply) => {
+                let _ = reply.send(s.writes);
             }
             DiskMsg::Info(reply) => {
                 let len = s.disk.lock().expect("disk").len_bytes();

@@ -48,6 +48,9 @@ pub struct VmInfo {
     pub running: bool,
     /// NIC address.
     pub mac: String,
+    /// CPU time its vCPUs used in this host's guest, in ms.
+    #[serde(default)]
+    pub cpu_ms: u64,
 }
 
 /// Work to run on the guest inside the VM actor.
@@ -171,6 +174,7 @@ impl Actor for VmActor {
                     guest_pass: s.guest.progress().map(|p| p.pass).unwrap_or(0),
                     running: s.guest.is_running(),
                     mac: crate::migration::wire::mac_string(&s.config.mac),
+                    cpu_ms: u64::try_from(s.guest.cpu_time().as_millis()).unwrap_or(u64::MAX),
                 });
             }
             VmMsg::Guest(job) => job(s.guest.as_mut()),

@@ -1,7 +1,8 @@
 //! DRS: proposes migrations that even out the load of the hosts.
 //!
-//! A host's load is the mean of its memory share and its vCPU share in
-//! use; the imbalance is the spread between the most and the least loaded
+//! A host's load is the mean of its memory share in use, its vCPU share
+//! in use and the share of its vCPU time the guests kept busy lately
+//! (their CPU time); the imbalance is the spread between the most and the least loaded
 //! hosts in service. [`plan`] moves, one at a time, the running VM from
 //! the most loaded host whose move to the least loaded one shrinks the
 //! spread the most (placement's rules decide whether it may go there),
@@ -43,7 +44,7 @@ pub struct DrsPlan {
 
 /// A host's load, 0–1.
 pub fn load(h: &HostLoad) -> f64 {
-    (h.memory_fraction() + h.vcpu_fraction()) / 2.0
+    (h.memory_fraction() + h.vcpu_fraction() + h.cpu_busy_fraction()) / 3.0
 }
 
 fn spread(hosts: &[HostLoad]) -> f64 {

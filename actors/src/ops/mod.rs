@@ -9,7 +9,10 @@
 //! - [`audit`]: audit entries and their query;
 //! - [`placement`]: ranking destination hosts for a VM, with reasons;
 //! - [`drs`]: a balancer proposing migrations that even out host load;
-//! - [`share`]: a link's bandwidth shared between migrations by priority.
+//! - [`share`]: a link's bandwidth shared between migrations by priority;
+//! - [`rates`]: counters (CPU time, disk writes) turned into rates;
+//! - [`sdrs`]: Storage DRS, moving disks between a host's datastores by
+//!   fill and write load.
 //!
 //! Everything here is plain data and pure functions; the actors that use
 //! it are [`crate::node::scheduler`] and [`crate::node::host`].
@@ -18,6 +21,8 @@ pub mod audit;
 pub mod drs;
 pub mod jobs;
 pub mod placement;
+pub mod rates;
+pub mod sdrs;
 pub mod share;
 pub mod store;
 

@@ -36,6 +36,10 @@ pub struct VmLoad {
     pub cpu_features: Vec<String>,
     /// Locations of its disks' datastores.
     pub disk_locations: Vec<String>,
+    /// vCPUs busy lately, in thousandths (from guest CPU time).
+    pub cpu_busy_milli: u32,
+    /// Its disks.
+    pub disks: Vec<super::sdrs::DiskLoad>,
 }
 
 /// What one host reports about itself.
@@ -67,6 +71,8 @@ pub struct HostLoad {
     pub degraded: String,
     /// Its VMs.
     pub vms: Vec<VmLoad>,
+    /// Its datastores' space.
+    pub datastore_space: Vec<super::sdrs::DatastoreSpace>,
 }
 
 impl HostLoad {
@@ -78,6 +84,12 @@ impl HostLoad {
     /// Share of vCPUs in use, 0–1.
     pub fn vcpu_fraction(&self) -> f64 {
         fraction(u64::from(self.vcpus_used), u64::from(self.vcpus_total))
+    }
+
+    /// Share of its vCPUs' time the guests kept busy lately, 0–1.
+    pub fn cpu_busy_fraction(&self) -> f64 {
+        let busy: u64 = self.vms.iter().map(|v| u64::from(v.cpu_busy_milli)).sum();
+        fraction(busy, u64::from(self.vcpus_total) * 1000)
     }
 
     /// Whether it takes new VMs at all.
@@ -331,6 +343,7 @@ pub(crate) mod tests {
             maintenance: false,
             degraded: String::new(),
             vms,
+            datastore_space: Vec::new(),
         }
     }
 
@@ -342,6 +355,8 @@ pub(crate) mod tests {
             running: true,
             cpu_features: vec!["sse2".into()],
             disk_locations: Vec::new(),
+            cpu_busy_milli: 0,
+            disks: Vec::new(),
         }
     }
 

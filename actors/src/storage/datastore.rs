@@ -50,6 +50,9 @@ pub trait Datastores: Send + Sync + 'static {
 
     /// Every file on `ds`, in any VM folder, whose name ends with `suffix`.
     fn find(&self, ds: &str, suffix: &str) -> Result<Vec<String>, DiskError>;
+
+    /// Space on `ds`: (bytes its files take, bytes it can hold).
+    fn space(&self, ds: &str) -> Result<(u64, u64), DiskError>;
 }
 
 /// The name a disk or home file has while it arrives on `host`: a host
@@ -135,7 +138,11 @@ impl MemStorage {
 pub struct MemDatastores {
     storage: MemStorage,
     stores: BTreeMap<String, String>,
+    capacities: BTreeMap<String, u64>,
 }
+
+/// What a [`MemDatastores`] datastore holds unless told otherwise.
+pub const MEM_CAPACITY_DEFAULT: u64 = 1 << 40;
 
 impl MemDatastores {
     /// Datastores `(name, location)` in `storage`.
@@ -146,7 +153,15 @@ impl MemDatastores {
                 .iter()
                 .map(|(n, l)| ((*n).to_owned(), (*l).to_owned()))
                 .collect(),
+            capacities: BTreeMap::new(),
         }
+    }
+
+    /// Datastore `ds` holds `bytes` (default [`MEM_CAPACITY_DEFAULT`]).
+    #[must_use]
+    pub fn with_capacity(mut self, ds: &str, bytes: u64) -> Self {
+        self.capacities.insert(ds.to_owned(), bytes);
+        self
     }
 
     /// A host's usual datastores: `local` (its own), `archive` (its own)
@@ -228,6 +243,28 @@ fn no_file(path: &str) -> DiskError {
 impl Datastores for MemDatastores {
     fn names(&self) -> Vec<String> {
         self.stores.keys().cloned().collect()
+    }
+
+    fn space(&self, ds: &str) -> Result<(u64, u64), DiskError> {
+        let location = self.location(ds)?;
+        let used = self
+            .storage
+            .files
+            .lock()
+            .expect("storage")
+            .iter()
+            .filter(|((l, _), _)| *l == location)
+            .map(|(_, f)| match f {
+                MemFile::Disk { disk, .. } => disk.lock().expect("disk").len_bytes(),
+                MemFile::Small(bytes) => bytes.len() as u64,
+            })
+            .sum();
+        let capacity = self
+            .capacities
+            .get(ds)
+            .copied()
+            .unwrap_or(MEM_CAPACITY_DEFAULT);
+        Ok((used, capacity))
     }
 
     fn location(&self, ds: &str) -> Result<String, DiskError> {

@@ -9,6 +9,7 @@ pub mod bench_storage;
 pub mod client;
 pub mod cluster;
 pub mod demo;
+pub mod drs;
 pub mod history;
 pub mod node;
 pub mod ops;
@@ -52,7 +53,7 @@ pub enum Command {
     Recommend(ops::RecommendArgs),
     /// Balance the hosts' load: plan, or apply through the scheduler.
     #[command(subcommand)]
-    Drs(ops::DrsCommand),
+    Drs(drs::DrsCommand),
     /// Take a host out of service (maintenance, degraded) and back.
     #[command(subcommand)]
     Host(ops::HostCommand),
@@ -123,7 +124,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Jobs(cmd) => ops::jobs(&cmd),
         Command::Audit(args) => ops::audit(&args),
         Command::Recommend(args) => ops::recommend(&args),
-        Command::Drs(cmd) => ops::drs(&cmd),
+        Command::Drs(cmd) => drs::drs(&cmd),
         Command::Host(cmd) => ops::host(&cmd),
     }
 }

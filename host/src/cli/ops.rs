@@ -1,5 +1,5 @@
 //! Operations commands: `ferry jobs`, `ferry audit`, `ferry recommend`,
-//! `ferry drs`, `ferry host`, and `ferry migrate --at` / `--batch`.
+//! `ferry host`, and `ferry migrate --at` / `--batch`.
 
 use std::path::Path;
 
@@ -106,7 +106,7 @@ pub fn batch(args: &MigrateArgs, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn line(r: &BatchResult) -> String {
+pub(super) fn line(r: &BatchResult) -> String {
     match &r.result {
         Ok(rep) if rep.completed() => format!(
             "{} -> {}: moved in {:.0} ms, {:.1} ms downtime",
@@ -297,77 +297,6 @@ pub fn recommend(args: &RecommendArgs) -> anyhow::Result<()> {
         println!("no other host");
     }
     Ok(())
-}
-
-/// `ferry drs`.
-#[derive(Debug, Subcommand)]
-pub enum DrsCommand {
-    /// Show the migrations that would even out the hosts' load.
-    Plan(DrsArgs),
-    /// Run them through the scheduler, at low priority.
-    Apply(DrsArgs),
-}
-
-/// Options of `ferry drs`.
-#[derive(Debug, Args)]
-pub struct DrsArgs {
-    /// Loads within this many points (0-100) of each other are balanced.
-    #[arg(long, default_value_t = 10.0)]
-    pub tolerance: f64,
-    /// At most this many migrations.
-    #[arg(long, default_value_t = 8)]
-    pub max_moves: usize,
-    /// Migrations at once (apply).
-    #[arg(long, default_value_t = 2)]
-    pub parallel: usize,
-    /// Apply: plan and apply again every this often (e.g. 5m), until
-    /// stopped (automatic mode).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub every: Option<std::time::Duration>,
-    /// The client file.
-    #[command(flatten)]
-    pub client: ClientArgs,
-}
-
-/// Runs `ferry drs`.
-pub fn drs(cmd: &DrsCommand) -> anyhow::Result<()> {
-    let (args, apply) = match cmd {
-        DrsCommand::Plan(a) => (a, false),
-        DrsCommand::Apply(a) => (a, true),
-    };
-    anyhow::ensure!(
-        (0.0..=100.0).contains(&args.tolerance),
-        "--tolerance is 0 to 100 points"
-    );
-    block_on(async {
-        let cluster = connect(&args.client)?;
-        loop {
-            let plan = cluster
-                .drs_plan(args.tolerance / 100.0, args.max_moves)
-                .await?;
-            println!(
-                "imbalance {:.0} points -> {:.0} after {} moves",
-                plan.imbalance_before * 100.0,
-                plan.imbalance_after * 100.0,
-                plan.moves.len()
-            );
-            for m in &plan.moves {
-                println!("  {} {} -> {}: {}", m.vm, m.from, m.to, m.reason);
-            }
-            if apply && !plan.moves.is_empty() {
-                let results = cluster.drs_apply(&plan, args.parallel).await;
-                for r in &results {
-                    println!("  {}", line(r));
-                }
-                let failed = results.iter().filter(|r| !r.moved()).count();
-                anyhow::ensure!(failed == 0, "{failed} DRS migrations failed");
-            }
-            match (apply, args.every) {
-                (true, Some(every)) => tokio::time::sleep(every).await,
-                _ => return Ok(()),
-            }
-        }
-    })
 }
 
 /// `ferry host`.

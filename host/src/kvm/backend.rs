@@ -79,6 +79,10 @@ impl GuestBackend for KvmVm {
         self.vcpu_status().contains(&VcpuStatus::Running)
     }
 
+    fn cpu_time(&self) -> std::time::Duration {
+        self.vcpu_cpu_time()
+    }
+
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
         Ok(KvmVm::save_state(self)
             .map_err(backend("save state"))?

@@ -314,6 +314,11 @@ impl KvmVm {
         self.vcpus.iter().map(VcpuHandle::status).collect()
     }
 
+    /// CPU time all vCPU threads have used.
+    pub fn vcpu_cpu_time(&self) -> std::time::Duration {
+        self.vcpus.iter().map(VcpuHandle::cpu_time).sum()
+    }
+
     /// Lets every vCPU run.
     pub fn resume(&self) -> Result<(), KvmError> {
         self.vcpus.iter().try_for_each(VcpuHandle::resume)

@@ -296,6 +296,34 @@ impl VcpuHandle {
     }
 }
 
+impl VcpuHandle {
+    /// CPU time the vCPU's thread has used (zero once it is gone).
+    pub fn cpu_time(&self) -> Duration {
+        use std::os::unix::thread::JoinHandleExt;
+        let Some(thread) = &self.thread else {
+            return Duration::ZERO;
+        };
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the thread is not joined (we hold its JoinHandle), so its
+        // pthread_t is valid; `clock` is a valid out pointer.
+        if unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &raw mut clock) } != 0 {
+            return Duration::ZERO;
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `clock` names the thread's CPU clock; `ts` is valid.
+        if unsafe { libc::clock_gettime(clock, &raw mut ts) } != 0 {
+            return Duration::ZERO;
+        }
+        Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        )
+    }
+}
+
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
         if self.pause().is_ok() {

@@ -59,6 +59,8 @@ pub enum HostMsg<T: Transport> {
     /// The host's own health check found it degraded (`reason`; empty:
     /// healthy again): evacuate, as in maintenance mode.
     Degraded(String),
+    /// Sample the guests' CPU time and disk writes (periodic).
+    SampleLoad,
     /// A peer offers a VM.
     IncomingMigration {
         /// The peer host.
@@ -172,6 +174,13 @@ struct VmEntry {
     leaving: Option<(String, u64)>,
 }
 
+/// Rates for DRS are taken over at least this long.
+const RATE_WINDOW_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often the host samples its guests' CPU time and disk writes (so
+/// that a first `drs plan` already sees rates).
+const CPU_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The host actor.
 pub struct HostActor<T>(std::marker::PhantomData<fn() -> T>);
 
@@ -184,6 +193,8 @@ impl<T> Default for HostActor<T> {
 /// The actor's state.
 pub struct HostState<T: Transport> {
     ctx: Arc<NodeCtx<T>>,
+    /// Guest CPU time and disk writes, as rates for DRS.
+    rates: std::sync::Mutex<crate::ops::rates::Rates>,
     capacity: Capacity,
     factory: Arc<dyn GuestFactory>,
     stores: Arc<dyn Datastores>,
@@ -245,6 +256,7 @@ impl<T: Transport> Actor for HostActor<T> {
         history.restore(stored.migrations);
         let setting = |k: &str| stored.settings.get(k).cloned().unwrap_or_default();
         Ok(HostState {
+            rates: std::sync::Mutex::new(crate::ops::rates::Rates::new(RATE_WINDOW_MIN)),
             ctx: args.ctx,
             capacity: args.capacity,
             factory: args.factory,
@@ -294,6 +306,7 @@ impl<T: Transport> Actor for HostActor<T> {
         )
         .await?;
         s.scheduler = Some(scheduler);
+        myself.send_interval(CPU_SAMPLE_EVERY, || HostMsg::SampleLoad);
         Ok(())
     }
 
@@ -339,6 +352,9 @@ impl<T: Transport> Actor for HostActor<T> {
                     }
                     Err(e) => Err(e.to_string()),
                 });
+            }
+            HostMsg::SampleLoad => {
+                let _ = ops::load(s).await;
             }
             HostMsg::Degraded(reason) => {
                 let (tx, mut rx) = mpsc::unbounded_channel();

@@ -12,26 +12,52 @@ use tokio::sync::{mpsc, oneshot};
 use super::{HostMsg, HostState};
 use crate::migration::{StreamIntro, VmConfig};
 use crate::node::client::{ClientReply, ClientRequest, MigrateOptions};
+use crate::node::disk::DiskMsg;
 use crate::node::scheduler::{BoxFuture, JobRunner, SchedulerMsg};
 use crate::node::vm::VmMsg;
 use crate::node::{NodeCtx, open_stream};
 use crate::ops::jobs::{Footprint, Job, JobState, Priority};
 use crate::ops::placement::{HostLoad, HostScore, VmLoad, VmNeeds, best, rank};
+use crate::ops::sdrs::{DatastoreSpace, DiskLoad};
 use crate::ops::store::{SETTING_DEGRADED, SETTING_MAINTENANCE};
 use crate::ops::unix_ms_now;
 
-/// This host's load now.
+/// This host's load now: its VMs with their CPU and disk write rates
+/// since the last look, and its datastores' space.
 pub(super) async fn load<T: Transport>(s: &HostState<T>) -> HostLoad {
     let used = s.usage();
+    let now = crate::node::now();
     let mut vms = Vec::new();
+    let mut keys = std::collections::BTreeSet::new();
     for entry in s.vms.values() {
-        let running = match &entry.actor {
-            Some(a) => matches!(
-                a.call(VmMsg::Info, None).await,
-                Ok(ractor::rpc::CallResult::Success(ref i)) if i.running
-            ),
-            None => continue,
+        let Some(actor) = &entry.actor else {
+            continue;
         };
+        let (running, cpu_ms) = match actor.call(VmMsg::Info, None).await {
+            Ok(ractor::rpc::CallResult::Success(i)) => (i.running, i.cpu_ms),
+            _ => (false, 0),
+        };
+        let name = &entry.config.name;
+        let cpu_key = format!("cpu {name}");
+        // CPU ms per second = thousandths of a vCPU busy.
+        let busy = rate(s, &cpu_key, now, cpu_ms);
+        keys.insert(cpu_key);
+        let mut disks = Vec::new();
+        for d in &entry.disks {
+            let writes = crate::node::disk::call(&d.actor, DiskMsg::Writes)
+                .await
+                .unwrap_or(0);
+            let key = format!("disk {name}/{}", d.config.name);
+            let per_s = rate(s, &key, now, writes);
+            keys.insert(key);
+            disks.push(DiskLoad {
+                vm: name.clone(),
+                name: d.config.name.clone(),
+                datastore: d.config.datastore.clone(),
+                bytes: d.config.len_bytes,
+                writes_per_s: as_u32(per_s),
+            });
+        }
         let mut disk_locations: Vec<String> = entry
             .config
             .disks
@@ -40,14 +66,38 @@ pub(super) async fn load<T: Transport>(s: &HostState<T>) -> HostLoad {
             .collect();
         disk_locations.dedup();
         vms.push(VmLoad {
-            name: entry.config.name.clone(),
+            name: name.clone(),
             memory_bytes: entry.config.memory_bytes,
             vcpus: entry.config.vcpus,
             running,
             cpu_features: entry.config.cpu_features.clone(),
             disk_locations,
+            cpu_busy_milli: as_u32(busy),
+            disks,
         });
     }
+    s.rates
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|k| keys.contains(k));
+    let stores = s.stores.clone();
+    let datastore_space = crate::node::offload(move || {
+        stores
+            .names()
+            .into_iter()
+            .filter_map(|n| {
+                let location = stores.location(&n).ok()?;
+                let (used_bytes, capacity_bytes) = stores.space(&n).ok()?;
+                Some(DatastoreSpace {
+                    name: n,
+                    location,
+                    used_bytes,
+                    capacity_bytes,
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
     HostLoad {
         name: s.ctx.name.clone(),
         memory_total: s.capacity.memory_bytes,
@@ -55,18 +105,29 @@ pub(super) async fn load<T: Transport>(s: &HostState<T>) -> HostLoad {
         vcpus_total: s.capacity.vcpus,
         vcpus_used: used.vcpus,
         cpu_features: s.capacity.cpu_features.iter().cloned().collect(),
-        datastores: s
-            .stores
-            .names()
-            .into_iter()
-            .filter_map(|n| s.stores.location(&n).ok().map(|l| (n, l)))
+        datastores: datastore_space
+            .iter()
+            .map(|d| (d.name.clone(), d.location.clone()))
             .collect(),
         migrations_out: u32::try_from(s.running.len()).unwrap_or(u32::MAX),
         migrations_in: u32::try_from(s.incoming.len()).unwrap_or(u32::MAX),
         maintenance: s.maintenance,
         degraded: s.degraded.clone(),
         vms,
+        datastore_space,
     }
+}
+
+fn rate<T: Transport>(s: &HostState<T>, key: &str, now: std::time::Instant, count: u64) -> f64 {
+    s.rates
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .observe(key, now, count)
+}
+
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped first
+fn as_u32(x: f64) -> u32 {
+    x.round().clamp(0.0, f64::from(u32::MAX)) as u32
 }
 
 /// The peers' loads with the round-trip of asking each; a peer that does
