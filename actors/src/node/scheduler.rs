@@ -120,6 +120,8 @@ pub struct SchedulerState {
     told: BTreeMap<u64, String>,
     /// Jobs whose destination was busy, and the ticks they still wait.
     held: BTreeMap<u64, u32>,
+    /// Offers each job made that a busy destination turned away.
+    busy_offers: BTreeMap<u64, u32>,
     evacuations: Vec<Evacuation>,
 }
 
@@ -157,6 +159,7 @@ impl Actor for SchedulerActor {
             waiters: BTreeMap::new(),
             told: BTreeMap::new(),
             held: BTreeMap::new(),
+            busy_offers: BTreeMap::new(),
             evacuations: Vec::new(),
         })
     }
@@ -237,8 +240,14 @@ impl Actor for SchedulerActor {
                 ),
             },
             SchedulerMsg::Ended(id, reply) => {
+                let offers = s.busy_offers.get(&id).copied().unwrap_or(0);
                 match destination_busy(&reply) {
-                    Some(why) => hold(s, id, why),
+                    Some(why) if offers < BUSY_OFFERS_MAX => hold(s, id, why),
+                    Some(why) => {
+                        let why =
+                            format!("the destination stayed busy through {offers} offers: {why}");
+                        end(s, id, JobState::Failed, why, *reply);
+                    }
                     None => {
                         let (state, result) = judge(&reply);
                         end(s, id, state, result, *reply);
@@ -253,6 +262,10 @@ impl Actor for SchedulerActor {
 
 /// Ticks a job waits after its destination said it was busy.
 const BUSY_HOLD_TICKS: u32 = 5;
+
+/// Offers a job makes to a busy destination before it fails (about ten
+/// minutes at the default tick).
+const BUSY_OFFERS_MAX: u32 = 600;
 
 /// Why the destination refused for now (at its budget), if it did.
 fn destination_busy(reply: &ClientReply) -> Option<String> {
@@ -276,6 +289,7 @@ fn hold(s: &mut SchedulerState, id: u64, why: String) {
         tracing::info!(job = id, %why, "destination busy: the job waits");
     }
     s.held.insert(id, BUSY_HOLD_TICKS);
+    *s.busy_offers.entry(id).or_default() += 1;
     tell_waiting(s, id, &format!("destination busy: {why}"));
 }
 
@@ -424,6 +438,7 @@ fn start(myself: &ActorRef<SchedulerMsg>, s: &mut SchedulerState, id: u64, fp: F
 fn end(s: &mut SchedulerState, id: u64, state: JobState, result: String, reply: ClientReply) {
     s.prepared.remove(&id);
     s.told.remove(&id);
+    s.busy_offers.remove(&id);
     let Some(job) = s.queue.finish(id, state, result, unix_ms_now()).cloned() else {
         return;
     };
