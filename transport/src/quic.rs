@@ -433,6 +433,11 @@ impl SendStream for QuicSend {
     fn finish(&mut self) -> Result<(), StreamError> {
         self.0.finish().map_err(|_| StreamError::Finished)
     }
+
+    fn set_priority(&mut self, priority: i32) {
+        // A closed stream has nothing left to send.
+        let _ = self.0.set_priority(priority);
+    }
 }
 
 impl RecvStream for QuicRecv {

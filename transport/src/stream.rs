@@ -52,6 +52,11 @@ pub trait SendStream: std::fmt::Debug + Send + 'static {
 
     /// Ends the stream once queued data is delivered.
     fn finish(&mut self) -> Result<(), StreamError>;
+
+    /// When streams of one connection all have data queued, those of a
+    /// higher `priority` are sent first (QUIC stream priority; 0 is the
+    /// default). Transports without a send queue of their own ignore it.
+    fn set_priority(&mut self, _priority: i32) {}
 }
 
 /// The receiving half of a stream.
@@ -298,6 +303,11 @@ impl<S: SendStream> FrameWriter<S> {
     /// A writer over `stream`.
     pub fn new(stream: S) -> Self {
         Self { stream }
+    }
+
+    /// Sets the stream's send priority ([`SendStream::set_priority`]).
+    pub fn set_priority(&mut self, priority: i32) {
+        self.stream.set_priority(priority);
     }
 
     /// Sends `value` as a frame of `kind`.

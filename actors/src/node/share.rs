@@ -65,6 +65,7 @@ impl LinkShares {
             shares: self.clone(),
             link,
             id,
+            weight,
         }))
     }
 
@@ -98,6 +99,7 @@ struct Member {
     shares: Arc<LinkShares>,
     link: Shared,
     id: u64,
+    weight: u32,
 }
 
 impl Drop for Member {
@@ -117,6 +119,15 @@ impl Drop for Member {
 }
 
 impl Flow {
+    /// The send priority of its lanes' streams on a transport that queues
+    /// (QUIC): below the default 0 of control streams, so that protocol
+    /// messages never wait behind page data, and higher for a heavier
+    /// weight, so that the transport's own queue drains in priority order
+    /// too.
+    pub fn stream_priority(&self) -> i32 {
+        i32::try_from(self.0.weight).unwrap_or(i32::MAX).min(16) - 17
+    }
+
     /// Waits for a turn to send `bytes`, giving `previous` back once the
     /// request is in (the flow stays active in between).
     pub async fn turn(&self, bytes: u64, previous: Option<Turn>) -> Turn {

@@ -444,7 +444,8 @@ async fn perform<C: Connection>(
             let to = s.machine.offer().vm.name.clone();
             let peer = s.conn.peer().name.clone();
             tracing::info!(vm = %to, %peer, "disk copies start");
-            s.disks.start(&peer, s.migration_id, myself.clone()).await?;
+            let ids = (s.migration_id, s.flow.stream_priority());
+            s.disks.start(&peer, ids, myself.clone()).await?;
         }
         SourceAction::FinishStorage => {
             let reports = s.disks.finish().await?;
@@ -523,9 +524,10 @@ async fn open_lanes<C: Connection>(
             migration_id: s.migration_id,
             lane,
         };
-        let (writer, _reader) = open_stream(&s.conn, &intro)
+        let (mut writer, _reader) = open_stream(&s.conn, &intro)
             .await
             .map_err(|e| format!("opening lane {lane}: {e}"))?;
+        writer.set_priority(s.flow.stream_priority());
         let (tx, rx) = mpsc::unbounded_channel();
         let ram = s.ram.clone();
         let me = myself.clone();

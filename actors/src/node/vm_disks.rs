@@ -171,7 +171,7 @@ impl<C: Connection> MigratingDisks<C> {
     pub async fn start(
         &mut self,
         peer: &str,
-        migration_id: u64,
+        (migration_id, stream_priority): (u64, i32),
         pump: ActorRef<SourcePump>,
     ) -> Result<(), String> {
         let Some(storage) = self.storage.clone() else {
@@ -183,10 +183,14 @@ impl<C: Connection> MigratingDisks<C> {
             let (conn, redial) = (conn.clone(), redial.clone());
             Box::pin(async move {
                 let intro = StreamIntro::Disk { migration_id };
-                match open_stream(&conn, &intro).await {
-                    Ok(s) => Ok(s),
-                    Err(_) => open_stream(&redial().await?, &intro).await,
-                }
+                let (mut writer, reader) = match open_stream(&conn, &intro).await {
+                    Ok(s) => s,
+                    Err(_) => open_stream(&redial().await?, &intro).await?,
+                };
+                // Bulk data, like the memory lanes: under the control
+                // streams, in the migration's priority.
+                writer.set_priority(stream_priority);
+                Ok((writer, reader))
             })
         });
         for (i, d) in self.disks.iter().enumerate() {
