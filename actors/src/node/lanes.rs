@@ -13,7 +13,7 @@ use ferry_transport::{
 };
 use tokio::sync::mpsc;
 
-use super::share::{Flow, Turn};
+use super::share::Flow;
 use crate::guest::DirtyBitmap;
 use crate::migration::LaneMark;
 use crate::ram::{GuestRam, PageLane};
@@ -30,6 +30,9 @@ pub struct LaneJob {
     pub pages: Arc<DirtyBitmap>,
     /// Leave zero pages out (round 0).
     pub skip_zero: bool,
+    /// The lane stream's send priority for this round (see
+    /// [`Flow::stream_priority`]; the switchover's round goes first).
+    pub stream_priority: i32,
 }
 
 /// Sends lane `lane` of `lanes`: for each job, its pages then a mark.
@@ -43,8 +46,9 @@ pub async fn send_lane<S: SendStream>(
 ) -> Result<(), String> {
     let pool = BufferPool::new(BATCH_PAGES * ferry_transport::PAGE_BYTES, 8);
     let mut batch = BatchBuilder::with_pool(BatchKind::Pages, pool);
-    let mut turn: Option<Turn> = None;
     while let Some(job) = jobs.recv().await {
+        writer.set_priority(job.stream_priority);
+        let round = flow.round();
         let mut pages = 0u64;
         for gfn in job
             .pages
@@ -62,14 +66,14 @@ pub async fn send_lane<S: SendStream>(
                 pages += 1;
             }
             if batch.len() >= BATCH_PAGES {
-                send_batch(&mut writer, &flow, &mut turn, batch.finish()).await?;
+                send_batch(&mut writer, &flow, batch.finish()).await?;
             }
         }
         if !batch.is_empty() {
-            send_batch(&mut writer, &flow, &mut turn, batch.finish()).await?;
+            send_batch(&mut writer, &flow, batch.finish()).await?;
         }
         // The round is sent: the lane is quiet until the next one.
-        turn = None;
+        drop(round);
         let mark = LaneMark {
             round: job.round,
             pages,
@@ -85,10 +89,9 @@ pub async fn send_lane<S: SendStream>(
 async fn send_batch<S: SendStream>(
     writer: &mut FrameWriter<S>,
     flow: &Flow,
-    turn: &mut Option<Turn>,
     batch: ferry_transport::batch::EncodedBatch,
 ) -> Result<(), String> {
-    *turn = Some(flow.turn(batch.wire_len() as u64, turn.take()).await);
+    let _turn = flow.turn(batch.wire_len() as u64).await;
     writer.send_batch(batch).await.map_err(|e| e.to_string())
 }
 

@@ -1,10 +1,10 @@
 //! The node's links shared by priority: the async face of
 //! [`LinkShare`](crate::ops::share::LinkShare).
 //!
-//! A migration joins its destination's link when its lanes open and
-//! leaves when its lanes are done ([`Flow`] on drop); each lane takes a
-//! [`Turn`] before sending a page batch and gives it back when it asks
-//! for the next one, or when its round is sent.
+//! A migration joins its destination's link when it starts and leaves
+//! when its lanes are done ([`Flow`] on drop); a lane holds a [`Round`]
+//! while it sends a round (its flow counts as active in between batches)
+//! and takes a [`Turn`] for each page batch, given back once written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -50,9 +50,8 @@ pub struct LinkShares {
 }
 
 impl LinkShares {
-    /// Migration `id` starts sending to `host` with `lanes` lanes at
-    /// `weight`.
-    pub fn join(self: &Arc<Self>, host: &str, id: u64, weight: u32, lanes: u32) -> Flow {
+    /// Migration `id` starts sending to `host` at `weight`.
+    pub fn join(self: &Arc<Self>, host: &str, id: u64, weight: u32) -> Flow {
         let link = self
             .links
             .lock()
@@ -60,7 +59,7 @@ impl LinkShares {
             .entry(host.to_owned())
             .or_default()
             .clone();
-        lock(&link).share.join(id, weight, lanes);
+        lock(&link).share.join(id, weight);
         Flow(Arc::new(Member {
             shares: self.clone(),
             link,
@@ -128,15 +127,31 @@ impl Flow {
         i32::try_from(self.0.weight).unwrap_or(i32::MAX).min(16) - 17
     }
 
-    /// Waits for a turn to send `bytes`, giving `previous` back once the
-    /// request is in (the flow stays active in between).
-    pub async fn turn(&self, bytes: u64, previous: Option<Turn>) -> Turn {
+    /// The send priority of its lanes while its guest is paused: above
+    /// every migration's bulk data, still below control streams.
+    pub const SWITCHOVER_STREAM_PRIORITY: i32 = -1;
+
+    /// The migration enters (`true`) or leaves its switchover: while
+    /// its guest is paused, the link's other migrations hold their pages.
+    pub fn set_urgent(&self, urgent: bool) {
+        let mut link = lock(&self.0.link);
+        let granted = link.share.set_urgent(self.0.id, urgent);
+        link.wake(granted);
+    }
+
+    /// A lane starts sending a round; the flow is active until the
+    /// [`Round`] is dropped.
+    pub fn round(&self) -> Round {
+        lock(&self.0.link).share.begin_round(self.0.id);
+        Round(self.clone())
+    }
+
+    /// Waits for a turn to send `bytes`.
+    pub async fn turn(&self, bytes: u64) -> Turn {
         let m = &self.0;
         let wait = {
             let mut link = lock(&m.link);
-            // The previous turn is handed back inside the request.
-            let handed_back = previous.and_then(|mut p| p.link.take()).is_some();
-            let (asked, granted) = link.share.request(m.id, bytes, handed_back);
+            let (asked, granted) = link.share.request(m.id, bytes);
             link.wake(granted);
             match asked {
                 Asked::Now => None,
@@ -154,6 +169,18 @@ impl Flow {
         Turn {
             link: granted.then(|| (m.link.clone(), m.id)),
         }
+    }
+}
+
+/// A lane in the middle of a round; the round ends on drop.
+pub struct Round(Flow);
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        let m = &(self.0).0;
+        let mut link = lock(&m.link);
+        let granted = link.share.end_round(m.id);
+        link.wake(granted);
     }
 }
 

@@ -114,6 +114,8 @@ pub struct SourceState<C: Connection> {
     /// Opened with the first clean-up action after the end.
     cleanup: Option<tracing::Span>,
     flow: super::share::Flow,
+    /// The guest is paused for the switchover.
+    paused: bool,
 }
 
 impl<C: Connection> Actor for MigrationSource<C> {
@@ -158,6 +160,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             on_end: Some(args.on_end),
             cleanup: None,
             flow: args.flow,
+            paused: false,
         })
     }
 
@@ -266,6 +269,7 @@ async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<
                 }
             }
             SourceEvent::Finished(mut report) => {
+                s.flow.set_urgent(false);
                 report.started_unix_ms = crate::migration::report::unix_ms_ago(report.total_ms);
                 s.cleanup.take();
                 if let Some(spans) = s.spans.take() {
@@ -394,11 +398,17 @@ async fn perform<C: Connection>(
             if s.lanes.is_empty() {
                 open_lanes(myself, s).await?;
             }
+            let stream_priority = if s.paused {
+                super::share::Flow::SWITCHOVER_STREAM_PRIORITY
+            } else {
+                s.flow.stream_priority()
+            };
             for lane in &s.lanes {
                 lane.send(LaneJob {
                     round,
                     pages: pages.clone(),
                     skip_zero,
+                    stream_priority,
                 })
                 .map_err(|_| "a lane stopped".to_owned())?;
             }
@@ -421,6 +431,10 @@ async fn perform<C: Connection>(
                 .await
                 .map_err(guest_err)?
                 .map_err(|e| format!("pause: {e}"))?;
+            // Its last pages are downtime: the link is this migration's
+            // until the switchover is through.
+            s.flow.set_urgent(true);
+            s.paused = true;
             s.machine.handle_paused(now());
         }
         SourceAction::SaveState => {
@@ -455,12 +469,16 @@ async fn perform<C: Connection>(
             s.disks.abort("the migration failed").await;
         }
         SourceAction::ReleaseOwnership { .. } => {
+            // Every page is across: the others may send again.
+            s.flow.set_urgent(false);
             s.disks.release().await;
             s.vm.cast(VmMsg::Released)
                 .map_err(|_| "the VM actor is gone".to_owned())?;
             s.machine.handle_released(now());
         }
         SourceAction::ResumeLocal => {
+            s.flow.set_urgent(false);
+            s.paused = false;
             with_guest(&s.vm, |g| g.resume())
                 .await
                 .map_err(guest_err)?

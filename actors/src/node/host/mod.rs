@@ -1126,7 +1126,6 @@ async fn start_migration<T: Transport>(
     let options = options.to_options();
     options.check().map_err(NodeError::BadRequest)?;
     let options_storage = options.storage.clone();
-    let options_lanes = options.lanes;
     if let Some(m) = &options_storage
         && s.vms.get(name).is_some_and(|e| e.disks.is_empty())
     {
@@ -1231,7 +1230,7 @@ async fn start_migration<T: Transport>(
             let _ = me_reopen.cast(HostMsg::ReopenDisks(reopen_name.clone()));
         }),
     );
-    let flow = s.ctx.shares.join(to, id, weight, options_lanes);
+    let flow = s.ctx.shares.join(to, id, weight);
     let args = SourceArgs {
         flow,
         machine,
