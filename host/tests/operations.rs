@@ -45,18 +45,11 @@ fn roles_schedules_restarts_audit_and_maintenance_through_the_cli() {
     );
     // host-b joins after: its certificate and node file, and it is added
     // to host-a's peers and to client.toml.
-    let added = ferry(
-        d,
-        &[
-            "cluster",
-            "add-host",
-            "host-b",
-            "--addr",
-            &format!("127.0.0.1:{pb}"),
-            "--dir",
-            ".",
-        ],
-    );
+    let addr_b = format!("127.0.0.1:{pb}");
+    let add_b = [
+        "cluster", "add-host", "host-b", "--addr", &addr_b, "--dir", ".",
+    ];
+    let added = ferry(d, &add_b);
     assert!(
         added.contains("added to client.toml and 1 node files"),
         "{added}"
@@ -66,18 +59,7 @@ fn roles_schedules_restarts_audit_and_maintenance_through_the_cli() {
     }
     let node_a = std::fs::read_to_string(d.join("node-host-a.toml")).expect("node-host-a");
     assert!(node_a.contains("host-b"), "{node_a}");
-    let (_, twice, err) = ferry_status(
-        d,
-        &[
-            "cluster",
-            "add-host",
-            "host-b",
-            "--addr",
-            &format!("127.0.0.1:{pb}"),
-            "--dir",
-            ".",
-        ],
-    );
+    let (_, twice, err) = ferry_status(d, &add_b);
     assert!(!twice && err.contains("already"), "{err}");
     ferry(
         d,

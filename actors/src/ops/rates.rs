@@ -33,28 +33,18 @@ impl Rates {
     /// the previous look (0 on the first; a counter that went back, as a
     /// VM's CPU time does when it arrives in a new guest, starts over).
     pub fn observe(&mut self, key: &str, at: Instant, count: u64) -> f64 {
-        let Some(prev) = self.last.get(key).copied() else {
-            self.last.insert(
-                key.to_owned(),
-                Sample {
+        let prev = match self.last.get(key).copied() {
+            Some(prev) if count >= prev.count => prev,
+            _ => {
+                let start = Sample {
                     at,
                     count,
                     rate: 0.0,
-                },
-            );
-            return 0.0;
+                };
+                self.last.insert(key.to_owned(), start);
+                return 0.0;
+            }
         };
-        if count < prev.count {
-            self.last.insert(
-                key.to_owned(),
-                Sample {
-                    at,
-                    count,
-                    rate: 0.0,
-                },
-            );
-            return 0.0;
-        }
         let window = at.saturating_duration_since(prev.at);
         if window < self.min_window {
             return prev.rate;
