@@ -241,3 +241,18 @@ pub struct Progress {
     /// Current throttle, in percent.
     pub throttle_percent: u8,
 }
+
+impl Progress {
+    /// A phase with nothing measured yet (queued, offered).
+    pub fn phase(phase: impl Into<String>) -> Self {
+        Self {
+            phase: phase.into(),
+            round: 0,
+            pages_left: 0,
+            pages_total: 0,
+            rate_bytes_per_s: 0.0,
+            predicted_downtime_ms: 0.0,
+            throttle_percent: 0,
+        }
+    }
+}

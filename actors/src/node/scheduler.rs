@@ -385,15 +385,9 @@ fn tell_waiting(s: &mut SchedulerState, id: u64, why: &str) {
     }
     s.told.insert(id, why.to_owned());
     if let Some(w) = s.waiters.get(&id) {
-        let _ = w.send(ClientReply::Progress(Progress {
-            phase: format!("queued ({why})"),
-            round: 0,
-            pages_left: 0,
-            pages_total: 0,
-            rate_bytes_per_s: 0.0,
-            predicted_downtime_ms: 0.0,
-            throttle_percent: 0,
-        }));
+        let _ = w.send(ClientReply::Progress(Progress::phase(format!(
+            "queued ({why})"
+        ))));
     }
 }
 

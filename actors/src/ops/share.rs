@@ -371,20 +371,26 @@ mod tests {
         assert_eq!(s[&7].bytes, 404 << 20);
     }
 
-    #[test]
-    fn a_flow_that_leaves_releases_the_others() {
+    /// High (flow 1) and low (flow 2) mid-round; low sends once and is
+    /// then ahead of high (which has sent nothing yet): its next request
+    /// waits, under the returned ticket.
+    fn low_ahead_of_busy_high() -> (LinkShare, Ticket) {
         let mut link = LinkShare::new();
         link.join(1, 4);
         link.join(2, 1);
         link.begin_round(1);
         link.begin_round(2);
-        // Low sends once, then is ahead of high (which has sent nothing
-        // yet but is mid-round): its next request waits.
         assert_eq!(link.request(2, 1000).0, Turn::Now);
         link.release(2);
         let (Turn::Wait(t2), _) = link.request(2, 1000) else {
             panic!("low is ahead of busy high")
         };
+        (link, t2)
+    }
+
+    #[test]
+    fn a_flow_that_leaves_releases_the_others() {
+        let (mut link, t2) = low_ahead_of_busy_high();
         // High leaves (its migration ended): low goes on.
         let left = link.leave(1);
         assert_eq!(left.granted, vec![t2]);
@@ -394,16 +400,7 @@ mod tests {
 
     #[test]
     fn a_round_that_ends_releases_the_others() {
-        let mut link = LinkShare::new();
-        link.join(1, 4);
-        link.join(2, 1);
-        link.begin_round(1);
-        link.begin_round(2);
-        assert_eq!(link.request(2, 1000).0, Turn::Now);
-        link.release(2);
-        let (Turn::Wait(t2), _) = link.request(2, 1000) else {
-            panic!("low is ahead of busy high")
-        };
+        let (mut link, t2) = low_ahead_of_busy_high();
         assert_eq!(link.end_round(1), vec![t2]);
     }
 

@@ -457,13 +457,9 @@ async fn move_one(
     let copied = disk::copy_until_converged(&d.actor, 0, |p| {
         if let disk::CopyProgress::Copied { cursor, len, sent } = p {
             let _ = reply.send(ClientReply::Progress(Progress {
-                phase: format!("{name} copy"),
-                round: 0,
                 pages_left: (len - cursor) / 4096,
                 pages_total: len / 4096,
-                rate_bytes_per_s: 0.0,
-                predicted_downtime_ms: 0.0,
-                throttle_percent: 0,
+                ..Progress::phase(format!("{name} copy"))
             }));
             let _ = sent;
         }

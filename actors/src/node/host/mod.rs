@@ -1169,20 +1169,8 @@ async fn start_migration<T: Transport>(
     );
     let (done_tx, done_rx) = oneshot::channel();
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-    s.metrics.started(
-        id,
-        name,
-        to,
-        crate::migration::Progress {
-            phase: "offer".into(),
-            round: 0,
-            pages_left: 0,
-            pages_total: 0,
-            rate_bytes_per_s: 0.0,
-            predicted_downtime_ms: 0.0,
-            throttle_percent: 0,
-        },
-    );
+    s.metrics
+        .started(id, name, to, crate::migration::Progress::phase("offer"));
     let me_end = myself.clone();
     let me = myself.clone();
     let ctx = s.ctx.clone();
