@@ -25,6 +25,7 @@
 //! # }
 //! ```
 
+pub mod ledger;
 pub mod net;
 pub mod ops;
 pub mod rng;
@@ -55,5 +56,48 @@ pub fn on_sim_runtime<F: std::future::Future>(seed: u64, work: F) -> F::Output {
         .build()
         .expect("runtime");
     ferry_actors::node::run_blocking_work_inline_on_this_thread();
-    tokio::task::LocalSet::new().block_on(&runtime, work)
+    log_to_stderr_if_asked();
+    tokio::task::LocalSet::new().block_on(&runtime, async {
+        SIM_START.with(|s| s.set(Some(tokio::time::Instant::now())));
+        work.await
+    })
+}
+
+/// With `SIM_LOG` set (an `EnvFilter`, e.g. `ferry_actors=info`), the
+/// production code's log lines go to stderr, stamped with simulated time:
+/// the way to read what the actors did in one replayed seed.
+fn log_to_stderr_if_asked() {
+    let Ok(filter) = std::env::var("SIM_LOG") else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_timer(SimTime)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+struct SimTime;
+
+thread_local! {
+    /// When this thread's simulated run began (for log time stamps).
+    static SIM_START: std::cell::Cell<Option<tokio::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return write!(w, "-");
+        }
+        let start = SIM_START.with(std::cell::Cell::get);
+        match start {
+            Some(start) => write!(
+                w,
+                "{:>12.6}",
+                (tokio::time::Instant::now() - start).as_secs_f64() * 1e3
+            ),
+            None => write!(w, "-"),
+        }
+    }
 }

@@ -154,12 +154,6 @@ async fn evacuate(seed: u64) -> EvacuationResult {
         tokio::task::spawn_local(async move {
             while !stop.get() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
-                let census = world.census().await;
-                if let Err(v) = world::at_most_one_running(&census) {
-                    violations
-                        .borrow_mut()
-                        .push(format!("at {:?}: {v}", world.elapsed()));
-                }
                 if let ClientReply::Jobs(jobs) = world.request(0, ClientRequest::Jobs).await {
                     let running: Vec<_> = jobs
                         .iter()
@@ -234,6 +228,7 @@ async fn evacuate(seed: u64) -> EvacuationResult {
     }
     tokio::time::sleep(ferry_actors::migration::destination::IDLE_MAX + Duration::from_secs(1))
         .await;
+    violations.borrow_mut().extend(world.ledger.violations());
     let census = world.census().await;
     if let Err(v) = world::at_most_one_running(&census) {
         violations.borrow_mut().push(format!("settled: {v}"));

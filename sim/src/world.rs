@@ -8,7 +8,6 @@ use std::sync::Arc;
 use ferry_actors::migration::{Capacity, MigrationReport};
 use ferry_actors::node::NodeCtx;
 use ferry_actors::node::client::{ClientReply, ClientRequest, MigrateOptions, VmSpec};
-use ferry_actors::node::factory::SyntheticFactory;
 use ferry_actors::node::host::{HostMsg, start_host_with};
 use ferry_actors::node::vm::{VmInfo, VmPhase};
 use ferry_actors::ops::jobs::Budgets;
@@ -18,6 +17,7 @@ use ractor::ActorRef;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::ledger::{ObservingFactory, RunLedger};
 use crate::net::{SimNetwork, SimTransport};
 
 /// One simulated host.
@@ -77,6 +77,8 @@ pub struct World {
     /// Every host's datastores: `local` (its own) and `shared` (a SAN
     /// every host sees).
     pub storage: MemStorage,
+    /// Which host runs which VM, told by the guests as it changes.
+    pub ledger: Arc<RunLedger>,
 }
 
 /// How every host of a world is set up.
@@ -98,6 +100,7 @@ struct Boot<'a> {
     storage: &'a MemStorage,
     store: MemStore,
     budgets: Budgets,
+    ledger: &'a Arc<RunLedger>,
 }
 
 async fn boot_host(b: Boot<'_>) -> SimHost {
@@ -110,6 +113,7 @@ async fn boot_host(b: Boot<'_>) -> SimHost {
         storage,
         store,
         budgets,
+        ledger,
     } = b;
     let transport = Arc::new(net.endpoint(name, Role::Host));
     let peers: BTreeMap<String, String> = names
@@ -134,7 +138,10 @@ async fn boot_host(b: Boot<'_>) -> SimHost {
     let actor = start_host_with(
         ctx,
         capacity,
-        Arc::new(SyntheticFactory),
+        Arc::new(ObservingFactory {
+            host: name.to_owned(),
+            ledger: ledger.clone(),
+        }),
         Arc::new(stores),
         Arc::new(store.clone()),
         budgets,
@@ -168,6 +175,7 @@ impl World {
         let names: Vec<String> = (0..hosts).map(|i| format!("h{i:03}")).collect();
         let mut list = Vec::new();
         let storage = MemStorage::new();
+        let ledger = RunLedger::new();
         for name in &names {
             list.push(
                 boot_host(Boot {
@@ -179,6 +187,7 @@ impl World {
                     storage: &storage,
                     store: MemStore::new(),
                     budgets: setup.budgets,
+                    ledger: &ledger,
                 })
                 .await,
             );
@@ -190,6 +199,7 @@ impl World {
             memory_mib,
             setup,
             storage,
+            ledger,
             started: Instant::now(),
         }
     }
@@ -260,6 +270,7 @@ impl World {
             storage: &self.storage,
             store,
             budgets: self.setup.budgets,
+            ledger: &self.ledger,
         })
         .await;
         self.hosts.borrow_mut()[index] = host;

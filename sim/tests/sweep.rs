@@ -37,7 +37,6 @@ fn base(name: &'static str) -> Scenario {
         },
         faults: Faults::NONE,
         options: options(),
-        check_every: Duration::from_millis(5),
         disk_mib: 0,
         durable: false,
     }
@@ -200,7 +199,6 @@ fn hundred_hosts_thousand_vms_under_faults() {
             clogs_per_s: 10.0,
             ..Faults::NONE
         },
-        check_every: Duration::from_millis(50),
         ..base("scale")
     };
     let results = sweep(&s, 5000, 1);

@@ -177,6 +177,22 @@ struct Moving {
     finished: bool,
     /// Bytes sent to the target since its last flush.
     unflushed: u64,
+    /// A mirrored write reached the source but not the target: the target
+    /// misses an acknowledged write, so this copy may never complete.
+    broken: Option<String>,
+}
+
+impl Moving {
+    /// Refuses `op` once a mirrored write failed on the target.
+    fn check_whole(&self, op: &'static str) -> Result<(), DiskError> {
+        match &self.broken {
+            Some(why) => Err(refused(
+                op,
+                &format!("a mirrored write failed on the target ({why}); the copy cannot complete"),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The target is flushed after this much copied data, so the flush under
@@ -463,11 +479,19 @@ impl DiskState {
                 let disk = self.disk.clone();
                 let local = data.clone();
                 let target = m.target.as_mut().expect("target while moving");
-                let (a, b) = tokio::join!(
+                let (on_source, on_target) = tokio::join!(
                     offload(move || write_through(&disk, offset, &local)),
                     target.write_durable(offset, data)
                 );
-                a.and(b)
+                on_source?;
+                // The source stays authoritative: a write durable there is
+                // acknowledged even if the target failed it, and the target,
+                // now missing it, can never become the disk.
+                if let Err(e) = on_target {
+                    tracing::warn!(disk = %self.name, "mirrored write failed on the target: {e}");
+                    m.broken.get_or_insert_with(|| e.to_string());
+                }
+                Ok(())
             }
             Route::Overlay => {
                 let (overlay, _) = m.overlay.clone().expect("overlay for a snapshot move");
@@ -549,6 +573,7 @@ impl DiskState {
             converged_at: None,
             finished: false,
             unflushed: 0,
+            broken: None,
         });
         Ok(())
     }
@@ -559,6 +584,7 @@ impl DiskState {
             .as_mut()
             .filter(|m| !m.finished)
             .ok_or_else(|| refused("copy", "no move is running"))?;
+        m.check_whole("copy")?;
         let t = now();
         match m.plan.next_step(t) {
             Step::Wait(until) => Ok(CopyProgress::Wait(until)),
@@ -604,6 +630,7 @@ impl DiskState {
             .moving
             .as_mut()
             .ok_or_else(|| refused("resume", "no move is running"))?;
+        m.check_whole("resume")?;
         let target = m.target.as_mut().expect("target while moving");
         let durable = target.reconnect().await?;
         m.plan
@@ -619,6 +646,7 @@ impl DiskState {
             .as_mut()
             .filter(|m| !m.finished)
             .ok_or_else(|| refused("finish", "no move is running"))?;
+        m.check_whole("finish")?;
         if !m.plan.converged() {
             return Err(refused("finish", "the copy has not converged"));
         }
