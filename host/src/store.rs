@@ -12,11 +12,13 @@ use std::sync::Mutex;
 use ferry_actors::node::host::history::MigrationRecord;
 use ferry_actors::ops::audit::{AuditEntry, AuditQuery, merge};
 use ferry_actors::ops::jobs::Job;
-use ferry_actors::ops::store::{NodeStore, StoreError, StoredState, StoredVm, decode, encode};
+use ferry_actors::ops::store::{
+    ADOPTIONS_KEPT, AdoptedFrom, NodeStore, StoreError, StoredState, StoredVm, decode, encode,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema version this code writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// A node's SQLite database.
 pub struct SqliteStore {
@@ -49,7 +51,9 @@ impl SqliteStore {
                  vm TEXT NOT NULL, read INTEGER NOT NULL, value BLOB NOT NULL);
              CREATE INDEX IF NOT EXISTS audit_at ON audit (at_ms);
              CREATE INDEX IF NOT EXISTS audit_vm ON audit (vm, at_ms);
-             CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS adoptions (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, value BLOB NOT NULL);",
         )
         .map_err(|e| err(format!("{}: {e}", path.display())))?;
         let version: Option<String> = db
@@ -71,6 +75,14 @@ impl SqliteStore {
                     "{} has schema {v}; this ferry knows up to {SCHEMA_VERSION}",
                     path.display()
                 )));
+            }
+            Some(v) if v < SCHEMA_VERSION => {
+                // Version 1 lacked the adoptions table, created above.
+                db.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                    params![SCHEMA_VERSION.to_string()],
+                )
+                .map_err(err)?;
             }
             Some(_) => {}
         }
@@ -123,12 +135,43 @@ impl NodeStore for SqliteStore {
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })?;
+        let adoptions = self
+            .blobs("SELECT value FROM adoptions ORDER BY seq")?
+            .iter()
+            .map(|b| decode::<AdoptedFrom>(b))
+            .collect::<Result<_, _>>()?;
         Ok(StoredState {
             vms,
             jobs,
             migrations,
             settings,
+            adoptions,
         })
+    }
+
+    fn adopt(&self, vm: &StoredVm, from: &AdoptedFrom) -> Result<(), StoreError> {
+        let (vm_value, from_value) = (encode(vm)?, encode(from)?);
+        let mut db = self
+            .db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tx = db.transaction().map_err(err)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO vms (name, value) VALUES (?1, ?2)",
+            params![vm.config.name, vm_value],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO adoptions (value) VALUES (?1)",
+            params![from_value],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "DELETE FROM adoptions WHERE seq <= (SELECT MAX(seq) FROM adoptions) - ?1",
+            params![to_i64(ADOPTIONS_KEPT as u64)],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
     }
 
     fn put_vm(&self, vm: &StoredVm) -> Result<(), StoreError> {

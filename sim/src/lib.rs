@@ -32,17 +32,16 @@ pub mod rng;
 pub mod scenario;
 pub mod world;
 
-/// The seeds to run: `SIM_SEED` (one), else `SIM_SEEDS` (that many from
-/// `first`), else `default_count` from `first`.
+/// The seeds to run: `SIM_SEED` (one), else `SIM_SEEDS` of them (default
+/// `default_count`) starting at `SIM_SEED_BASE` (default `first`).
 pub fn seeds(first: u64, default_count: u64) -> Vec<u64> {
-    if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    if let Some(seed) = var("SIM_SEED") {
         return vec![seed];
     }
-    let count = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default_count);
-    (first..first + count).collect()
+    let count = var("SIM_SEEDS").unwrap_or(default_count);
+    let base = var("SIM_SEED_BASE").unwrap_or(first);
+    (base..base.saturating_add(count)).collect()
 }
 
 /// Runs `work` to its end on a fresh single-threaded runtime with a

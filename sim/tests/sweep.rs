@@ -42,8 +42,12 @@ fn base(name: &'static str) -> Scenario {
     }
 }
 
+/// Runs `count` seeds of `s` from `first` (or as `SIM_SEED`, `SIM_SEEDS`
+/// and `SIM_SEED_BASE` say), every one of them, then fails naming each
+/// seed that broke a rule, with its replay command.
 fn sweep(s: &Scenario, first: u64, count: u64) -> Vec<RunResult> {
     let mut results = Vec::new();
+    let mut failed = Vec::new();
     for seed in ferry_sim::seeds(first, count) {
         let r = scenario::run(s, seed);
         println!(
@@ -60,15 +64,22 @@ fn sweep(s: &Scenario, first: u64, count: u64) -> Vec<RunResult> {
         if std::env::var("SIM_TRACE").is_ok() {
             println!("{}", r.trace.join("\n"));
         }
-        assert!(
-            r.violations.is_empty(),
-            "{} seed {seed} (replay: SIM_SEED={seed} cargo test -p ferry-sim): {:#?}\ntrace:\n{}",
-            s.name,
-            r.violations,
-            r.trace.join("\n")
-        );
+        if !r.violations.is_empty() {
+            println!(
+                "{} seed {seed} broke a rule (replay: SIM_SEED={seed} SIM_TRACE=1 cargo test --release -p ferry-sim --test sweep): {:#?}",
+                s.name, r.violations
+            );
+            failed.push((seed, r.violations.clone()));
+        }
         results.push(r);
     }
+    assert!(
+        failed.is_empty(),
+        "{}: {} of {} seeds broke a rule: {failed:#?}",
+        s.name,
+        failed.len(),
+        results.len()
+    );
     results
 }
 

@@ -28,7 +28,11 @@ pub enum DestAction {
     RestoreState(Vec<u8>),
     /// Hash shadow memory, then call [`DestMachine::handle_memory_hash`].
     HashMemory,
-    /// Take the VM over with this generation (it is ours from now on).
+    /// Take the VM over with this generation: its disks opened here and
+    /// the VM durable in this host's inventory, together with the
+    /// migration that brought it (so a source asking later is told the
+    /// truth), then call [`DestMachine::handle_adopted`]. Nothing is
+    /// acknowledged to the source before this is durable.
     Adopt {
         /// The VM's new ownership generation.
         generation: u64,
@@ -61,6 +65,7 @@ enum State {
     Restoring,
     Hashing,
     AwaitingCommit,
+    Adopting,
     Resuming,
     Done,
 }
@@ -299,18 +304,11 @@ impl DestMachine {
                 self.try_restore(now);
             }
             (State::AwaitingCommit, SourceMsg::Commit { generation }) => {
+                // The source has released the VM: from here on a lost link
+                // changes nothing, the VM is taken over.
                 self.committed = true;
+                self.state = State::Adopting;
                 self.actions.push_back(DestAction::Adopt { generation });
-                if self.offer.cold {
-                    self.actions
-                        .push_back(DestAction::Send(DestMsg::Resumed { running: false }));
-                    self.actions.push_back(DestAction::Close);
-                    self.end(now, DestOutcome::Adopted);
-                } else {
-                    self.enter(now, Some("resume"));
-                    self.state = State::Resuming;
-                    self.actions.push_back(DestAction::Resume);
-                }
             }
             (_, other) => self.fail(
                 now,
@@ -367,6 +365,41 @@ impl DestMachine {
         self.actions.push_back(DestAction::Send(DestMsg::Ready {
             memory_hash: Some(hash),
         }));
+    }
+
+    /// The VM is taken over durably (`Ok`), or could not be (its disks
+    /// would not open, the store would not write): then it is dropped
+    /// here before it ever ran, and the source, told so, runs it again.
+    pub fn handle_adopted(&mut self, now: Instant, result: Result<(), String>) {
+        assert!(matches!(self.state, State::Adopting), "{:?}", self.state);
+        match result {
+            Ok(()) if self.offer.cold => {
+                self.actions
+                    .push_back(DestAction::Send(DestMsg::Resumed { running: false }));
+                self.actions.push_back(DestAction::Close);
+                self.end(now, DestOutcome::Adopted);
+            }
+            Ok(()) => {
+                self.enter(now, Some("resume"));
+                self.state = State::Resuming;
+                self.actions.push_back(DestAction::Resume);
+            }
+            Err(why) => {
+                let reason = format!("taking the VM over failed: {why}");
+                self.actions.push_back(DestAction::DiscardShadow);
+                self.actions.push_back(DestAction::Send(DestMsg::Aborted {
+                    reason: reason.clone(),
+                }));
+                self.actions.push_back(DestAction::Close);
+                self.timeline.instant(
+                    now,
+                    "discard",
+                    None,
+                    vec![("reason", Figure::Text(reason.clone()))],
+                );
+                self.end(now, DestOutcome::Discarded(reason));
+            }
+        }
     }
 
     /// The vCPUs run (or failed to).

@@ -11,9 +11,6 @@ pub struct MigrationOptions {
     pub precopy_time_max: Duration,
     /// Give up if the switchover (pause to destination ready) takes longer.
     pub switchover_time_max: Duration,
-    /// After losing the link past the release, keep asking the destination
-    /// how it ended for this long before reporting the migration in doubt.
-    pub resolve_time_max: Duration,
     /// Throttle the guest when rounds stop shrinking.
     pub auto_converge: bool,
     /// First throttle step, in percent of vCPU time.
@@ -47,7 +44,6 @@ impl Default for MigrationOptions {
             downtime_max: Duration::from_millis(50),
             precopy_time_max: Duration::from_secs(120),
             switchover_time_max: Duration::from_secs(10),
-            resolve_time_max: Duration::from_secs(300),
             auto_converge: true,
             throttle_initial_percent: 20,
             throttle_step_percent: 10,

@@ -10,8 +10,20 @@ use super::timeline::{Figure, PhaseId, Timeline};
 use super::wire::{DestMsg, Offer, SourceMsg, VmConfig};
 use crate::guest::{DirtyBitmap, PAGE_BYTES};
 
-/// How long to wait between questions to an unreachable destination.
+/// How long to wait before asking an unreachable destination again, the
+/// first time; each further failure doubles it, up to [`RESOLVE_RETRY_MAX`].
 pub const RESOLVE_RETRY: Duration = Duration::from_millis(500);
+
+/// The longest wait between two questions: the source asks on its own,
+/// for as long as it takes (an operator may fence with `vm recover --force`).
+pub const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before question number `attempt + 1` (0-based failures so far).
+pub fn resolve_retry(failures: u32) -> Duration {
+    RESOLVE_RETRY
+        .saturating_mul(1 << failures.min(16))
+        .min(RESOLVE_RETRY_MAX)
+}
 
 /// Device state assumed before it is measured (a KVM VM saves about 11 KiB).
 const STATE_BYTES_ESTIMATE: u64 = 16 << 10;
@@ -55,6 +67,12 @@ pub enum SourceAction {
     },
     /// The migration failed before the release: run the VM here again.
     ResumeLocal,
+    /// An operator fenced the destination's copy: the VM is ours again,
+    /// at this generation (above the one the destination was given).
+    Fence {
+        /// The VM's generation from now on.
+        generation: u64,
+    },
     /// The destination runs the VM: free it here.
     FreeVm,
     /// The link failed after the release: ask the destination (on a fresh
@@ -116,12 +134,13 @@ enum State {
     Releasing { paused_at: Instant },
     /// Released and committed; waiting for the destination to resume.
     Committed { paused_at: Instant },
-    /// The link failed after the release: asking how it ended.
+    /// The link failed after the release: asking how it ended, for as
+    /// long as it takes (`failures` questions failed so far).
     Resolving {
         paused_at: Instant,
         reason: String,
         asking: bool,
-        give_up_at: Instant,
+        failures: u32,
     },
     /// Over.
     Done,
@@ -698,6 +717,65 @@ impl SourceMachine {
         self.fail(now, reason);
     }
 
+    /// An operator asks for the question to be put again now (`vm recover`).
+    /// Returns whether the migration is in doubt at all.
+    pub fn handle_ask_now(&mut self, now: Instant) -> bool {
+        match self.state {
+            State::Resolving { asking: true, .. } => true,
+            State::Resolving { failures, .. } => {
+                self.ask_outcome(now, failures + 1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An operator (`who`) fences the destination's copy (`vm recover
+    /// --force`): the VM is ours again at a generation above the one the
+    /// destination was given, so that copy can never be taken for the
+    /// newest.
+    ///
+    /// # Errors
+    /// The migration is not in doubt.
+    pub fn handle_fence(&mut self, now: Instant, who: &str) -> Result<(), String> {
+        let State::Resolving {
+            paused_at, reason, ..
+        } = std::mem::replace(&mut self.state, State::Done)
+        else {
+            return Err("the migration is not in doubt".into());
+        };
+        self.actions.push_back(SourceAction::Fence {
+            generation: self.offer.generation + 2,
+        });
+        if !self.offer.vm.disks.is_empty() {
+            self.actions.push_back(SourceAction::AbortStorage);
+        }
+        if !self.offer.cold {
+            self.actions.push_back(SourceAction::ResumeLocal);
+        }
+        self.finish(
+            now,
+            Outcome::Aborted {
+                reason: format!("{reason}; fenced by {who}: the VM is back here"),
+            },
+            now - paused_at,
+        );
+        Ok(())
+    }
+
+    /// Puts the `attempt`-th question to the destination.
+    fn ask_outcome(&mut self, now: Instant, attempt: u32) {
+        if let State::Resolving {
+            asking, failures, ..
+        } = &mut self.state
+        {
+            *asking = true;
+            *failures = attempt - 1;
+        }
+        self.deadline = Some(now + RESOLVE_RETRY);
+        self.actions.push_back(SourceAction::AskOutcome);
+    }
+
     /// An operator (`who`) calls the migration off. Before the release it
     /// aborts like any failure (the VM runs on here, the destination drops
     /// its shadow); from the release on the destination owns the VM and
@@ -735,26 +813,19 @@ impl SourceMachine {
             return;
         }
         if let State::Resolving {
-            asking: false,
-            paused_at,
-            give_up_at,
-            ref reason,
+            asking,
+            ref mut failures,
+            ..
         } = self.state
         {
-            let reason = reason.clone();
-            self.state = State::Resolving {
-                paused_at,
-                reason,
-                asking: true,
-                give_up_at,
-            };
-            self.deadline = Some(now + RESOLVE_RETRY);
-            self.actions.push_back(SourceAction::AskOutcome);
-            return;
-        }
-        if matches!(self.state, State::Resolving { asking: true, .. }) {
-            // An answer is on its way or the question fails; either comes back.
-            self.deadline = Some(now + RESOLVE_RETRY);
+            if asking {
+                // An answer is on its way or the question fails; either
+                // comes back.
+                self.deadline = Some(now + RESOLVE_RETRY);
+            } else {
+                let attempt = *failures + 1;
+                self.ask_outcome(now, attempt);
+            }
             return;
         }
         let reason = match self.state {
@@ -894,6 +965,14 @@ impl SourceMachine {
         }));
     }
 
+    /// Progress that is a sentence, not figures (waiting, in doubt).
+    fn progress_note(&mut self, phase: &str, note: String) {
+        self.events
+            .push_back(SourceEvent::Progress(Progress::phase(format!(
+                "{phase}: {note}"
+            ))));
+    }
+
     fn fail(&mut self, now: Instant, reason: String) {
         match std::mem::replace(&mut self.state, State::Done) {
             State::Done => {}
@@ -901,8 +980,6 @@ impl SourceMachine {
                 // Ownership is gone: never resume here on our own. Ask the
                 // destination whether it took the VM.
                 self.actions.push_back(SourceAction::Close);
-                self.actions.push_back(SourceAction::AskOutcome);
-                self.deadline = Some(now + RESOLVE_RETRY);
                 self.timeline.instant(
                     now,
                     "link_lost",
@@ -913,33 +990,35 @@ impl SourceMachine {
                 self.state = State::Resolving {
                     paused_at,
                     reason,
-                    asking: true,
-                    give_up_at: now + self.options.resolve_time_max,
+                    asking: false,
+                    failures: 0,
                 };
+                self.ask_outcome(now, 1);
             }
             State::Resolving {
                 paused_at,
                 reason: first,
-                give_up_at,
+                failures,
                 ..
             } => {
-                if now >= give_up_at {
-                    self.finish(
-                        now,
-                        Outcome::InDoubt {
-                            reason: format!("{first}; no answer from {} since: {reason}", self.to),
-                        },
-                        now - paused_at,
-                    );
-                } else {
-                    self.state = State::Resolving {
-                        paused_at,
-                        reason: first,
-                        asking: false,
-                        give_up_at,
-                    };
-                    self.deadline = Some(now + RESOLVE_RETRY);
-                }
+                // No answer: ask again later, for as long as it takes.
+                let wait = resolve_retry(failures);
+                self.state = State::Resolving {
+                    paused_at,
+                    reason: first,
+                    asking: false,
+                    failures: failures + 1,
+                };
+                self.deadline = Some(now + wait);
+                let to = self.to.clone();
+                self.progress_note(
+                    "in doubt",
+                    format!(
+                        "{to} cannot be asked how it ended ({reason}); asking again in {:.1} s (attempt {})",
+                        wait.as_secs_f64(),
+                        failures + 1
+                    ),
+                );
             }
             state => {
                 let paused_at = match state {

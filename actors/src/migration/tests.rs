@@ -28,6 +28,9 @@ struct Case {
     stopped: bool,
     /// An operator cancels when this many control messages have passed.
     cancel_after_messages: Option<usize>,
+    /// An operator fences (`vm recover --force`) once the source has
+    /// asked an unreachable destination this many times.
+    fence_after_questions: Option<usize>,
 }
 
 impl Default for Case {
@@ -46,6 +49,7 @@ impl Default for Case {
             unreachable_after_cut: false,
             stopped: false,
             cancel_after_messages: None,
+            fence_after_questions: None,
         }
     }
 }
@@ -60,6 +64,14 @@ struct Ending {
     memory_equal_at_pause: Option<bool>,
     dest_report: Option<DestReport>,
     cancel_answer: Option<Result<(), String>>,
+    /// How often the source asked how it ended.
+    questions: usize,
+    /// The generation an operator's fence gave the VM.
+    fenced_generation: Option<u64>,
+    /// The source resumed the VM before any fence or answer said so.
+    resumed_in_doubt: bool,
+    /// Simulated time from start to the end.
+    elapsed: Duration,
 }
 
 enum Msg {
@@ -113,6 +125,10 @@ fn run(case: Case) -> Ending {
     let latency = Duration::from_micros(50);
     let mut asked = false;
     let mut cancel_answer = None;
+    let mut questions = 0usize;
+    let mut fenced_generation = None;
+    let mut resumed_in_doubt = false;
+    let started = now;
     src.start(now);
 
     for _ in 0..1_000_000 {
@@ -172,9 +188,17 @@ fn run(case: Case) -> Ending {
                 }
                 SourceAction::HashMemory => src.handle_memory_hash(now, src_guest.ram().hash()),
                 SourceAction::ReleaseOwnership { .. } => src.handle_released(now),
-                SourceAction::ResumeLocal => src_guest.resume().expect("resume"),
+                SourceAction::ResumeLocal => {
+                    resumed_in_doubt |=
+                        questions > 0 && fenced_generation.is_none() && case.unreachable_after_cut;
+                    src_guest.resume().expect("resume");
+                }
+                SourceAction::Fence { generation } => fenced_generation = Some(generation),
                 SourceAction::FreeVm => source_freed = true,
-                SourceAction::AskOutcome => asked = true,
+                SourceAction::AskOutcome => {
+                    asked = true;
+                    questions += 1;
+                }
                 SourceAction::Close => {}
             }
         }
@@ -209,7 +233,8 @@ fn run(case: Case) -> Ending {
                         d.handle_resumed(now, Ok(()));
                     }
                     DestAction::DiscardShadow => dst_guest = None,
-                    DestAction::Adopt { .. } | DestAction::AnnounceMac(_) | DestAction::Close => {}
+                    DestAction::Adopt { .. } => d.handle_adopted(now, Ok(())),
+                    DestAction::AnnounceMac(_) | DestAction::Close => {}
                 }
             }
             while let Some(o) = d.poll_event() {
@@ -221,7 +246,11 @@ fn run(case: Case) -> Ending {
         if asked && (dest_outcome.is_some() || dst.is_none()) {
             asked = false;
             if case.unreachable_after_cut {
-                src.handle_resolution_failed(now, "unreachable".into());
+                if case.fence_after_questions.is_some_and(|n| questions >= n) {
+                    src.handle_fence(now, "ops").expect("in doubt");
+                } else {
+                    src.handle_resolution_failed(now, "unreachable".into());
+                }
             } else {
                 let committed = dest_outcome == Some(DestOutcome::Adopted);
                 src.handle_resolution(now, committed);
@@ -302,6 +331,10 @@ fn run(case: Case) -> Ending {
         memory_equal_at_pause,
         dest_report: dst.as_ref().map(|d| d.report(now, "a", "b")),
         cancel_answer,
+        questions,
+        fenced_generation,
+        resumed_in_doubt,
+        elapsed: now - started,
         report,
     }
 }
@@ -455,25 +488,41 @@ fn lost_commit_is_resolved_by_resuming_on_the_source() {
 }
 
 #[test]
-fn unreachable_destination_after_the_release_leaves_the_source_paused() {
-    let mut options = Case::default().options;
-    options.resolve_time_max = Duration::from_secs(5);
+fn unreachable_destination_after_the_release_keeps_the_source_asking_until_fenced() {
+    // Past the release the destination cannot be asked: the source keeps
+    // asking with back-off, well past five minutes, never resuming on its
+    // own; an operator's fence gives the VM back at generation + 2.
     let e = run(Case {
         cut_after_messages: Some(clean_run_messages() - 1),
         unreachable_after_cut: true,
-        options,
+        fence_after_questions: Some(20),
         ..Case::default()
     });
+    assert_eq!(e.questions, 20);
     assert!(
-        matches!(e.report.outcome, Outcome::InDoubt { .. }),
-        "{:?}",
-        e.report
+        e.elapsed > Duration::from_secs(300),
+        "asked for {:?} only",
+        e.elapsed
     );
     assert!(
-        !e.source_running,
+        !e.resumed_in_doubt,
         "after the release the source never resumes on its own"
     );
-    assert_one_owner(&e);
+    let Outcome::Aborted { reason } = &e.report.outcome else {
+        panic!("{:?}", e.report)
+    };
+    assert!(reason.contains("fenced by ops"), "{reason}");
+    assert_eq!(e.fenced_generation, Some(3), "released at 2, fenced at 3");
+    assert!(e.source_running && !e.dest_running);
+}
+
+#[test]
+fn the_wait_between_questions_doubles_up_to_its_cap() {
+    use super::source::{RESOLVE_RETRY, RESOLVE_RETRY_MAX, resolve_retry};
+    assert_eq!(resolve_retry(0), RESOLVE_RETRY);
+    assert_eq!(resolve_retry(1), RESOLVE_RETRY * 2);
+    assert_eq!(resolve_retry(3), RESOLVE_RETRY * 8);
+    assert_eq!(resolve_retry(40), RESOLVE_RETRY_MAX);
 }
 
 #[test]

@@ -236,6 +236,17 @@ pub enum ClientRequest {
         /// Why.
         reason: String,
     },
+    /// Settle a VM in doubt (a migration away whose end this host does not
+    /// know): ask its destination again now; with `force`, fence the
+    /// destination's copy instead (the VM's generation jumps past the one
+    /// it was handed, so that copy can never be taken for the newest) and
+    /// run the VM here.
+    RecoverVm {
+        /// The VM.
+        vm: String,
+        /// Fence without an answer.
+        force: bool,
+    },
 }
 
 /// A reply.
@@ -292,7 +303,9 @@ pub fn allowed(role: ferry_transport::Role, request: &ClientRequest) -> Result<(
         | ClientRequest::Audit(_)
         | ClientRequest::Recommend { .. }
         | ClientRequest::Disks { verify: false, .. } => Role::Viewer,
-        ClientRequest::Maintenance { .. } | ClientRequest::Degraded { .. } => Role::Admin,
+        ClientRequest::Maintenance { .. }
+        | ClientRequest::Degraded { .. }
+        | ClientRequest::RecoverVm { force: true, .. } => Role::Admin,
         _ => Role::Operator,
     };
     let rank = |r: Role| match r {
@@ -339,6 +352,8 @@ pub fn action(request: &ClientRequest) -> &'static str {
         ClientRequest::Maintenance { enter: true } => "host maintenance enter",
         ClientRequest::Maintenance { enter: false } => "host maintenance exit",
         ClientRequest::Degraded { .. } => "host degraded",
+        ClientRequest::RecoverVm { force: false, .. } => "vm recover",
+        ClientRequest::RecoverVm { force: true, .. } => "vm recover --force",
     }
 }
 
@@ -349,6 +364,7 @@ pub fn subject(request: &ClientRequest) -> (String, String) {
         ClientRequest::StartVm(vm)
         | ClientRequest::StopVm(vm)
         | ClientRequest::DeleteVm(vm)
+        | ClientRequest::RecoverVm { vm, .. }
         | ClientRequest::Disks { vm, .. }
         | ClientRequest::Recommend { vm, .. } => (vm.clone(), String::new()),
         ClientRequest::Migrate { vm, to, .. } => (vm.clone(), to.clone()),

@@ -56,9 +56,17 @@ pub struct DestArgs<C: Connection> {
     pub peer: String,
     /// Tells the virtual network where a MAC lives now.
     pub announce: Box<dyn Fn(Mac) + Send>,
+    /// Asks the host to take the VM over durably (shadow, generation,
+    /// whether it will run); the answer comes on the channel.
+    pub adopt: AdoptFn,
     /// Called once at the end, with this side's report.
     pub on_end: Box<dyn FnOnce(DestEnd, crate::migration::DestReport) + Send>,
 }
+
+/// How the pump asks its host to take a VM over.
+pub type AdoptFn = Box<
+    dyn Fn(ActorRef<VmMsg>, u64, bool) -> tokio::sync::oneshot::Receiver<Result<(), String>> + Send,
+>;
 
 /// The destination of one migration.
 pub struct MigrationDestination<C>(PhantomData<fn() -> C>);
@@ -82,6 +90,7 @@ pub struct DestState<C: Connection> {
     lanes_seen: Vec<bool>,
     generation: u64,
     announce: Box<dyn Fn(Mac) + Send>,
+    adopt: AdoptFn,
     on_end: Option<Box<dyn FnOnce(DestEnd, crate::migration::DestReport) + Send>>,
     /// The source's host.
     peer: String,
@@ -124,6 +133,7 @@ impl<C: Connection> Actor for MigrationDestination<C> {
             lanes_seen: vec![false; lanes],
             generation: 0,
             announce: args.announce,
+            adopt: args.adopt,
             on_end: Some(args.on_end),
             peer: args.peer,
             spans: Some(PhaseSpans::new(root)),
@@ -338,11 +348,15 @@ async fn perform<C: Connection>(
         }
         DestAction::Adopt { generation } => {
             s.generation = generation;
-            let vm = s.vm.as_ref().ok_or("no shadow VM")?;
+            let vm = s.vm.clone().ok_or("no shadow VM")?;
             let _ = vm.cast(VmMsg::Adopted {
                 generation,
                 running: false,
             });
+            let running = !s.machine.offer().cold;
+            let answer = (s.adopt)(vm, generation, running).await;
+            let r = answer.unwrap_or_else(|_| Err("the host actor is gone".into()));
+            s.machine.handle_adopted(now(), r);
         }
         DestAction::Resume => {
             let vm = s.vm.as_ref().ok_or("no shadow VM")?;

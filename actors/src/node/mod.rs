@@ -73,6 +73,10 @@ pub enum NodeError {
     /// An actor went away.
     #[error("{0} is gone")]
     Gone(String),
+    /// The node store did not take a write: the change is not durable, so
+    /// it is not acknowledged.
+    #[error("not recorded: {0}")]
+    Store(#[from] crate::ops::store::StoreError),
 }
 
 thread_local! {

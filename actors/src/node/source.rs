@@ -38,6 +38,17 @@ pub enum SourcePump {
     ResolveFailed(String),
     /// Every disk copy has converged.
     StorageConverged,
+    /// An operator asks about a migration in doubt (`vm recover`): ask the
+    /// destination again now, or with `force` fence its copy and take the
+    /// VM back. The answer says whether the migration was in doubt.
+    Recover {
+        /// Fence instead of asking.
+        force: bool,
+        /// Who (certificate name).
+        who: String,
+        /// Ok, or why not.
+        reply: ractor::RpcReplyPort<Result<(), String>>,
+    },
     /// An operator calls the migration off; the answer says whether it
     /// was still possible.
     Cancel {
@@ -200,6 +211,17 @@ impl<C: Connection> Actor for MigrationSource<C> {
             SourcePump::Resolved(committed) => s.machine.handle_resolution(now(), committed),
             SourcePump::ResolveFailed(why) => s.machine.handle_resolution_failed(now(), why),
             SourcePump::StorageConverged => s.machine.handle_storage_converged(now()),
+            SourcePump::Recover { force, who, reply } => {
+                let answer = if force {
+                    s.machine.handle_fence(now(), &who)
+                } else if s.machine.handle_ask_now(now()) {
+                    Ok(())
+                } else {
+                    Err("the migration is not in doubt".into())
+                };
+                tracing::info!(migration = s.migration_id, %who, force, ?answer, "recover");
+                let _ = reply.send(answer);
+            }
             SourcePump::Cancel { who, reply } => {
                 let answer = s.machine.handle_cancel(now(), &who);
                 tracing::info!(migration = s.migration_id, %who, ?answer, "cancel");
@@ -349,6 +371,7 @@ fn action_name(action: &SourceAction) -> &'static str {
         SourceAction::StopDirtyLog => "stop dirty log",
         SourceAction::ReleaseOwnership { .. } => "release",
         SourceAction::ResumeLocal => "resume here",
+        SourceAction::Fence { .. } => "fence",
         SourceAction::FreeVm => "free",
         SourceAction::AskOutcome => "ask outcome",
         SourceAction::Close => "close",
@@ -483,6 +506,10 @@ async fn perform<C: Connection>(
                 .await
                 .map_err(guest_err)?
                 .map_err(|e| format!("resume on the source: {e}"))?;
+        }
+        SourceAction::Fence { generation } => {
+            s.vm.cast(VmMsg::Fenced { generation })
+                .map_err(|_| "the VM actor is gone".to_owned())?;
         }
         SourceAction::FreeVm => {
             s.disks.commit().await;

@@ -51,6 +51,10 @@ pub struct VmInfo {
     /// CPU time its vCPUs used in this host's guest, in ms.
     #[serde(default)]
     pub cpu_ms: u64,
+    /// Why the VM is in doubt (a migration away whose end is not known
+    /// yet; `vm recover` settles it); empty when it is not.
+    #[serde(default)]
+    pub in_doubt: String,
 }
 
 /// Work to run on the guest inside the VM actor.
@@ -72,6 +76,12 @@ pub enum VmMsg {
     MigrationAborted,
     /// The migration away failed after the release.
     Released,
+    /// An operator fenced the other copy: the VM is this host's again, at
+    /// `generation`.
+    Fenced {
+        /// New generation.
+        generation: u64,
+    },
     /// An incoming VM is ours now with `generation`; `running` says
     /// whether its vCPUs run.
     Adopted {
@@ -175,6 +185,7 @@ impl Actor for VmActor {
                     running: s.guest.is_running(),
                     mac: crate::migration::wire::mac_string(&s.config.mac),
                     cpu_ms: u64::try_from(s.guest.cpu_time().as_millis()).unwrap_or(u64::MAX),
+                    in_doubt: String::new(),
                 });
             }
             VmMsg::Guest(job) => job(s.guest.as_mut()),
@@ -197,6 +208,7 @@ impl Actor for VmActor {
                 };
             }
             VmMsg::Released => s.phase = VmPhase::Released,
+            VmMsg::Fenced { generation } => s.generation = generation,
             VmMsg::Adopted {
                 generation,
                 running,

@@ -39,6 +39,21 @@ pub struct StoredVm {
     pub leaving: Option<(String, u64)>,
 }
 
+/// A migration this host took a VM in by (its commit made durable with
+/// the VM): kept so that a source asking how it ended gets the truth even
+/// after this host restarted.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct AdoptedFrom {
+    /// The source host.
+    pub peer: String,
+    /// Its migration id.
+    pub migration_id: u64,
+}
+
+/// Adoptions kept (the oldest go first); a source asks within minutes of
+/// its migration, so thousands are plenty.
+pub const ADOPTIONS_KEPT: usize = 4096;
+
 /// Everything a node reads back when it starts.
 #[derive(Debug, Clone, Default)]
 pub struct StoredState {
@@ -50,6 +65,8 @@ pub struct StoredState {
     pub migrations: Vec<MigrationRecord>,
     /// Settings by key.
     pub settings: BTreeMap<String, String>,
+    /// Migrations that brought a VM here, oldest first.
+    pub adoptions: Vec<AdoptedFrom>,
 }
 
 /// Why the store failed.
@@ -64,6 +81,10 @@ pub trait NodeStore: Send + Sync {
     fn load(&self) -> Result<StoredState, StoreError>;
     /// Adds or replaces a VM (by name).
     fn put_vm(&self, vm: &StoredVm) -> Result<(), StoreError>;
+    /// A migration brought `vm` here: the VM and how it came, in one
+    /// transaction (both or neither), so that a restart never has the one
+    /// without the other.
+    fn adopt(&self, vm: &StoredVm, from: &AdoptedFrom) -> Result<(), StoreError>;
     /// Forgets a VM.
     fn remove_vm(&self, name: &str) -> Result<(), StoreError>;
     /// Adds or replaces a job (by id).
@@ -112,6 +133,9 @@ struct MemInner {
     migrations: Vec<MigrationRecord>,
     audit: Vec<AuditEntry>,
     settings: BTreeMap<String, String>,
+    adoptions: std::collections::VecDeque<AdoptedFrom>,
+    /// Every write fails (a full or broken disk), for tests.
+    failing: bool,
 }
 
 /// A store in memory. Clones share it, so a test can stop a node and
@@ -131,6 +155,23 @@ impl MemStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
+
+    /// From now on every write fails (`true`) or works again, as a full
+    /// or failing disk under a database would.
+    pub fn set_failing(&self, failing: bool) {
+        self.with(|m| m.failing = failing);
+    }
+
+    /// Runs a write, unless writes fail.
+    fn write(&self, f: impl FnOnce(&mut MemInner)) -> Result<(), StoreError> {
+        self.with(|m| {
+            if m.failing {
+                return Err(StoreError("write failed: no space left on device".into()));
+            }
+            f(m);
+            Ok(())
+        })
+    }
 }
 
 impl NodeStore for MemStore {
@@ -140,26 +181,40 @@ impl NodeStore for MemStore {
             jobs: m.jobs.values().cloned().collect(),
             migrations: m.migrations.clone(),
             settings: m.settings.clone(),
+            adoptions: m.adoptions.iter().cloned().collect(),
         }))
     }
 
     fn put_vm(&self, vm: &StoredVm) -> Result<(), StoreError> {
-        self.with(|m| m.vms.insert(vm.config.name.clone(), vm.clone()));
-        Ok(())
+        self.write(|m| {
+            m.vms.insert(vm.config.name.clone(), vm.clone());
+        })
+    }
+
+    fn adopt(&self, vm: &StoredVm, from: &AdoptedFrom) -> Result<(), StoreError> {
+        self.write(|m| {
+            m.vms.insert(vm.config.name.clone(), vm.clone());
+            if m.adoptions.len() >= ADOPTIONS_KEPT {
+                m.adoptions.pop_front();
+            }
+            m.adoptions.push_back(from.clone());
+        })
     }
 
     fn remove_vm(&self, name: &str) -> Result<(), StoreError> {
-        self.with(|m| m.vms.remove(name));
-        Ok(())
+        self.write(|m| {
+            m.vms.remove(name);
+        })
     }
 
     fn put_job(&self, job: &Job) -> Result<(), StoreError> {
-        self.with(|m| m.jobs.insert(job.id, job.clone()));
-        Ok(())
+        self.write(|m| {
+            m.jobs.insert(job.id, job.clone());
+        })
     }
 
     fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError> {
-        self.with(|m| {
+        self.write(|m| {
             match m
                 .migrations
                 .iter_mut()
@@ -168,13 +223,11 @@ impl NodeStore for MemStore {
                 Some(r) => *r = record.clone(),
                 None => m.migrations.push(record.clone()),
             }
-        });
-        Ok(())
+        })
     }
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        self.with(|m| m.audit.push(entry.clone()));
-        Ok(())
+        self.write(|m| m.audit.push(entry.clone()))
     }
 
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
@@ -189,8 +242,9 @@ impl NodeStore for MemStore {
     }
 
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.with(|m| m.settings.insert(key.to_owned(), value.to_owned()));
-        Ok(())
+        self.write(|m| {
+            m.settings.insert(key.to_owned(), value.to_owned());
+        })
     }
 }
 

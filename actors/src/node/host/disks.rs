@@ -279,32 +279,32 @@ pub async fn incoming_disk<T: Transport>(
     Ok(d)
 }
 
-/// The VM arrived: its disks get actors here — the copies that came with
-/// it, or the shared files whose locks the source just gave up.
+/// The VM arrives: its disks get actors here (the incoming disks stay
+/// listed until the caller commits) — the copies that came with
+/// it (renamed from their arriving names), or the shared files whose
+/// locks the source just gave up. All or nothing: if one cannot be
+/// opened, those opened are closed and the copies keep their arriving
+/// names (so a discard deletes them), and the error says which.
 pub async fn adopt<T: Transport>(
     s: &mut HostState<T>,
     key: &(String, u64),
     config: &mut VmConfig,
-    vm: &ractor::ActorRef<VmMsg>,
-) -> Vec<VmDisk> {
-    let arrived = s.incoming_disks.remove(key).unwrap_or_default();
+) -> Result<Adopted, String> {
+    let arrived = s.incoming_disks.get(key).cloned().unwrap_or_default();
+    let mut renamed = Vec::new();
     let mut disks = Vec::new();
+    let mut failed = None;
     for c in &mut config.disks {
         let made = if let Some(inc) = arrived.iter().find(|d| d.name == c.name) {
+            let (stores, inc2) = (s.stores.clone(), inc.clone());
+            let named = offload(move || name_arrived(stores.as_ref(), &inc2, false)).await;
+            if let Err(e) = named {
+                failed = Some(format!("{}: naming the arrived copy: {e}", c.name));
+                break;
+            }
+            renamed.push(inc.clone());
             c.datastore = inc.place.datastore.clone();
             c.path = inc.final_path.clone();
-            let (stores, inc2) = (s.stores.clone(), inc.clone());
-            let renamed = offload(move || {
-                let ds = &inc2.place.datastore;
-                for (tmp, fin) in &inc2.home {
-                    stores.rename(ds, tmp, fin)?;
-                }
-                stores.rename(ds, &inc2.place.path, &inc2.final_path)
-            })
-            .await;
-            if let Err(e) = renamed {
-                tracing::error!(vm = %config.name, disk = %c.name, "naming the arrived disk: {e}");
-            }
             c.location = s.stores.location(&c.datastore).unwrap_or_default();
             let acked = inc.done.lock().expect("done").unwrap_or(0);
             spawn_disk(c.clone(), inc.disk.clone(), s.stores.clone(), acked).await
@@ -313,13 +313,75 @@ pub async fn adopt<T: Transport>(
         };
         match made {
             Ok(d) => disks.push(d),
-            Err(e) => tracing::error!(vm = %config.name, disk = %c.name, "attaching a disk: {e}"),
+            Err(e) => {
+                failed = Some(format!("{}: {e}", c.name));
+                break;
+            }
         }
     }
-    super::super::vm_disks::attach_to_guest(vm, &mut disks).await;
+    if let Some(why) = failed {
+        undo_adopt(s, &disks, renamed).await;
+        return Err(why);
+    }
+    Ok(Adopted { disks, renamed })
+}
+
+/// Disks of an arriving VM, opened; undone with [`undo_adopt`].
+pub struct Adopted {
+    /// The VM's disks here.
+    pub disks: Vec<VmDisk>,
+    /// Copies that came with it, renamed to their final names.
+    pub renamed: Vec<Arc<IncomingDisk>>,
+}
+
+/// Takes back a half-done adoption: closes the disks opened and gives the
+/// renamed copies their arriving names again.
+pub async fn undo_adopt<T: Transport>(
+    s: &HostState<T>,
+    disks: &[VmDisk],
+    renamed: Vec<Arc<IncomingDisk>>,
+) {
+    for d in disks {
+        d.actor.stop(None);
+    }
+    let stores = s.stores.clone();
+    offload(move || {
+        for inc in renamed {
+            if let Err(e) = name_arrived(stores.as_ref(), &inc, true) {
+                tracing::error!(disk = %inc.name, "renaming an arrived copy back: {e}");
+            }
+        }
+    })
+    .await;
+}
+
+/// Gives an arrived copy (and the VM's home files) their final names, or
+/// with `back` their arriving names again.
+fn name_arrived(
+    stores: &dyn Datastores,
+    inc: &IncomingDisk,
+    back: bool,
+) -> Result<(), crate::disk::DiskError> {
+    let ds = &inc.place.datastore;
+    let flip = |a: &str, b: &str| {
+        if back {
+            stores.rename(ds, b, a)
+        } else {
+            stores.rename(ds, a, b)
+        }
+    };
+    for (tmp, fin) in &inc.home {
+        flip(tmp, fin)?;
+    }
+    flip(&inc.place.path, &inc.final_path)
+}
+
+/// Connects an adopted VM's disks to its guest and runs their workload
+/// if the guest runs.
+pub async fn attach_adopted(vm: &ractor::ActorRef<VmMsg>, disks: &mut [VmDisk]) {
+    super::super::vm_disks::attach_to_guest(vm, disks).await;
     let running = with_guest(vm, |g| g.is_running()).await.unwrap_or(false);
-    set_workload(&disks, running);
-    disks
+    set_workload(disks, running);
 }
 
 /// The migration ended without the VM: delete what arrived of its disks.

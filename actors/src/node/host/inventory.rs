@@ -22,32 +22,50 @@ use crate::node::{NodeCtx, NodeError};
 use crate::ops::store::StoredVm;
 
 /// Writes VM `name` as it is now (`running`: whether it runs, if the VM
-/// actor cannot say, as during a migration).
-pub(super) async fn persist<T: Transport>(s: &HostState<T>, name: &str, running: Option<bool>) {
+/// actor cannot say, as during a migration). A failed write is returned:
+/// what it recorded must not be acknowledged.
+pub(super) async fn persist<T: Transport>(
+    s: &mut HostState<T>,
+    name: &str,
+    running: Option<bool>,
+) -> Result<(), NodeError> {
     let Some(entry) = s.vms.get(name) else {
-        return;
+        return Ok(());
     };
     let Some(actor) = &entry.actor else {
-        return;
+        return Ok(());
     };
     let info = match actor.call(VmMsg::Info, None).await {
         Ok(ractor::rpc::CallResult::Success(i)) => i,
-        _ => return,
+        _ => return Err(NodeError::Gone("VM actor".into())),
     };
+    // A VM in doubt is paused here, but ran before: that is what counts.
+    let before = entry.in_doubt.as_ref().map(|d| d.running);
     let stored = StoredVm {
         config: entry.config.clone(),
         generation: info.generation,
-        running: running.unwrap_or(info.running),
+        running: running.or(before).unwrap_or(info.running),
         leaving: entry.leaving.clone(),
     };
-    if let Err(e) = s.store.put_vm(&stored) {
+    s.write_store(|store| store.put_vm(&stored))?;
+    Ok(())
+}
+
+/// [`persist`] where nobody waits for an answer: a failure is logged (and
+/// the host stops taking migrations until the store writes again).
+pub(super) async fn persist_or_log<T: Transport>(
+    s: &mut HostState<T>,
+    name: &str,
+    running: Option<bool>,
+) {
+    if let Err(e) = persist(s, name, running).await {
         tracing::error!(vm = %name, "storing the inventory: {e}");
     }
 }
 
 /// Forgets VM `name` in the store.
-pub(super) fn forget<T: Transport>(s: &HostState<T>, name: &str) {
-    if let Err(e) = s.store.remove_vm(name) {
+pub(super) fn forget<T: Transport>(s: &mut HostState<T>, name: &str) {
+    if let Err(e) = s.write_store(|store| store.remove_vm(name)) {
         tracing::error!(vm = %name, "removing from the inventory: {e}");
     }
 }
@@ -58,9 +76,10 @@ pub(super) async fn restore<T: Transport>(
     s: &mut HostState<T>,
     vms: Vec<StoredVm>,
 ) {
-    for mut stored in vms {
+    for stored in vms {
         let name = stored.config.name.clone();
-        if let Some((to, migration_id)) = stored.leaving.take() {
+        let mut doubt = None;
+        if let Some((to, migration_id)) = stored.leaving.clone() {
             match ask_destination(&s.ctx, &to, migration_id).await {
                 Ok(true) => {
                     tracing::info!(vm = %name, %to, "the VM moved while this node was down");
@@ -71,19 +90,28 @@ pub(super) async fn restore<T: Transport>(
                     tracing::info!(vm = %name, %to, "the migration did not complete; the VM stays here");
                 }
                 Err(e) => {
-                    tracing::warn!(vm = %name, %to, "cannot ask how the migration ended ({e}); the VM comes back stopped");
-                    stored.running = false;
+                    tracing::warn!(vm = %name, %to, "cannot ask how the migration ended ({e}); the VM stays paused, in doubt, until it can");
+                    doubt = Some((
+                        (to, migration_id),
+                        super::doubt::InDoubt {
+                            running: stored.running,
+                            why: format!("this host restarted and {e}"),
+                        },
+                    ));
                 }
             }
         }
-        match bring_back(myself, s, &stored).await {
-            Ok(()) => persist(s, &name, None).await,
+        match bring_back(myself, s, &stored, doubt.clone()).await {
+            Ok(()) => persist_or_log(s, &name, None).await,
             Err(e) => tracing::error!(vm = %name, "bringing the VM back: {e}"),
+        }
+        if let Some(((to, migration_id), _)) = doubt {
+            super::doubt::keep_asking(myself, &s.ctx, name, to, migration_id);
         }
     }
 }
 
-async fn ask_destination<T: Transport>(
+pub(super) async fn ask_destination<T: Transport>(
     ctx: &Arc<NodeCtx<T>>,
     to: &str,
     migration_id: u64,
@@ -97,10 +125,13 @@ async fn ask_destination<T: Transport>(
         .map_err(|_| "no answer in 10 s".to_owned())?
 }
 
+/// Boots a stored VM again: running if it ran, paused in doubt if its
+/// migration's end is unknown (`doubt`: that migration and why).
 async fn bring_back<T: Transport>(
     myself: &ActorRef<HostMsg<T>>,
     s: &mut HostState<T>,
     stored: &StoredVm,
+    doubt: Option<((String, u64), super::doubt::InDoubt)>,
 ) -> Result<(), NodeError> {
     let config = stored.config.clone();
     let factory = s.factory.clone();
@@ -109,7 +140,11 @@ async fn bring_back<T: Transport>(
         .await
         .map_err(|e| NodeError::Guest(e.to_string()))?;
     let mut vm_disks = Vec::new();
-    for c in &config.disks {
+    // A VM in doubt leaves its disks closed: the destination may hold
+    // them. They open when it comes back.
+    let disks_now: &[crate::migration::wire::DiskConfig] =
+        if doubt.is_some() { &[] } else { &config.disks };
+    for c in disks_now {
         vm_disks.push(
             crate::node::vm_disks::open_disk(c.clone(), s.stores.clone())
                 .await
@@ -130,7 +165,14 @@ async fn bring_back<T: Transport>(
     .await
     .map_err(|e| NodeError::Gone(format!("VM actor ({e})")))?;
     crate::node::vm_disks::attach_to_guest(&actor, &mut vm_disks).await;
-    if stored.running {
+    let (leaving, in_doubt) = match doubt {
+        Some((leaving, d)) => {
+            let _ = actor.cast(VmMsg::Released);
+            (Some(leaving), Some(d))
+        }
+        None => (None, None),
+    };
+    if stored.running && in_doubt.is_none() {
         match actor.call(VmMsg::Start, None).await {
             Ok(ractor::rpc::CallResult::Success(Ok(()))) => disks::set_workload(&vm_disks, true),
             _ => tracing::warn!(vm = %config.name, "restarting the VM failed; it stays stopped"),
@@ -143,7 +185,8 @@ async fn bring_back<T: Transport>(
             config,
             actor: Some(actor),
             disks: vm_disks,
-            leaving: None,
+            leaving,
+            in_doubt,
         },
     );
     Ok(())

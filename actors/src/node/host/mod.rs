@@ -1,7 +1,9 @@
 //! `HostActor`: one per node. Owns the VMs, admits incoming migrations,
 //! starts outgoing ones and keeps the virtual network's MAC table.
 
+mod arrival;
 mod disks;
+mod doubt;
 pub mod history;
 mod inventory;
 mod ops;
@@ -83,6 +85,22 @@ pub enum HostMsg<T: Transport> {
         /// The stream.
         reader: FrameReader<Recv<T>>,
     },
+    /// An incoming migration's source released the VM: take it over
+    /// durably (see [`arrival`]) and answer whether it worked.
+    Adopt {
+        /// The peer host and its migration id.
+        key: (String, u64),
+        /// The VM.
+        vm: String,
+        /// Its shadow.
+        actor: ActorRef<VmMsg>,
+        /// Its generation from now on.
+        generation: u64,
+        /// Whether its vCPUs will run.
+        running: bool,
+        /// Done, or why not.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// An incoming migration ended.
     IncomingEnded {
         /// The peer host and its migration id.
@@ -107,6 +125,17 @@ pub enum HostMsg<T: Transport> {
     },
     /// The VM moved away: forget it.
     VmLeft(String),
+    /// The destination of a VM in doubt answered how its migration ended.
+    InDoubtAnswer {
+        /// The VM.
+        vm: String,
+        /// The destination.
+        to: String,
+        /// The migration.
+        migration_id: u64,
+        /// Whether the destination took the VM.
+        committed: bool,
+    },
     /// A source asks how its migration ended (it lost the link after
     /// releasing the VM).
     Resolve {
@@ -172,6 +201,9 @@ struct VmEntry {
     disks: Vec<VmDisk>,
     /// A migration away is under way: (destination, migration id).
     leaving: Option<(String, u64)>,
+    /// That migration's end is unknown (this host restarted and could not
+    /// ask): the VM stays paused here until it is known.
+    in_doubt: Option<doubt::InDoubt>,
 }
 
 /// Rates for DRS are taken over at least this long.
@@ -226,6 +258,19 @@ pub struct HostState<T: Transport> {
     degraded: String,
     /// VMs read back from the store, brought back in `post_start`.
     restoring: Vec<crate::ops::store::StoredVm>,
+    /// The last store write failed (why): the host takes no migrations
+    /// until one works again.
+    store_broken: Option<String>,
+}
+
+/// The first migration id a host gives out in one life: 24 bits of its
+/// name's hash, 20 bits of its incarnation, then a counter. Ids of hosts
+/// started in the same second differ by name; ids of one host's lives by
+/// incarnation (production nodes take it from the boot second, so it
+/// repeats after about twelve days, by when the old ids are long settled).
+fn first_migration_id(host: &str, incarnation: u32) -> u64 {
+    let name = xxhash_rust::xxh3::xxh3_64(host.as_bytes()) >> 40;
+    (name << 40) | (u64::from(incarnation & 0xF_FFFF) << 20) | 1
 }
 
 /// Incoming outcomes remembered for sources that lost the link.
@@ -241,7 +286,7 @@ impl<T: Transport> Actor for HostActor<T> {
         _myself: ActorRef<HostMsg<T>>,
         args: HostArgs<T>,
     ) -> Result<HostState<T>, ActorProcessingErr> {
-        let next_migration_id = (u64::from(args.ctx.incarnation) << 32) | 1;
+        let next_migration_id = first_migration_id(&args.ctx.name, args.ctx.incarnation);
         let metrics = Arc::new(super::metrics::NodeMetrics::new(&args.ctx.name));
         let (stores, host) = (args.stores.clone(), args.ctx.name.clone());
         super::offload(move || {
@@ -254,6 +299,11 @@ impl<T: Transport> Actor for HostActor<T> {
         });
         let mut history = history::History::default();
         history.restore(stored.migrations);
+        let outcomes = stored
+            .adoptions
+            .iter()
+            .map(|a| ((a.peer.clone(), a.migration_id), true))
+            .collect();
         let setting = |k: &str| stored.settings.get(k).cloned().unwrap_or_default();
         Ok(HostState {
             rates: std::sync::Mutex::new(crate::ops::rates::Rates::new(RATE_WINDOW_MIN)),
@@ -266,7 +316,7 @@ impl<T: Transport> Actor for HostActor<T> {
             incoming: BTreeMap::new(),
             macs: BTreeMap::new(),
             next_migration_id,
-            outcomes: BTreeMap::new(),
+            outcomes,
             resolves: BTreeMap::new(),
             outgoing: Vec::new(),
             history,
@@ -278,6 +328,7 @@ impl<T: Transport> Actor for HostActor<T> {
             maintenance: setting(crate::ops::store::SETTING_MAINTENANCE) == "1",
             degraded: setting(crate::ops::store::SETTING_DEGRADED),
             restoring: stored.vms,
+            store_broken: None,
         })
     }
 
@@ -325,7 +376,7 @@ impl<T: Transport> Actor for HostActor<T> {
                 if entry.from.is_empty() {
                     entry.from.clone_from(&s.ctx.name);
                 }
-                if let Err(e) = s.store.append_audit(&entry) {
+                if let Err(e) = s.write_store(|store| store.append_audit(&entry)) {
                     tracing::error!("writing the audit log: {e}");
                 }
             }
@@ -445,8 +496,22 @@ impl<T: Transport> Actor for HostActor<T> {
                         .is_some_and(|l| l.1 == report.migration_id)
                 {
                     entry.leaving = None;
-                    inventory::persist(s, &report.vm, None).await;
+                    inventory::persist_or_log(s, &report.vm, None).await;
                 }
+            }
+            HostMsg::Adopt {
+                key,
+                vm,
+                actor,
+                generation,
+                running,
+                reply,
+            } => {
+                let r = arrival::adopt_vm(s, &key, &vm, actor, generation, running).await;
+                if let Err(e) = &r {
+                    tracing::error!(%vm, "taking the arriving VM over: {e}");
+                }
+                let _ = reply.send(r);
             }
             HostMsg::IncomingEnded {
                 key,
@@ -461,23 +526,19 @@ impl<T: Transport> Actor for HostActor<T> {
                     tracing::error!("storing a migration record: {e}");
                 }
                 let committed = matches!(end, DestEnd::Adopted(_));
-                if s.outcomes.len() >= OUTCOMES_KEPT {
-                    s.outcomes.pop_first();
-                }
-                s.outcomes.insert(key.clone(), committed);
+                s.remember_outcome(key.clone(), committed);
                 for reply in s.resolves.remove(&key).unwrap_or_default() {
                     let _ = reply.send(committed);
                 }
                 match end {
                     DestEnd::Adopted(actor) => {
-                        if let Some(mut config) = s.vms.get(&vm).map(|e| e.config.clone()) {
-                            let vm_disks = disks::adopt(s, &key, &mut config, &actor).await;
-                            if let Some(entry) = s.vms.get_mut(&vm) {
-                                entry.actor = Some(actor);
-                                entry.disks = vm_disks;
-                                entry.config = config;
-                            }
-                            inventory::persist(s, &vm, None).await;
+                        // Taken over (durably) before the resume; its disks'
+                        // workload runs now that the guest does.
+                        let running = with_guest(&actor, |g| g.is_running())
+                            .await
+                            .unwrap_or(false);
+                        if let Some(entry) = s.vms.get(&vm) {
+                            disks::set_workload(&entry.disks, running);
                         }
                     }
                     DestEnd::Discarded => {
@@ -496,6 +557,12 @@ impl<T: Transport> Actor for HostActor<T> {
                     actor.stop(None);
                 }
             }
+            HostMsg::InDoubtAnswer {
+                vm,
+                to,
+                migration_id,
+                committed,
+            } => doubt::answered(&myself, s, &vm, &to, migration_id, committed).await,
             HostMsg::Resolve {
                 peer,
                 migration_id,
@@ -551,7 +618,7 @@ impl<T: Transport> Actor for HostActor<T> {
                         }
                     }
                 }
-                inventory::persist(s, &vm, None).await;
+                inventory::persist_or_log(s, &vm, None).await;
             }
             HostMsg::Announce { mac, host } => {
                 tracing::info!(mac = %mac_string(&mac), %host, "MAC announced");
@@ -563,6 +630,40 @@ impl<T: Transport> Actor for HostActor<T> {
 }
 
 impl<T: Transport> HostState<T> {
+    /// Writes through the node store, keeping track of whether it works:
+    /// while writes fail the host takes no migrations.
+    fn write_store(
+        &mut self,
+        write: impl FnOnce(
+            &dyn crate::ops::store::NodeStore,
+        ) -> Result<(), crate::ops::store::StoreError>,
+    ) -> Result<(), crate::ops::store::StoreError> {
+        let r = write(self.store.as_ref());
+        match &r {
+            Ok(()) => {
+                if self.store_broken.take().is_some() {
+                    tracing::info!("the node store writes again");
+                }
+            }
+            Err(e) => {
+                tracing::error!("the node store cannot write: {e}; no migrations until it can");
+                self.store_broken = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    /// How incoming migration `key` ended (`committed`: the VM is here),
+    /// for sources that ask.
+    fn remember_outcome(&mut self, key: (String, u64), committed: bool) {
+        if self.outcomes.len() >= OUTCOMES_KEPT && !self.outcomes.contains_key(&key) {
+            self.outcomes.pop_first();
+        }
+        // An adoption is never overwritten by a later "not taken".
+        let e = self.outcomes.entry(key).or_insert(committed);
+        *e |= committed;
+    }
+
     /// Why the host takes no VMs now, if it does not.
     /// Why one more migration from `peer` would break this host's
     /// budgets (migrations arriving and leaving count alike, as in
@@ -587,7 +688,9 @@ impl<T: Transport> HostState<T> {
     }
 
     fn out_of_service(&self) -> Option<String> {
-        if self.maintenance {
+        if let Some(why) = &self.store_broken {
+            Some(format!("its node store cannot write ({why})"))
+        } else if self.maintenance {
             Some("it is in maintenance mode".into())
         } else if !self.degraded.is_empty() {
             Some(format!("it is degraded ({})", self.degraded))
@@ -657,9 +760,12 @@ async fn client_request<T: Transport>(
                 }),
                 Err(e) => Err(e),
             };
-            if r.is_ok() {
-                inventory::persist(s, &name, Some(true)).await;
-            }
+            let r = match r {
+                Ok(reply) => inventory::persist(s, &name, Some(true))
+                    .await
+                    .map(|()| reply),
+                Err(e) => Err(e),
+            };
             answer(r);
         }
         ClientRequest::StopVm(name) => {
@@ -670,9 +776,12 @@ async fn client_request<T: Transport>(
                 }),
                 Err(e) => Err(e),
             };
-            if r.is_ok() {
-                inventory::persist(s, &name, Some(false)).await;
-            }
+            let r = match r {
+                Ok(reply) => inventory::persist(s, &name, Some(false))
+                    .await
+                    .map(|()| reply),
+                Err(e) => Err(e),
+            };
             answer(r);
         }
         ClientRequest::Disks { vm, verify } => answer(match s.vm(&vm) {
@@ -740,8 +849,11 @@ async fn client_request<T: Transport>(
             for entry in s.vms.values() {
                 if let Some(actor) = &entry.actor
                     && let Ok(info) = actor.call(VmMsg::Info, None).await
-                    && let ractor::rpc::CallResult::Success(info) = info
+                    && let ractor::rpc::CallResult::Success(mut info) = info
                 {
+                    if let (Some(d), Some((to, id))) = (&entry.in_doubt, &entry.leaving) {
+                        info.in_doubt = d.describe(to, *id);
+                    }
                     list.push(info);
                 }
             }
@@ -816,6 +928,9 @@ async fn client_request<T: Transport>(
         }
         ClientRequest::Degraded { reason } => {
             ops::set_service(s, None, Some(reason), &who, reply).await;
+        }
+        ClientRequest::RecoverVm { vm, force } => {
+            doubt::recover(myself, s, &vm, force, who, reply).await;
         }
     }
 }
@@ -982,9 +1097,19 @@ async fn create_vm<T: Transport>(
             actor: Some(actor),
             disks: vm_disks,
             leaving: None,
+            in_doubt: None,
         },
     );
-    inventory::persist(s, &spec.name, Some(false)).await;
+    if let Err(e) = inventory::persist(s, &spec.name, Some(false)).await {
+        // Not durable, so not created: a restart would not know it.
+        if let Some(entry) = s.vms.remove(&spec.name) {
+            disks::remove_all(&s.stores, &entry.config, &entry.disks).await;
+            if let Some(actor) = entry.actor {
+                actor.stop(None);
+            }
+        }
+        return Err(e);
+    }
     Ok(ClientReply::Ok)
 }
 
@@ -997,7 +1122,12 @@ async fn delete_vm<T: Transport>(
         Ok(ractor::rpc::CallResult::Success(i)) => i,
         _ => return Err(NodeError::Gone("VM actor".into())),
     };
-    if !matches!(info.phase, VmPhase::Stopped | VmPhase::Released) {
+    if info.phase == VmPhase::Released || s.vms.get(name).is_some_and(|e| e.leaving.is_some()) {
+        return Err(NodeError::Busy(format!(
+            "{name} is in doubt (a migration away may have handed it over): settle it with `vm recover` first; deleting it could destroy the only copy"
+        )));
+    }
+    if info.phase != VmPhase::Stopped {
         return Err(NodeError::Busy(format!(
             "{name} is {:?}; stop it first",
             info.phase
@@ -1049,10 +1179,13 @@ async fn incoming<T: Transport>(
             actor: None,
             disks: Vec::new(),
             leaving: None,
+            in_doubt: None,
         },
     );
     let me = myself.clone();
     let me2 = myself.clone();
+    let me3 = myself.clone();
+    let (adopt_key, adopt_name) = (key.clone(), name.clone());
     let ctx = s.ctx.clone();
     let end_key = key.clone();
     let end_name = name.clone();
@@ -1064,6 +1197,18 @@ async fn incoming<T: Transport>(
         host: s.ctx.name.clone(),
         peer: peer.clone(),
         announce: Box::new(move |mac| announce(&me2, &ctx, mac)),
+        adopt: Box::new(move |actor, generation, running| {
+            let (reply, answer) = oneshot::channel();
+            let _ = me3.cast(HostMsg::Adopt {
+                key: adopt_key.clone(),
+                vm: adopt_name.clone(),
+                actor,
+                generation,
+                running,
+                reply,
+            });
+            answer
+        }),
         on_end: Box::new(move |end, report| {
             let _ = me.cast(HostMsg::IncomingEnded {
                 key: end_key,
@@ -1237,18 +1382,30 @@ async fn start_migration<T: Transport>(
             let _ = me_end.cast(HostMsg::SourceEnded(Box::new(report)));
         }),
     };
+    // Durable before the offer goes out: a restart must know the VM may
+    // be handed over, and ask before it runs it again.
+    if let Some(entry) = s.vms.get_mut(name) {
+        entry.leaving = Some((to.to_owned(), id));
+    }
+    if let Err(e) = inventory::persist(s, name, Some(running)).await {
+        if let Some(entry) = s.vms.get_mut(name) {
+            entry.leaving = None;
+        }
+        let _ = vm.cast(VmMsg::MigrationAborted);
+        return Err(e);
+    }
     match Actor::spawn(None, MigrationSource::default(), args).await {
         Ok((source, _)) => {
-            if let Some(entry) = s.vms.get_mut(name) {
-                entry.leaving = Some((to.to_owned(), id));
-            }
-            inventory::persist(s, name, Some(running)).await;
             s.running.insert(id, source.clone());
             s.outgoing
                 .retain(|c| c.get_status() != ractor::ActorStatus::Stopped);
             s.outgoing.push(source.get_cell());
         }
         Err(e) => {
+            if let Some(entry) = s.vms.get_mut(name) {
+                entry.leaving = None;
+            }
+            inventory::persist_or_log(s, name, Some(running)).await;
             let _ = vm.cast(VmMsg::MigrationAborted);
             return Err(NodeError::Gone(format!("migration actor ({e})")));
         }
@@ -1306,4 +1463,20 @@ pub async fn start_host_with<T: Transport>(
     .map_err(|e| NodeError::Gone(format!("host actor ({e})")))?;
     tokio::spawn(super::net::serve(ctx, host.clone()));
     Ok(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_migration_id;
+
+    #[test]
+    fn migration_ids_differ_between_hosts_started_together_and_between_lives() {
+        let a = first_migration_id("host-a", 1_764_633_600);
+        let b = first_migration_id("host-b", 1_764_633_600);
+        let a_again = first_migration_id("host-a", 1_764_633_601);
+        assert_ne!(a, b);
+        assert_ne!(a, a_again);
+        // A life's ids run up from its first without reaching another life's.
+        assert!(a_again - a >= 1 << 20 || a - a_again >= 1 << 20);
+    }
 }
