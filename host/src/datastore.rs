@@ -108,8 +108,9 @@ impl FileDisk {
     }
 }
 
-/// Takes an exclusive OFD lock on the whole of `file`.
-fn lock(file: &File, path: &Path) -> Result<(), DiskError> {
+/// Takes an exclusive OFD lock on the whole of `file` (held until the
+/// file is closed; a second open in any process is refused).
+pub(crate) fn lock(file: &File, path: &Path) -> Result<(), DiskError> {
     // SAFETY: an all-zero `flock` is a valid value for the plain C struct.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::c_short::try_from(libc::F_WRLCK).expect("F_WRLCK is small");

@@ -23,6 +23,31 @@ const SCHEMA_VERSION: i64 = 2;
 /// A node's SQLite database.
 pub struct SqliteStore {
     db: Mutex<Connection>,
+    /// `<db>.lock`, locked for as long as this store is open: one process
+    /// per node identity (a second node started from a copy of the node
+    /// file is refused instead of running the same VMs).
+    _lock: std::fs::File,
+}
+
+/// Takes the node's exclusive lock beside its database.
+fn lock_node(db: &Path) -> Result<std::fs::File, StoreError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    crate::datastore::lock(&file, &path).map_err(|e| match e {
+        ferry_actors::disk::DiskError::Locked(_) => err(format!(
+            "{} is in use by another ferry node process (one process per node; stop the other first)",
+            db.display()
+        )),
+        other => err(format!("locking {}: {other}", path.display())),
+    })?;
+    Ok(file)
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -35,6 +60,7 @@ impl SqliteStore {
     /// # Errors
     /// The file cannot be opened, or it was written by a newer ferry.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let lock = lock_node(path)?;
         let db = Connection::open(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -86,7 +112,10 @@ impl SqliteStore {
             }
             Some(_) => {}
         }
-        Ok(Self { db: Mutex::new(db) })
+        Ok(Self {
+            db: Mutex::new(db),
+            _lock: lock,
+        })
     }
 
     fn with<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
@@ -347,6 +376,55 @@ mod tests {
         store
             .remove_vm("nothing")
             .expect("removing nothing is fine");
+    }
+
+    #[test]
+    fn a_second_process_for_the_same_node_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.db");
+        let first = SqliteStore::open(&path).expect("open");
+        let e = SqliteStore::open(&path).err().expect("refused");
+        assert!(e.0.contains("in use by another ferry node"), "{e}");
+        drop(first);
+        SqliteStore::open(&path).expect("free once the first is closed");
+    }
+
+    #[test]
+    fn an_adoption_is_kept_with_its_vm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.db");
+        let vm = StoredVm {
+            config: ferry_actors::migration::VmConfig {
+                name: "web".into(),
+                memory_bytes: 16 << 20,
+                vcpus: 1,
+                cpu_features: Vec::new(),
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+                kind: ferry_actors::migration::GuestKind::Synthetic {
+                    wss_bytes: 0,
+                    seed: 1,
+                    writes_per_sec: 1,
+                },
+                disks: Vec::new(),
+            },
+            generation: 2,
+            running: true,
+            leaving: None,
+        };
+        let from = AdoptedFrom {
+            peer: "host-a".into(),
+            migration_id: 7,
+        };
+        SqliteStore::open(&path)
+            .expect("open")
+            .adopt(&vm, &from)
+            .expect("adopt");
+        let state = SqliteStore::open(&path)
+            .expect("reopen")
+            .load()
+            .expect("load");
+        assert_eq!(state.vms, vec![vm]);
+        assert_eq!(state.adoptions, vec![from]);
     }
 
     #[test]

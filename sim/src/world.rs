@@ -219,6 +219,11 @@ impl World {
         self.setup.durable
     }
 
+    /// Host `index`'s node database (kept across its lives when durable).
+    pub fn store(&self, index: usize) -> MemStore {
+        self.hosts.borrow()[index].store.clone()
+    }
+
     /// Host `index`'s actor (its current life's).
     pub fn actor(&self, index: usize) -> ActorRef<HostMsg<SimTransport>> {
         self.hosts.borrow()[index].actor.clone()

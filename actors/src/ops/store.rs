@@ -104,6 +104,8 @@ pub const SETTING_MAINTENANCE: &str = "maintenance";
 /// Setting: why the host reported itself degraded (absent or empty: it
 /// is not).
 pub const SETTING_DEGRADED: &str = "degraded";
+/// Setting written to find out whether a store that failed writes again.
+pub const SETTING_STORE_PROBE: &str = "store_probe";
 
 /// A value as stored bytes.
 pub fn encode<T: WireEncode>(value: &T) -> Result<Vec<u8>, StoreError> {

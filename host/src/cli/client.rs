@@ -68,6 +68,58 @@ pub struct NameArgs {
     pub client: ClientArgs,
 }
 
+/// Options of `ferry vm recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// VM name.
+    pub name: String,
+    /// Fence without an answer from the destination: its copy can never
+    /// be taken for the newest, and the VM runs here again. Only when the
+    /// destination host is gone for good (admin role).
+    #[arg(long)]
+    pub force: bool,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `ferry vm recover`: settles a VM in doubt.
+pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let cluster = connect(&args.client)?;
+        let node = cluster.locate(&args.name).await?;
+        eprintln!(
+            "{}: {} on {node} …",
+            args.name,
+            if args.force {
+                "fencing the other copy"
+            } else {
+                "asking the destination how the migration ended"
+            }
+        );
+        cluster
+            .request(
+                &node,
+                &ferry_actors::node::client::ClientRequest::RecoverVm {
+                    vm: args.name.clone(),
+                    force: args.force,
+                },
+                None,
+            )
+            .await?;
+        println!(
+            "{}: {}",
+            args.name,
+            if args.force {
+                "fenced; it runs here again"
+            } else {
+                "settled (`ferry vm list` shows where it runs)"
+            }
+        );
+        Ok(())
+    })
+}
+
 /// Options of `ferry migrate`.
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
@@ -392,6 +444,9 @@ pub fn list(args: &ClientArgs) -> anyhow::Result<()> {
                             v.guest_pass,
                             v.mac
                         );
+                        if !v.in_doubt.is_empty() {
+                            println!("{:<16} in doubt: {}", "", v.in_doubt);
+                        }
                     }
                 }
                 Err(e) => eprintln!("{node}: unreachable: {e}"),

@@ -20,8 +20,11 @@ pub enum VmCommand {
     Start(super::client::NameArgs),
     /// Stop a VM's vCPUs (its memory stays).
     Stop(super::client::NameArgs),
-    /// Remove a stopped VM.
+    /// Remove a stopped VM (refused while it is in doubt).
     Delete(super::client::NameArgs),
+    /// Settle a VM in doubt (a migration away whose end is unknown): ask
+    /// its destination again, or with --force fence the other copy.
+    Recover(super::client::RecoverArgs),
     /// The VMs on every node.
     List(super::client::ClientArgs),
     /// Move a VM's disks to another datastore of its host while it runs
@@ -103,6 +106,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
         VmCommand::Stop(args) => super::client::lifecycle(&args, "stop"),
         VmCommand::Delete(args) => super::client::lifecycle(&args, "delete"),
         VmCommand::List(args) => super::client::list(&args),
+        VmCommand::Recover(args) => super::client::recover(&args),
         VmCommand::MoveStorage(args) => super::client::move_storage(&args),
         VmCommand::Disks(args) => super::client::disks(&args),
         VmCommand::Run(args) => run_guest(&args),

@@ -406,6 +406,13 @@ impl<T: Transport> Actor for HostActor<T> {
             }
             HostMsg::SampleLoad => {
                 let _ = ops::load(s).await;
+                if s.store_broken.is_some() {
+                    // Probe: the host takes migrations again once its
+                    // store writes again.
+                    let _ = s.write_store(|store| {
+                        store.set_setting(crate::ops::store::SETTING_STORE_PROBE, "")
+                    });
+                }
             }
             HostMsg::Degraded(reason) => {
                 let (tx, mut rx) = mpsc::unbounded_channel();

@@ -1,0 +1,295 @@
+//! The safety rules at the points where they broke: a source that restarts
+//! not knowing how its migration ended, a store that cannot write, and the
+//! seeds that once broke a rule in the sweeps (kept as regressions).
+
+use std::time::Duration;
+
+use ferry_actors::node::client::{ClientReply, ClientRequest, MigrateOptions};
+use ferry_actors::node::vm::{VmInfo, VmPhase};
+use ferry_sim::net::{LinkParams, SimNetwork};
+use ferry_sim::scenario::{self, Faults, Scenario};
+use ferry_sim::world::{self, HostSetup, World};
+
+fn link() -> LinkParams {
+    LinkParams {
+        bandwidth_bytes_per_s: 100e6,
+        latency: Duration::from_micros(500),
+    }
+}
+
+async fn durable_world(hosts: usize) -> std::rc::Rc<World> {
+    let setup = HostSetup {
+        durable: true,
+        ..HostSetup::default()
+    };
+    std::rc::Rc::new(World::start_with(SimNetwork::new(link()), hosts, 256, setup).await)
+}
+
+async fn copies(world: &World, vm: &str) -> Vec<VmInfo> {
+    world.census().await.remove(vm).unwrap_or_default()
+}
+
+fn error_of(reply: ClientReply) -> String {
+    match reply {
+        ClientReply::Error(e) => e,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// Both hosts go down while `vm` moves from h000 to h001; h000 comes back
+/// alone: it cannot know how the migration ended.
+async fn source_back_alone(world: &std::rc::Rc<World>, vm: &str) {
+    world.create_vm(0, vm, 8, 1).await;
+    let migrating = {
+        let (world, vm) = (world.clone(), vm.to_owned());
+        tokio::task::spawn_local(async move {
+            let options = MigrateOptions {
+                downtime_ms: 5,
+                ..MigrateOptions::default()
+            };
+            world::migrate(&world.actor(0), &vm, "h001", options).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    world.crash(0);
+    world.crash(1);
+    let _ = migrating.await;
+    world.restart(0).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[test]
+fn a_source_back_without_its_destination_keeps_the_vm_paused_until_it_can_ask() {
+    ferry_sim::on_sim_runtime(1, async {
+        let world = durable_world(2).await;
+        source_back_alone(&world, "web").await;
+
+        let seen = copies(&world, "web").await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].phase, VmPhase::Released, "{seen:?}");
+        assert!(!seen[0].running, "never run while in doubt: {seen:?}");
+        assert!(seen[0].in_doubt.contains("h001"), "{seen:?}");
+        let refused = error_of(
+            world
+                .request(0, ClientRequest::DeleteVm("web".into()))
+                .await,
+        );
+        assert!(refused.contains("in doubt"), "{refused}");
+        let refused = error_of(world.request(0, ClientRequest::StartVm("web".into())).await);
+        assert!(refused.contains("Released"), "{refused}");
+        let ask = ClientRequest::RecoverVm {
+            vm: "web".into(),
+            force: false,
+        };
+        let refused = error_of(world.request(0, ask).await);
+        assert!(refused.contains("--force"), "{refused}");
+
+        // Minutes later it is still asking, still paused.
+        tokio::time::sleep(Duration::from_secs(400)).await;
+        let seen = copies(&world, "web").await;
+        assert!(
+            !seen[0].running && seen[0].phase == VmPhase::Released,
+            "{seen:?}"
+        );
+
+        // The destination comes back (it never took the VM: it went down
+        // with the shadow): the next question settles it, and it runs
+        // again, once.
+        world.restart(1).await;
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        let seen = copies(&world, "web").await;
+        let running: Vec<_> = seen.iter().filter(|c| c.running).collect();
+        assert_eq!(running.len(), 1, "{seen:?}");
+        assert!(running[0].in_doubt.is_empty(), "{seen:?}");
+        assert!(
+            world.ledger.violations().is_empty(),
+            "{:?}",
+            world.ledger.violations()
+        );
+    });
+}
+
+#[test]
+fn recover_force_fences_the_other_copy_and_runs_the_vm_here() {
+    ferry_sim::on_sim_runtime(2, async {
+        let world = durable_world(2).await;
+        source_back_alone(&world, "db").await;
+        let before = copies(&world, "db").await[0].generation;
+        let fence = ClientRequest::RecoverVm {
+            vm: "db".into(),
+            force: true,
+        };
+        assert_eq!(world.request(0, fence).await, ClientReply::Ok);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let seen = copies(&world, "db").await;
+        assert!(seen[0].running, "{seen:?}");
+        assert_eq!(seen[0].phase, VmPhase::Running);
+        assert_eq!(
+            seen[0].generation,
+            before + 2,
+            "past the generation the destination was handed"
+        );
+        // Settled: it can be stopped and deleted again.
+        assert_eq!(
+            world.request(0, ClientRequest::StopVm("db".into())).await,
+            ClientReply::Ok
+        );
+        assert_eq!(
+            world.request(0, ClientRequest::DeleteVm("db".into())).await,
+            ClientReply::Ok
+        );
+    });
+}
+
+#[test]
+fn a_node_whose_store_cannot_write_acknowledges_nothing_and_takes_no_migrations() {
+    ferry_sim::on_sim_runtime(3, async {
+        let world = durable_world(2).await;
+        world.create_vm(1, "app", 8, 1).await;
+        world.store(0).set_failing(true);
+
+        let spec = ferry_actors::node::client::VmSpec {
+            name: "lost".into(),
+            memory_mib: 8,
+            vcpus: 1,
+            wss_mib: 0,
+            synthetic: true,
+            cpu_features: Vec::new(),
+            disk_workload: false,
+            disks: Vec::new(),
+        };
+        let refused = error_of(world.request(0, ClientRequest::CreateVm(spec)).await);
+        assert!(refused.contains("not recorded"), "{refused}");
+        assert!(copies(&world, "lost").await.is_empty(), "not created");
+
+        let report = world::migrate(&world.actor(1), "app", "h000", MigrateOptions::default())
+            .await
+            .expect("a report");
+        let ferry_actors::migration::Outcome::Aborted { reason } = &report.outcome else {
+            panic!("{report:?}")
+        };
+        assert!(reason.contains("node store cannot write"), "{reason}");
+        let seen = copies(&world, "app").await;
+        assert!(seen.len() == 1 && seen[0].host == "h001" && seen[0].running);
+
+        // The disk is fixed: after the host's next look it takes VMs again.
+        world.store(0).set_failing(false);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let report = world::migrate(&world.actor(1), "app", "h000", MigrateOptions::default())
+            .await
+            .expect("a report");
+        assert!(report.completed(), "{report:?}");
+    });
+}
+
+#[test]
+fn a_destination_restarted_after_the_resume_still_has_the_vm_and_says_so() {
+    ferry_sim::on_sim_runtime(4, async {
+        let world = durable_world(2).await;
+        world.create_vm(0, "api", 8, 1).await;
+        let report = world::migrate(&world.actor(0), "api", "h001", MigrateOptions::default())
+            .await
+            .expect("a report");
+        assert!(report.completed(), "{report:?}");
+        // Killed right after it resumed the guest, then back.
+        world.crash(1);
+        world.restart(1).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let seen = copies(&world, "api").await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(seen[0].host == "h001" && seen[0].running, "{seen:?}");
+        assert_eq!(seen[0].generation, 2, "created at 1, moved once: {seen:?}");
+    });
+}
+
+/// Seeds that broke a rule once, each in its scenario; they must pass.
+#[test]
+fn seeds_that_once_broke_a_rule() {
+    let options = MigrateOptions {
+        downtime_ms: 5,
+        time_limit_s: 20,
+        auto_converge: true,
+        lanes: 2,
+        verify_memory: true,
+        cold: false,
+        ..MigrateOptions::default()
+    };
+    let base = Scenario {
+        name: "regression",
+        hosts: 4,
+        host_memory_mib: 256,
+        vms: 8,
+        vm_memory_mib: 8,
+        wss_mib_max: 2,
+        migrations: 12,
+        horizon: Duration::from_secs(2),
+        link: link(),
+        faults: Faults::NONE,
+        options,
+        disk_mib: 0,
+        durable: false,
+    };
+    // A VM seen on two hosts by a sampled census (the checker's window):
+    // the run ledger checks at every start now.
+    let cuts = Scenario {
+        faults: Faults {
+            cuts_per_s: 4.0,
+            clogs_per_s: 4.0,
+            ..Faults::NONE
+        },
+        ..base.clone()
+    };
+    // A source back from a crash while its destination was down: the VM
+    // came back stopped for good (lost); now it waits in doubt and asks.
+    let durable = Scenario {
+        faults: Faults {
+            cuts_per_s: 1.0,
+            crashes_per_s: 1.5,
+            down_max: Duration::from_millis(700),
+            ..Faults::NONE
+        },
+        horizon: Duration::from_secs(3),
+        durable: true,
+        ..base.clone()
+    };
+    // A mirrored write the target failed (link cut, destination crashed)
+    // was failed to the guest after it landed on the source.
+    let storage = Scenario {
+        vms: 6,
+        migrations: 8,
+        disk_mib: 2,
+        faults: Faults {
+            cuts_per_s: 2.0,
+            partitions_per_s: 1.0,
+            partition_max: Duration::from_millis(500),
+            clogs_per_s: 2.0,
+            ..Faults::NONE
+        },
+        ..base.clone()
+    };
+    let storage_crashes = Scenario {
+        vms: 6,
+        migrations: 8,
+        disk_mib: 2,
+        faults: Faults {
+            crashes_per_s: 0.5,
+            down_max: Duration::from_millis(500),
+            ..Faults::NONE
+        },
+        ..base.clone()
+    };
+    for (s, seed) in [
+        (&cuts, 1085),
+        (&durable, 8025),
+        (&storage, 6023),
+        (&storage_crashes, 7015),
+    ] {
+        let r = scenario::run(s, seed);
+        assert!(
+            r.violations.is_empty(),
+            "seed {seed}: {:#?}\n{}",
+            r.violations,
+            r.trace.join("\n")
+        );
+    }
+}
