@@ -25,11 +25,13 @@
 //! # }
 //! ```
 
+pub mod catalog;
 pub mod ledger;
 pub mod net;
 pub mod ops;
 pub mod rng;
 pub mod scenario;
+pub mod violation;
 pub mod world;
 
 /// The seeds to run: `SIM_SEED` (one), else `SIM_SEEDS` of them (default

@@ -11,6 +11,7 @@ use ferry_actors::storage::Method;
 
 use crate::net::{LinkParams, SimNetwork};
 use crate::rng::SimRng;
+use crate::violation::{Kind, Violation};
 use crate::world::{self, Trace, World};
 
 /// A migration that has not ended after this much simulated time never
@@ -100,7 +101,7 @@ pub struct RunResult {
     /// The trace.
     pub trace: Vec<String>,
     /// Broken rules (empty when all held).
-    pub violations: Vec<String>,
+    pub violations: Vec<Violation>,
     /// Migrations that completed.
     pub completed: usize,
     /// Migrations that aborted (VM left on the source).
@@ -133,7 +134,7 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     };
     let world = Rc::new(World::start_with(net.clone(), s.hosts, s.host_memory_mib, setup).await);
     let trace = Rc::new(RefCell::new(Trace::default()));
-    let violations = Rc::new(RefCell::new(Vec::<String>::new()));
+    let violations = Rc::new(RefCell::new(Vec::<Violation>::new()));
     let maybe_lost = Rc::new(RefCell::new(std::collections::BTreeSet::<String>::new()));
     // Migrations under way, VM -> (source, destination): a VM arriving
     // on a host that crashes may be lost with it too.
@@ -219,8 +220,9 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
             let end = match &r {
                 Ok(report) => {
                     if report.memory_verified == Some(false) {
-                        violations.borrow_mut().push(format!(
-                            "m{k}: {vm} destination memory differs from the source at the switchover"
+                        violations.borrow_mut().push(Violation::new(
+                            Kind::MemoryMismatch,
+                            format!("m{k}: {vm} destination memory differs from the source at the switchover"),
                         ));
                     }
                     match &report.outcome {
@@ -392,23 +394,30 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     }
     tokio::time::sleep(ferry_actors::migration::destination::IDLE_MAX + Duration::from_secs(1))
         .await;
-    violations.borrow_mut().extend(world.ledger.violations());
+    violations.borrow_mut().extend(
+        world
+            .ledger
+            .violations()
+            .into_iter()
+            .map(|v| Violation::new(Kind::TwoHosts, v)),
+    );
     let census = world.census().await;
     if let Err(v) = world::settled(&census, &vms, &maybe_lost.borrow()) {
-        violations.borrow_mut().push(format!("settled: {v}"));
+        violations.borrow_mut().push(v);
     }
     if s.disk_mib > 0 {
         // Every write the disk workload had acknowledged is on the disk of
         // the one host that runs the VM, whichever way its migrations went.
         let lost = maybe_lost.borrow().clone();
         for v in world::disk_violations(&world, &census, &lost).await {
-            violations.borrow_mut().push(format!("settled: {v}"));
+            violations.borrow_mut().push(v);
         }
     }
     if ends.contains(&MigrationEnd::Lost) {
-        violations
-            .borrow_mut()
-            .push("a migration never reached a final state".into());
+        violations.borrow_mut().push(Violation::new(
+            Kind::NeverEnded,
+            "a migration never reached a final state",
+        ));
     }
     let count = |e: MigrationEnd| ends.iter().filter(|x| **x == e).count();
     let simulated = world.elapsed();

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::ledger::{ObservingFactory, RunLedger};
 use crate::net::{SimNetwork, SimTransport};
+use crate::violation::{Kind, Violation};
 
 /// One simulated host.
 pub struct SimHost {
@@ -437,7 +438,7 @@ pub async fn disk_violations(
     world: &World,
     census: &BTreeMap<String, Vec<VmInfo>>,
     maybe_lost: &std::collections::BTreeSet<String>,
-) -> Vec<String> {
+) -> Vec<Violation> {
     let mut out = Vec::new();
     for (vm, copies) in census {
         let Some(owner) = copies.iter().find(|c| c.running) else {
@@ -452,11 +453,17 @@ pub async fn disk_violations(
             ClientReply::Disks(disks) => {
                 for d in disks {
                     if let Some(e) = d.verify_error {
-                        out.push(format!("{vm} on {}: {}: {e}", owner.host, d.name));
+                        out.push(Violation::new(
+                            Kind::WriteLost,
+                            format!("{vm} on {}: {}: {e}", owner.host, d.name),
+                        ));
                     }
                 }
             }
-            other => out.push(format!("{vm}: its disks cannot be read: {other:?}")),
+            other => out.push(Violation::new(
+                Kind::WriteLost,
+                format!("{vm}: its disks cannot be read: {other:?}"),
+            )),
         }
         if maybe_lost.contains(vm) {
             continue;
@@ -466,9 +473,9 @@ pub async fn disk_violations(
                 && location != owner.host
                 && world.names().contains(&location);
             if stray {
-                out.push(format!(
-                    "{vm} runs on {} but {location} keeps {path}",
-                    owner.host
+                out.push(Violation::new(
+                    Kind::LeftBehind,
+                    format!("{vm} runs on {} but {location} keeps {path}", owner.host),
                 ));
             }
         }
@@ -485,7 +492,7 @@ pub fn settled(
     census: &BTreeMap<String, Vec<VmInfo>>,
     expected: &[String],
     maybe_lost: &std::collections::BTreeSet<String>,
-) -> Result<(), String> {
+) -> Result<(), Violation> {
     for vm in expected {
         let copies = census.get(vm).map(Vec::as_slice).unwrap_or_default();
         let running = copies.iter().filter(|c| c.running).count();
@@ -493,24 +500,38 @@ pub fn settled(
             continue;
         }
         if running != 1 {
-            return Err(format!(
-                "{vm} runs on {running} hosts once settled: {:?}",
-                copies
-                    .iter()
-                    .map(|c| (&c.host, c.phase, c.running))
-                    .collect::<Vec<_>>()
+            let kind = if running == 0 {
+                Kind::VmLost
+            } else {
+                Kind::TwoHosts
+            };
+            return Err(Violation::new(
+                kind,
+                format!(
+                    "{vm} runs on {running} hosts once settled: {:?}",
+                    copies
+                        .iter()
+                        .map(|c| (&c.host, c.phase, c.running))
+                        .collect::<Vec<_>>()
+                ),
             ));
         }
         if let Some(c) = copies
             .iter()
             .find(|c| matches!(c.phase, VmPhase::Incoming | VmPhase::MigratingOut))
         {
-            return Err(format!("{vm} left {:?} on {}", c.phase, c.host));
+            return Err(Violation::new(
+                Kind::LeftBehind,
+                format!("{vm} left {:?} on {}", c.phase, c.host),
+            ));
         }
         if copies.len() > 1 {
-            return Err(format!(
-                "{vm} has copies on {:?}",
-                copies.iter().map(|c| &c.host).collect::<Vec<_>>()
+            return Err(Violation::new(
+                Kind::LeftBehind,
+                format!(
+                    "{vm} has copies on {:?}",
+                    copies.iter().map(|c| &c.host).collect::<Vec<_>>()
+                ),
             ));
         }
     }

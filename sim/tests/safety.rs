@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use ferry_actors::node::client::{ClientReply, ClientRequest, MigrateOptions};
 use ferry_actors::node::vm::{VmInfo, VmPhase};
+use ferry_sim::catalog;
 use ferry_sim::net::{LinkParams, SimNetwork};
-use ferry_sim::scenario::{self, Faults, Scenario};
+use ferry_sim::scenario;
 use ferry_sim::world::{self, HostSetup, World};
 
 fn link() -> LinkParams {
@@ -205,89 +206,24 @@ fn a_destination_restarted_after_the_resume_still_has_the_vm_and_says_so() {
 /// Seeds that broke a rule once, each in its scenario; they must pass.
 #[test]
 fn seeds_that_once_broke_a_rule() {
-    let options = MigrateOptions {
-        downtime_ms: 5,
-        time_limit_s: 20,
-        auto_converge: true,
-        lanes: 2,
-        verify_memory: true,
-        cold: false,
-        ..MigrateOptions::default()
-    };
-    let base = Scenario {
-        name: "regression",
-        hosts: 4,
-        host_memory_mib: 256,
-        vms: 8,
-        vm_memory_mib: 8,
-        wss_mib_max: 2,
-        migrations: 12,
-        horizon: Duration::from_secs(2),
-        link: link(),
-        faults: Faults::NONE,
-        options,
-        disk_mib: 0,
-        durable: false,
-    };
-    // A VM seen on two hosts by a sampled census (the checker's window):
-    // the run ledger checks at every start now.
-    let cuts = Scenario {
-        faults: Faults {
-            cuts_per_s: 4.0,
-            clogs_per_s: 4.0,
-            ..Faults::NONE
-        },
-        ..base.clone()
-    };
-    // A source back from a crash while its destination was down: the VM
-    // came back stopped for good (lost); now it waits in doubt and asks.
-    let durable = Scenario {
-        faults: Faults {
-            cuts_per_s: 1.0,
-            crashes_per_s: 1.5,
-            down_max: Duration::from_millis(700),
-            ..Faults::NONE
-        },
-        horizon: Duration::from_secs(3),
-        durable: true,
-        ..base.clone()
-    };
-    // A mirrored write the target failed (link cut, destination crashed)
-    // was failed to the guest after it landed on the source.
-    let storage = Scenario {
-        vms: 6,
-        migrations: 8,
-        disk_mib: 2,
-        faults: Faults {
-            cuts_per_s: 2.0,
-            partitions_per_s: 1.0,
-            partition_max: Duration::from_millis(500),
-            clogs_per_s: 2.0,
-            ..Faults::NONE
-        },
-        ..base.clone()
-    };
-    let storage_crashes = Scenario {
-        vms: 6,
-        migrations: 8,
-        disk_mib: 2,
-        faults: Faults {
-            crashes_per_s: 0.5,
-            down_max: Duration::from_millis(500),
-            ..Faults::NONE
-        },
-        ..base.clone()
-    };
     for (s, seed) in [
-        (&cuts, 1085),
-        (&durable, 8025),
-        (&storage, 6023),
-        (&storage_crashes, 7015),
+        // A VM seen on two hosts by a sampled census (the checker's own
+        // window): the run ledger checks at every start now.
+        (catalog::cuts(), 1085),
+        // A source back from a crash while its destination was down: the
+        // VM came back stopped for good (lost); now it waits in doubt and
+        // asks until it knows.
+        (catalog::durable_crashes(), 8025),
+        // A mirrored write the target failed (link cut, destination
+        // crashed) was failed to the guest after it landed on the source.
+        (catalog::storage(), 6023),
+        (catalog::storage_crashes(), 7015),
     ] {
-        let r = scenario::run(s, seed);
+        let r = scenario::run(&s, seed);
         assert!(
             r.violations.is_empty(),
-            "seed {seed}: {:#?}\n{}",
+            "{} seed {seed}: {:#?}\n{}",
+            s.name,
             r.violations,
             r.trace.join("\n")
         );

@@ -5,42 +5,8 @@
 
 use std::time::Duration;
 
-use ferry_actors::node::client::MigrateOptions;
-use ferry_sim::net::LinkParams;
+use ferry_sim::catalog;
 use ferry_sim::scenario::{self, Faults, RunResult, Scenario};
-
-fn options() -> MigrateOptions {
-    MigrateOptions {
-        downtime_ms: 5,
-        time_limit_s: 20,
-        auto_converge: true,
-        lanes: 2,
-        verify_memory: true,
-        cold: false,
-        ..MigrateOptions::default()
-    }
-}
-
-fn base(name: &'static str) -> Scenario {
-    Scenario {
-        name,
-        hosts: 4,
-        host_memory_mib: 256,
-        vms: 8,
-        vm_memory_mib: 8,
-        wss_mib_max: 2,
-        migrations: 12,
-        horizon: Duration::from_secs(2),
-        link: LinkParams {
-            bandwidth_bytes_per_s: 100e6,
-            latency: Duration::from_micros(500),
-        },
-        faults: Faults::NONE,
-        options: options(),
-        disk_mib: 0,
-        durable: false,
-    }
-}
 
 /// Runs `count` seeds of `s` from `first` (or as `SIM_SEED`, `SIM_SEEDS`
 /// and `SIM_SEED_BASE` say), every one of them, then fails naming each
@@ -85,7 +51,7 @@ fn sweep(s: &Scenario, first: u64, count: u64) -> Vec<RunResult> {
 
 #[test]
 fn calm_network_every_migration_completes() {
-    let results = sweep(&base("calm"), 1, 25);
+    let results = sweep(&catalog::base("calm"), 1, 25);
     for r in &results {
         assert_eq!(
             r.aborted + r.in_doubt,
@@ -98,44 +64,17 @@ fn calm_network_every_migration_completes() {
 
 #[test]
 fn cut_and_clogged_links() {
-    let s = Scenario {
-        faults: Faults {
-            cuts_per_s: 4.0,
-            partitions_per_s: 0.0,
-            partition_max: Duration::ZERO,
-            clogs_per_s: 4.0,
-            ..Faults::NONE
-        },
-        ..base("cuts")
-    };
-    sweep(&s, 1000, 25);
+    sweep(&catalog::cuts(), 1000, 25);
 }
 
 #[test]
 fn partitions_heal() {
-    let s = Scenario {
-        faults: Faults {
-            cuts_per_s: 0.0,
-            partitions_per_s: 3.0,
-            partition_max: Duration::from_millis(800),
-            clogs_per_s: 0.0,
-            ..Faults::NONE
-        },
-        ..base("partitions")
-    };
-    sweep(&s, 2000, 25);
+    sweep(&catalog::partitions(), 2000, 25);
 }
 
 #[test]
 fn full_destinations_refuse() {
-    // Hosts hold about three VMs each: many offers meet a full host.
-    let s = Scenario {
-        host_memory_mib: 26,
-        vms: 10,
-        migrations: 16,
-        ..base("full")
-    };
-    sweep(&s, 3000, 25);
+    sweep(&catalog::full(), 3000, 25);
 }
 
 #[test]
@@ -148,7 +87,7 @@ fn same_seed_same_trace() {
             clogs_per_s: 3.0,
             ..Faults::NONE
         },
-        ..base("determinism")
+        ..catalog::base("determinism")
     };
     let a = scenario::run(&s, 77);
     let b = scenario::run(&s, 77);
@@ -165,53 +104,12 @@ fn same_seed_same_trace() {
 
 #[test]
 fn long_distance_links_with_cuts() {
-    // 150 ms round trips: a cut often lands between the source's release
-    // and the destination's answer.
-    let s = Scenario {
-        link: LinkParams {
-            bandwidth_bytes_per_s: 50e6,
-            latency: Duration::from_millis(75),
-        },
-        horizon: Duration::from_secs(4),
-        faults: Faults {
-            cuts_per_s: 3.0,
-            partitions_per_s: 1.0,
-            partition_max: Duration::from_secs(1),
-            clogs_per_s: 0.0,
-            ..Faults::NONE
-        },
-        options: MigrateOptions {
-            downtime_ms: 200,
-            ..options()
-        },
-        ..base("long-distance")
-    };
-    sweep(&s, 4000, 25);
+    sweep(&catalog::long_distance(), 4000, 25);
 }
 
 #[test]
 fn hundred_hosts_thousand_vms_under_faults() {
-    let s = Scenario {
-        hosts: 100,
-        host_memory_mib: 64,
-        vms: 1000,
-        vm_memory_mib: 2,
-        wss_mib_max: 0,
-        migrations: 400,
-        horizon: Duration::from_secs(1),
-        link: LinkParams {
-            bandwidth_bytes_per_s: 1e9,
-            latency: Duration::from_micros(200),
-        },
-        faults: Faults {
-            cuts_per_s: 20.0,
-            partitions_per_s: 5.0,
-            partition_max: Duration::from_millis(300),
-            clogs_per_s: 10.0,
-            ..Faults::NONE
-        },
-        ..base("scale")
-    };
+    let s = catalog::scale();
     let results = sweep(&s, 5000, 1);
     let r = &results[0];
     println!(
@@ -227,37 +125,12 @@ fn hundred_hosts_thousand_vms_under_faults() {
 
 #[test]
 fn hosts_crash_and_restart_clocks_jump() {
-    let s = Scenario {
-        faults: Faults {
-            cuts_per_s: 1.0,
-            crashes_per_s: 2.0,
-            down_max: Duration::from_millis(700),
-            jumps_per_s: 1.0,
-            jump_max: Duration::from_secs(3),
-            ..Faults::NONE
-        },
-        horizon: Duration::from_secs(3),
-        ..base("crashes")
-    };
-    sweep(&s, 6000, 25);
+    sweep(&catalog::crashes(), 6000, 25);
 }
 
 #[test]
 fn disks_move_with_their_vms_through_cuts_and_partitions() {
-    let s = Scenario {
-        vms: 6,
-        migrations: 8,
-        disk_mib: 2,
-        faults: Faults {
-            cuts_per_s: 2.0,
-            partitions_per_s: 1.0,
-            partition_max: Duration::from_millis(500),
-            clogs_per_s: 2.0,
-            ..Faults::NONE
-        },
-        ..base("storage")
-    };
-    let results = sweep(&s, 6000, 20);
+    let results = sweep(&catalog::storage(), 6000, 20);
     assert!(
         results.iter().map(|r| r.completed).sum::<usize>() > 0,
         "some storage migrations complete"
@@ -266,32 +139,10 @@ fn disks_move_with_their_vms_through_cuts_and_partitions() {
 
 #[test]
 fn disks_survive_host_crashes() {
-    let s = Scenario {
-        vms: 6,
-        migrations: 8,
-        disk_mib: 2,
-        faults: Faults {
-            crashes_per_s: 0.5,
-            down_max: Duration::from_millis(500),
-            ..Faults::NONE
-        },
-        ..base("storage-crashes")
-    };
-    sweep(&s, 7000, 10);
+    sweep(&catalog::storage_crashes(), 7000, 10);
 }
 
 #[test]
 fn crashed_hosts_bring_their_vms_back_from_their_database() {
-    let s = Scenario {
-        faults: Faults {
-            cuts_per_s: 1.0,
-            crashes_per_s: 1.5,
-            down_max: Duration::from_millis(700),
-            ..Faults::NONE
-        },
-        horizon: Duration::from_secs(3),
-        durable: true,
-        ..base("durable-crashes")
-    };
-    sweep(&s, 8000, 25);
+    sweep(&catalog::durable_crashes(), 8000, 25);
 }

@@ -415,18 +415,18 @@ impl SourceMachine {
             (
                 State::Switching {
                     paused_at,
+                    final_round,
                     ready: false,
-                    ..
                 },
                 DestMsg::Ready { memory_hash },
             ) => {
                 self.dest_hash = memory_hash;
-                self.step(now, Some("commit"));
-                self.state = State::Releasing { paused_at };
-                self.actions.push_back(SourceAction::ReleaseOwnership {
-                    generation: self.offer.generation + 1,
-                });
-                self.progress("resume", self.rounds_done(), 0);
+                self.state = State::Switching {
+                    paused_at,
+                    final_round,
+                    ready: true,
+                };
+                self.release_if_verified(now);
             }
             (State::Committed { paused_at }, DestMsg::Resumed { .. }) => {
                 self.actions.push_back(SourceAction::FreeVm);
@@ -655,15 +655,54 @@ impl SourceMachine {
         }
     }
 
-    /// The source's memory hash after [`SourceAction::HashMemory`] (it may
-    /// arrive after the destination resumed: the report waits for it).
-    pub fn handle_memory_hash(&mut self, _now: Instant, hash: u64) {
+    /// The source's memory hash after [`SourceAction::HashMemory`]: with
+    /// `verify_memory` the release waits for it and for the destination's,
+    /// and goes ahead only if they are equal.
+    pub fn handle_memory_hash(&mut self, now: Instant, hash: u64) {
         self.source_hash = Some(hash);
         if let Some(mut report) = self.held.take() {
             report.memory_verified = self.dest_hash.map(|d| d == hash);
             self.events
                 .push_back(SourceEvent::Finished(Box::new(report)));
         }
+        self.release_if_verified(now);
+    }
+
+    /// The destination is ready: release the VM, once memory is known to
+    /// match where it is checked. A mismatch fails the migration before the
+    /// release (the VM runs on here, the destination drops its copy).
+    fn release_if_verified(&mut self, now: Instant) {
+        let State::Switching {
+            paused_at,
+            ready: true,
+            ..
+        } = self.state
+        else {
+            return;
+        };
+        if self.offer.verify_memory {
+            let Some(source) = self.source_hash else {
+                return; // the hash is on its way
+            };
+            match self.dest_hash {
+                Some(dest) if dest == source => {}
+                Some(dest) => {
+                    return self.fail(
+                        now,
+                        format!(
+                            "destination memory differs from the source at the switchover (hash {dest:016x}, source {source:016x})"
+                        ),
+                    );
+                }
+                None => return self.fail(now, format!("{} sent no memory hash", self.to)),
+            }
+        }
+        self.step(now, Some("commit"));
+        self.state = State::Releasing { paused_at };
+        self.actions.push_back(SourceAction::ReleaseOwnership {
+            generation: self.offer.generation + 1,
+        });
+        self.progress("resume", self.rounds_done(), 0);
     }
 
     /// Ownership is released: from here on the source never resumes the VM.
@@ -1062,8 +1101,10 @@ impl SourceMachine {
         self.timeline.end_all(now);
         let started = self.started_at.unwrap_or(now);
         let bytes: u64 = self.rounds.iter().map(|r| r.bytes).sum();
+        // Known whenever both sides hashed: a mismatch fails the migration
+        // before the release, and its report says why.
         let memory_verified = match (self.source_hash, self.dest_hash) {
-            (Some(a), Some(b)) if outcome == Outcome::Completed => Some(a == b),
+            (Some(a), Some(b)) => Some(a == b),
             _ => None,
         };
         let report = MigrationReport {

@@ -31,6 +31,8 @@ struct Case {
     /// An operator fences (`vm recover --force`) once the source has
     /// asked an unreachable destination this many times.
     fence_after_questions: Option<usize>,
+    /// This page arrives with one byte changed.
+    corrupt_gfn: Option<u64>,
 }
 
 impl Default for Case {
@@ -50,6 +52,7 @@ impl Default for Case {
             stopped: false,
             cancel_after_messages: None,
             fence_after_questions: None,
+            corrupt_gfn: None,
         }
     }
 }
@@ -155,6 +158,9 @@ fn run(case: Case) -> Ending {
                             continue;
                         }
                         if !cut && let Some(ram) = &ram {
+                            if case.corrupt_gfn == Some(gfn) {
+                                buf[7] ^= 0x40;
+                            }
                             ram.write_page(gfn, &buf).expect("write");
                         }
                         let lane = &mut per_lane[(gfn % u64::from(LANES)) as usize];
@@ -514,6 +520,28 @@ fn unreachable_destination_after_the_release_keeps_the_source_asking_until_fence
     assert!(reason.contains("fenced by ops"), "{reason}");
     assert_eq!(e.fenced_generation, Some(3), "released at 2, fenced at 3");
     assert!(e.source_running && !e.dest_running);
+}
+
+#[test]
+fn a_page_changed_on_the_way_fails_verify_before_the_release() {
+    // Pages above the fill start are non-zero and an idle guest never
+    // rewrites them: one corrupted in round 0 stays wrong.
+    let gfn = FILL_START / PAGE_BYTES + 3;
+    let e = run(Case {
+        corrupt_gfn: Some(gfn),
+        ..Case::default()
+    });
+    let Outcome::Aborted { reason } = &e.report.outcome else {
+        panic!("{:?}", e.report)
+    };
+    assert!(reason.contains("memory differs"), "{reason}");
+    assert_eq!(e.report.memory_verified, Some(false));
+    assert!(
+        matches!(e.dest, DestOutcome::Discarded(_)),
+        "the destination drops its copy: {:?}",
+        e.dest
+    );
+    assert!(e.source_running && !e.dest_running && !e.source_freed);
 }
 
 #[test]
