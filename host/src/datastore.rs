@@ -21,6 +21,51 @@ pub struct Datastore {
     pub name: String,
     /// Its directory.
     pub root: PathBuf,
+    /// Its identity, written in it ([`IDENTITY_FILE`]) by the first host
+    /// that opened it: hosts share a datastore when they read the same
+    /// identity, whatever path each mounts it at (and two directories at
+    /// the same path on two hosts are not shared).
+    pub id: String,
+}
+
+/// The file in a datastore's directory that names it.
+pub const IDENTITY_FILE: &str = ".ferry-datastore-id";
+
+/// Reads the datastore identity in `root`, writing a new random one
+/// (durably) if there is none yet. Two hosts opening a new shared
+/// datastore at once agree: the file is created exclusively, and the
+/// loser reads the winner's.
+fn identity(root: &Path) -> Result<String, DiskError> {
+    use std::io::{Read, Write};
+    let path = root.join(IDENTITY_FILE);
+    let mut fresh = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut fresh))
+        .map_err(io("datastore identity"))?;
+    let id: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+    match OpenOptions::new().write(true).create_new(true).open(&path) {
+        Ok(mut f) => {
+            f.write_all(id.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(io("datastore identity"))?;
+            File::open(root)
+                .and_then(|d| d.sync_all())
+                .map_err(io("datastore identity"))?;
+            Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let text = std::fs::read_to_string(&path).map_err(io("datastore identity"))?;
+            let text = text.trim();
+            if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(DiskError::Io {
+                    op: "datastore identity",
+                    reason: format!("{} does not hold an identity", path.display()),
+                });
+            }
+            Ok(text.to_owned())
+        }
+        Err(e) => Err(io("datastore identity")(e)),
+    }
 }
 
 impl Datastore {
@@ -36,6 +81,7 @@ impl Datastore {
         Ok(Self {
             name: name.to_owned(),
             root: root.to_owned(),
+            id: identity(root)?,
         })
     }
 
@@ -346,11 +392,7 @@ impl ferry_actors::storage::datastore::Datastores for FileDatastores {
     }
 
     fn location(&self, ds: &str) -> Result<String, DiskError> {
-        let root = &self.store(ds)?.root;
-        Ok(std::fs::canonicalize(root)
-            .unwrap_or_else(|_| root.clone())
-            .display()
-            .to_string())
+        Ok(format!("datastore {}", self.store(ds)?.id))
     }
 
     fn create_disk(

@@ -106,3 +106,37 @@ fn a_datastore_reports_what_its_files_take_and_what_its_filesystem_holds() {
     assert!(used - empty < 8 << 20, "sparse: {used} - {empty}");
     assert!(stores.space("nosuch").is_err());
 }
+
+#[test]
+fn a_shared_datastore_is_known_by_the_identity_written_in_it_not_by_its_path() {
+    use ferry_actors::storage::datastore::Datastores;
+    use ferry_host::datastore::FileDatastores;
+    let shared = tempfile::tempdir().expect("tempdir");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    // Two hosts mount the same directory (here under two names) ...
+    let host_a =
+        FileDatastores::open(&[("shared".into(), shared.path().to_owned())]).expect("host a");
+    let host_b = FileDatastores::open(&[("san".into(), shared.path().to_owned())]).expect("host b");
+    assert_eq!(
+        host_a.location("shared").expect("a"),
+        host_b.location("san").expect("b")
+    );
+    // ... a third has a different directory under the same name and path
+    // string elsewhere: not shared.
+    let host_c =
+        FileDatastores::open(&[("shared".into(), elsewhere.path().to_owned())]).expect("host c");
+    assert_ne!(
+        host_a.location("shared").expect("a"),
+        host_c.location("shared").expect("c")
+    );
+    // A damaged identity is an error, not a new datastore.
+    std::fs::write(
+        elsewhere.path().join(ferry_host::datastore::IDENTITY_FILE),
+        "not an id",
+    )
+    .expect("write");
+    let e = Datastore::open("x", elsewhere.path())
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("does not hold an identity"), "{e}");
+}

@@ -27,15 +27,22 @@
 //!     D->>S: RoundReceived { final }, Ready { memory hash? }
 //!     Note over S: release ownership (generation + 1)
 //!     S->>D: Commit { generation }
+//!     Note over D: adopt: disks opened, VM + migration durable in one transaction
 //!     Note over D: resume vCPUs, announce MAC
 //!     D->>S: Resumed
 //!     Note over S: free the VM
 //! ```
 //!
 //! Any failure before the release resumes the VM on the source and
-//! discards the shadow ([`SourceMsg::Abort`], [`DestMsg::Aborted`]). After
-//! the release the source never resumes on its own: its report says
-//! [`Outcome::InDoubt`] and the VM stays paused there.
+//! discards the shadow ([`SourceMsg::Abort`], [`DestMsg::Aborted`]); with
+//! `verify_memory` a hash mismatch is such a failure. After the release the
+//! source never resumes on its own: it asks the destination how it ended
+//! (a `Resolve` stream on a fresh connection) with back-off, for as long as
+//! it takes, and the VM stays paused until the answer or an operator's
+//! fence ([`SourceMachine::handle_fence`]). A destination that cannot adopt
+//! (a disk will not open, its store will not write) drops the shadow before
+//! it ever ran and answers [`DestMsg::Aborted`]; asked, it says it never
+//! took the VM.
 //!
 //! # Versions
 //!
