@@ -58,10 +58,46 @@ pub fn on_sim_runtime<F: std::future::Future>(seed: u64, work: F) -> F::Output {
         .expect("runtime");
     ferry_actors::node::run_blocking_work_inline_on_this_thread();
     log_to_stderr_if_asked();
+    count_panics();
+    take_panics();
     tokio::task::LocalSet::new().block_on(&runtime, async {
         SIM_START.with(|s| s.set(Some(tokio::time::Instant::now())));
         work.await
     })
+}
+
+thread_local! {
+    /// Panics on this thread since the last [`take_panics`].
+    static PANICS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Counts every panic on the thread it happens on (the default hook still
+/// prints it), so a run can report the production actors' panics, which
+/// ractor catches.
+fn count_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let what = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            PANICS.with(|p| p.borrow_mut().push(format!("{what}{at}")));
+            previous(info);
+        }));
+    });
+}
+
+/// The panics on this thread since the last call.
+pub fn take_panics() -> Vec<String> {
+    PANICS.with(|p| std::mem::take(&mut *p.borrow_mut()))
 }
 
 /// With `SIM_LOG` set (an `EnvFilter`, e.g. `ferry_actors=info`), the

@@ -122,6 +122,11 @@ pub fn run(scenario: &Scenario, seed: u64) -> RunResult {
     let wall = std::time::Instant::now();
     let mut result = crate::on_sim_runtime(seed, drive(scenario.clone(), seed));
     result.wall = wall.elapsed();
+    result.violations.extend(
+        crate::take_panics()
+            .into_iter()
+            .map(|p| Violation::new(Kind::Panic, p)),
+    );
     result
 }
 

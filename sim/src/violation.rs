@@ -13,6 +13,9 @@ pub enum Kind {
     /// Safety: destination memory differed from the source's at the
     /// switchover.
     MemoryMismatch,
+    /// A production actor panicked (a bug; ractor stops the actor and the
+    /// run goes on, so it would pass unseen).
+    Panic,
     /// Liveness: a migration never reached an end.
     NeverEnded,
     /// Liveness: something was left half-way once settled (a shadow, a VM
@@ -22,11 +25,12 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, safety first.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::TwoHosts,
         Kind::VmLost,
         Kind::WriteLost,
         Kind::MemoryMismatch,
+        Kind::Panic,
         Kind::NeverEnded,
         Kind::LeftBehind,
     ];

@@ -200,8 +200,18 @@ impl DestMachine {
         matches!(self.state, State::Done)
     }
 
+    /// A completion arrives for an action queued before a failure ended
+    /// the migration (the pump carries out every queued action): nothing
+    /// more to do with it.
+    fn finished_meanwhile(&self) -> bool {
+        self.is_done()
+    }
+
     /// The shadow VM exists (`Ok`) or could not be made.
     pub fn handle_shadow_created(&mut self, now: Instant, result: Result<(), String>) {
+        if self.finished_meanwhile() {
+            return;
+        }
         assert!(matches!(self.state, State::Creating), "{:?}", self.state);
         self.last_heard = now;
         match result {
@@ -339,6 +349,9 @@ impl DestMachine {
 
     /// State applied (or not).
     pub fn handle_restored(&mut self, now: Instant, result: Result<(), String>) {
+        if self.finished_meanwhile() {
+            return;
+        }
         assert!(matches!(self.state, State::Restoring), "{:?}", self.state);
         self.last_heard = now;
         if let Err(why) = result {
@@ -358,6 +371,9 @@ impl DestMachine {
 
     /// Memory hashed.
     pub fn handle_memory_hash(&mut self, now: Instant, hash: u64) {
+        if self.finished_meanwhile() {
+            return;
+        }
         assert!(matches!(self.state, State::Hashing), "{:?}", self.state);
         self.last_heard = now;
         self.enter(now, Some("await_commit"));
@@ -371,6 +387,9 @@ impl DestMachine {
     /// would not open, the store would not write): then it is dropped
     /// here before it ever ran, and the source, told so, runs it again.
     pub fn handle_adopted(&mut self, now: Instant, result: Result<(), String>) {
+        if self.finished_meanwhile() {
+            return;
+        }
         assert!(matches!(self.state, State::Adopting), "{:?}", self.state);
         match result {
             Ok(()) if self.offer.cold => {
@@ -404,6 +423,9 @@ impl DestMachine {
 
     /// The vCPUs run (or failed to).
     pub fn handle_resumed(&mut self, now: Instant, result: Result<(), String>) {
+        if self.finished_meanwhile() {
+            return;
+        }
         assert!(matches!(self.state, State::Resuming), "{:?}", self.state);
         if let Some(at) = self.switchover_at {
             self.downtime_ms = (now - at).as_secs_f64() * 1e3;

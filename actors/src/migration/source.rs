@@ -580,6 +580,13 @@ impl SourceMachine {
                 }
                 self.actions.push_back(SourceAction::CollectDirty);
             }
+            // The migration failed while the pause was on its way (it was
+            // queued before the failure): the guest runs again here.
+            State::Done => {
+                if !self.offer.cold {
+                    self.actions.push_back(SourceAction::ResumeLocal);
+                }
+            }
             other => panic!("paused in state {other:?}"),
         }
     }
@@ -632,6 +639,9 @@ impl SourceMachine {
 
     /// State saved after [`SourceAction::SaveState`].
     pub fn handle_state_saved(&mut self, _now: Instant, state: Vec<u8>) {
+        if self.is_done() {
+            return; // failed meanwhile: nothing to send
+        }
         if let Some(step) = self.phase.step {
             self.timeline
                 .note(step, "state_bytes", Figure::Count(state.len() as u64));
@@ -716,6 +726,10 @@ impl SourceMachine {
                         generation: self.offer.generation + 1,
                     }));
             }
+            // Failed before the release went out (the failure queued the
+            // abort, the disks' reopening and the resume after it): no
+            // commit is sent.
+            State::Done => {}
             other => panic!("released in state {other:?}"),
         }
     }

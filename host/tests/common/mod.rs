@@ -50,28 +50,58 @@ impl Node {
     /// Starts `node-NAME.toml` in `dir` with `env` and waits until it
     /// listens.
     pub fn start(dir: &Path, name: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_watching(dir, name, env, "warn", &[]).0
+    }
+
+    /// Starts a node with log filter `log` and returns it with a channel
+    /// that gets the index of each of `marks` the first time a log line
+    /// contains it (the test's way to act at a protocol step within a few
+    /// milliseconds).
+    pub fn start_watching(
+        dir: &Path,
+        name: &str,
+        env: &[(&str, &str)],
+        log: &str,
+        marks: &[&str],
+    ) -> (Self, std::sync::mpsc::Receiver<usize>) {
         let mut child = Command::new(FERRY)
             .args(["node", "--config", &format!("node-{name}.toml")])
             .current_dir(dir)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn node");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (marks_tx, marks_rx) = std::sync::mpsc::channel();
+        let marks: Vec<String> = marks.iter().map(|m| (*m).to_owned()).collect();
+        let tag = name.to_owned();
         std::thread::spawn(move || {
+            let mut seen = vec![false; marks.len()];
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("listening") {
                     let _ = tx.send(());
                 }
-                eprintln!("[node] {line}");
+                for (i, m) in marks.iter().enumerate() {
+                    if !seen[i] && line.contains(m.as_str()) {
+                        seen[i] = true;
+                        let _ = marks_tx.send(i);
+                    }
+                }
+                eprintln!("[{tag}] {line}");
             }
         });
         rx.recv_timeout(Duration::from_secs(30))
             .expect("the node came up");
-        Self(child)
+        (Self(child), marks_rx)
+    }
+
+    /// SIGKILL, as a crash would, and wait until it is gone.
+    pub fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 
     /// SIGTERM, so the node flushes its spans, then wait.

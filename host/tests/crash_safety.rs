@@ -1,0 +1,188 @@
+//! Real `ferry node` processes killed (SIGKILL) at a chosen protocol step,
+//! then restarted in both orders: the VM must end up running on exactly
+//! one host. The test watches the node's own log lines to act within a
+//! few milliseconds of the step.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Node, ferry, ferry_status, free_udp_port};
+
+const LOG: &str = "warn,ferry_actors::node::destination=info,ferry_actors::node::source=debug";
+
+fn cluster(d: &Path) {
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    ferry(
+        d,
+        &[
+            "cluster",
+            "init",
+            "--dir",
+            ".",
+            "--host",
+            &format!("host-a=127.0.0.1:{pa}"),
+            "--host",
+            &format!("host-b=127.0.0.1:{pb}"),
+            "--memory-mib",
+            "1024",
+        ],
+    );
+    for name in ["host-a", "host-b"] {
+        let path = d.join(format!("node-{name}.toml"));
+        let text = std::fs::read_to_string(&path).expect("node file");
+        std::fs::write(
+            &path,
+            text.replace("synthetic_guests = false", "synthetic_guests = true"),
+        )
+        .expect("write");
+    }
+}
+
+/// (host, phase) of every copy of `vm` that `vm list` shows.
+fn copies(d: &Path, vm: &str) -> Vec<(String, String)> {
+    let (out, _, _) = ferry_status(d, &["vm", "list", "--client", "client.toml"]);
+    out.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() > 2 && cols[0] == vm).then(|| (cols[1].to_owned(), cols[2].to_owned()))
+        })
+        .collect()
+}
+
+/// Waits until `vm` runs on exactly one host and nowhere else is listed;
+/// returns that host.
+fn settles_on_one_host(d: &Path, vm: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = copies(d, vm);
+        if seen.len() == 1 && seen[0].1 == "Running" {
+            return seen[0].0.clone();
+        }
+        assert!(
+            seen.iter().filter(|c| c.1 == "Running").count() <= 1,
+            "{vm} runs twice: {seen:?}"
+        );
+        assert!(Instant::now() < deadline, "{vm} never settled: {seen:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Starts a migration of `vm` to host-b in the background.
+fn migrate_in_background(d: &Path, vm: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", vm, "--to", "host-b", "--client", "client.toml"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("migrate")
+}
+
+fn create_running_vm(d: &Path, vm: &str) {
+    ferry(
+        d,
+        &[
+            "vm",
+            "create",
+            vm,
+            "--node",
+            "host-a",
+            "--memory",
+            "64",
+            "--wss",
+            "4",
+            "--client",
+            "client.toml",
+        ],
+    );
+    ferry(d, &["vm", "start", vm, "--client", "client.toml"]);
+}
+
+#[test]
+fn a_destination_killed_right_after_it_resumed_still_runs_the_vm_after_its_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    cluster(d);
+    let a = Node::start(d, "host-a", &[]);
+    let (b, marks) = Node::start_watching(d, "host-b", &[], LOG, &["incoming migration ended"]);
+    create_running_vm(d, "web");
+    let mut migrate = migrate_in_background(d, "web");
+    marks
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the destination resumed the VM");
+    b.kill();
+    let _ = migrate.wait();
+    let _b = Node::start(d, "host-b", &[]);
+    assert_eq!(settles_on_one_host(d, "web"), "host-b");
+    drop(a);
+}
+
+/// Kills the source as it releases the VM, then restarts the two nodes,
+/// destination first or source first.
+fn source_killed_at_the_release(destination_first: bool) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    cluster(d);
+    let (a, marks) = Node::start_watching(d, "host-a", &[], LOG, &["\"release\""]);
+    let b = Node::start(d, "host-b", &[]);
+    create_running_vm(d, "db");
+    let mut migrate = migrate_in_background(d, "db");
+    marks
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the source released the VM");
+    a.kill();
+    b.kill();
+    let _ = migrate.wait();
+    let (first, second) = if destination_first {
+        ("host-b", "host-a")
+    } else {
+        ("host-a", "host-b")
+    };
+    let _n1 = Node::start(d, first, &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let _n2 = Node::start(d, second, &[]);
+    let host = settles_on_one_host(d, "db");
+    assert!(host == "host-a" || host == "host-b", "{host}");
+}
+
+#[test]
+fn a_source_killed_at_the_release_leaves_one_vm_when_the_destination_restarts_first() {
+    source_killed_at_the_release(true);
+}
+
+#[test]
+fn a_source_killed_at_the_release_leaves_one_vm_when_it_restarts_first() {
+    source_killed_at_the_release(false);
+}
+
+#[test]
+fn a_second_node_process_on_the_same_database_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    cluster(d);
+    let _a = Node::start(d, "host-a", &[]);
+    // A copy of host-a's node file, only the port changed.
+    let text = std::fs::read_to_string(d.join("node-host-a.toml")).expect("node file");
+    let port = free_udp_port();
+    let copy: String = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("listen") {
+                format!("listen = \"127.0.0.1:{port}\"")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(d.join("node-copy.toml"), copy).expect("write");
+    let (_, ok, err) = ferry_status(d, &["node", "--config", "node-copy.toml"]);
+    assert!(!ok, "the second process must not start");
+    assert!(
+        err.contains("in use by another ferry node process"),
+        "{err}"
+    );
+}
