@@ -135,8 +135,6 @@ fn a_shared_datastore_is_known_by_the_identity_written_in_it_not_by_its_path() {
         "not an id",
     )
     .expect("write");
-    let e = Datastore::open("x", elsewhere.path())
-        .err()
-        .expect("refused");
+    let e = Datastore::open("x", elsewhere.path()).expect_err("refused");
     assert!(e.to_string().contains("does not hold an identity"), "{e}");
 }
