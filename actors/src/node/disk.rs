@@ -478,7 +478,11 @@ impl DiskState {
                 let data = Arc::new(data);
                 let disk = self.disk.clone();
                 let local = data.clone();
-                let target = m.target.as_mut().expect("target while moving");
+                let Some(target) = m.target.as_mut() else {
+                    // Its finish failed and took the target along (the move
+                    // is broken for good): the source alone.
+                    return offload(move || write_through(&disk, offset, &local)).await;
+                };
                 let (on_source, on_target) = tokio::join!(
                     offload(move || write_through(&disk, offset, &local)),
                     target.write_durable(offset, data)
@@ -676,7 +680,17 @@ impl DiskState {
         let converge = m.converged_at.unwrap_or(done) - m.started;
         report.copy_mb_per_s = report.copied_bytes as f64 / converge.as_secs_f64().max(1e-9) / 1e6;
         let target = m.target.take().expect("target while moving");
-        match target.finish().await? {
+        let finished = match target.finish().await {
+            Ok(finished) => finished,
+            Err(e) => {
+                // The target is gone with its finish: the copy can never
+                // complete, and writes go to the source alone.
+                m.broken
+                    .get_or_insert_with(|| format!("finishing the copy: {e}"));
+                return Err(e);
+            }
+        };
+        match finished {
             Some(local) => {
                 // The copy is the disk now; the old files go at commit.
                 self.disk = local;
