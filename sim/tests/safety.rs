@@ -218,6 +218,12 @@ fn seeds_that_once_broke_a_rule() {
         // crashed) was failed to the guest after it landed on the source.
         (catalog::storage(), 6023),
         (catalog::storage_crashes(), 7015),
+        // A disk copy whose finish failed lost its target; the next
+        // mirrored write (or a resume after the finish) panicked on it.
+        (catalog::storage(), 307_266),
+        (catalog::storage(), 307_355),
+        (catalog::storage_crashes(), 306_752),
+        (catalog::storage_crashes(), 307_466),
     ] {
         let r = scenario::run(&s, seed);
         assert!(

@@ -630,9 +630,12 @@ impl DiskState {
     }
 
     async fn resume(&mut self) -> Result<(), DiskError> {
+        // A finished copy has nothing to resume (its target went with the
+        // finish): the caller fails instead.
         let m = self
             .moving
             .as_mut()
+            .filter(|m| !m.finished)
             .ok_or_else(|| refused("resume", "no move is running"))?;
         m.check_whole("resume")?;
         let target = m.target.as_mut().expect("target while moving");
