@@ -18,7 +18,7 @@ use ferry_actors::ops::store::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema version this code writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// A node's SQLite database.
 pub struct SqliteStore {
@@ -79,7 +79,9 @@ impl SqliteStore {
              CREATE INDEX IF NOT EXISTS audit_vm ON audit (vm, at_ms);
              CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS adoptions (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT, value BLOB NOT NULL);",
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, value BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS arrivals (
+                 vm TEXT PRIMARY KEY, peer TEXT NOT NULL, id INTEGER NOT NULL);",
         )
         .map_err(|e| err(format!("{}: {e}", path.display())))?;
         let version: Option<String> = db
@@ -103,7 +105,9 @@ impl SqliteStore {
                 )));
             }
             Some(v) if v < SCHEMA_VERSION => {
-                // Version 1 lacked the adoptions table, created above.
+                // Version 1 lacked the adoptions table, version 2 the arrivals
+                // table (its VMs' arrivals count as confirmed); both are
+                // created above.
                 db.execute(
                     "UPDATE meta SET value = ?1 WHERE key = 'schema'",
                     params![SCHEMA_VERSION.to_string()],
@@ -142,6 +146,16 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// An id (all 64 bits used: migration ids start with a hash) as SQLite's
+/// integer, one to one.
+fn id_sql(id: u64) -> i64 {
+    id.cast_signed()
+}
+
+fn id_from_sql(v: i64) -> u64 {
+    v.cast_unsigned()
+}
+
 impl NodeStore for SqliteStore {
     fn load(&self) -> Result<StoredState, StoreError> {
         let vms = self
@@ -169,12 +183,19 @@ impl NodeStore for SqliteStore {
             .iter()
             .map(|b| decode::<AdoptedFrom>(b))
             .collect::<Result<_, _>>()?;
+        let arrivals = self.with(|db| {
+            let mut stmt = db.prepare("SELECT vm, peer, id FROM arrivals")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, id_from_sql(r.get(2)?)))))?;
+            rows.collect()
+        })?;
         Ok(StoredState {
             vms,
             jobs,
             migrations,
             settings,
             adoptions,
+            arrivals,
         })
     }
 
@@ -200,7 +221,22 @@ impl NodeStore for SqliteStore {
             params![to_i64(ADOPTIONS_KEPT as u64)],
         )
         .map_err(err)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO arrivals (vm, peer, id) VALUES (?1, ?2, ?3)",
+            params![vm.config.name, from.peer, id_sql(from.migration_id)],
+        )
+        .map_err(err)?;
         tx.commit().map_err(err)
+    }
+
+    fn confirm_arrival(&self, vm: &str, from: &AdoptedFrom) -> Result<(), StoreError> {
+        self.with(|db| {
+            db.execute(
+                "DELETE FROM arrivals WHERE vm = ?1 AND peer = ?2 AND id = ?3",
+                params![vm, from.peer, id_sql(from.migration_id)],
+            )
+        })
+        .map(drop)
     }
 
     fn put_vm(&self, vm: &StoredVm) -> Result<(), StoreError> {
@@ -215,8 +251,11 @@ impl NodeStore for SqliteStore {
     }
 
     fn remove_vm(&self, name: &str) -> Result<(), StoreError> {
-        self.with(|db| db.execute("DELETE FROM vms WHERE name = ?1", params![name]))
-            .map(drop)
+        self.with(|db| {
+            db.execute("DELETE FROM vms WHERE name = ?1", params![name])?;
+            db.execute("DELETE FROM arrivals WHERE vm = ?1", params![name])
+        })
+        .map(drop)
     }
 
     fn put_job(&self, job: &Job) -> Result<(), StoreError> {
@@ -224,7 +263,7 @@ impl NodeStore for SqliteStore {
         self.with(|db| {
             db.execute(
                 "INSERT OR REPLACE INTO jobs (id, value) VALUES (?1, ?2)",
-                params![to_i64(job.id), value],
+                params![id_sql(job.id), value],
             )
         })
         .map(drop)
@@ -240,7 +279,7 @@ impl NodeStore for SqliteStore {
             )?;
             db.execute(
                 "INSERT OR REPLACE INTO migrations (source, id, seq, value) VALUES (?1, ?2, ?3, ?4)",
-                params![record.from, to_i64(record.id), seq, value],
+                params![record.from, id_sql(record.id), seq, value],
             )?;
             db.execute(
                 "DELETE FROM migrations WHERE seq <= ?1",
@@ -411,20 +450,36 @@ mod tests {
             running: true,
             leaving: None,
         };
+        // Migration ids use all 64 bits (they start with a name hash).
         let from = AdoptedFrom {
             peer: "host-a".into(),
-            migration_id: 7,
+            migration_id: (0xfe_dc_ba << 40) | 7,
         };
         SqliteStore::open(&path)
             .expect("open")
             .adopt(&vm, &from)
             .expect("adopt");
-        let state = SqliteStore::open(&path)
-            .expect("reopen")
-            .load()
-            .expect("load");
+        let store = SqliteStore::open(&path).expect("reopen");
+        let state = store.load().expect("load");
         assert_eq!(state.vms, vec![vm]);
-        assert_eq!(state.adoptions, vec![from]);
+        assert_eq!(state.adoptions, vec![from.clone()]);
+        assert_eq!(
+            state.arrivals.get("web"),
+            Some(&("host-a".to_owned(), from.migration_id)),
+            "unconfirmed until the source says it let the VM go"
+        );
+        let other = AdoptedFrom {
+            migration_id: from.migration_id + 1,
+            ..from.clone()
+        };
+        store.confirm_arrival("web", &other).expect("confirm");
+        assert_eq!(
+            store.load().expect("load").arrivals.len(),
+            1,
+            "another migration's confirmation changes nothing"
+        );
+        store.confirm_arrival("web", &from).expect("confirm");
+        assert!(store.load().expect("load").arrivals.is_empty());
     }
 
     #[test]

@@ -82,6 +82,10 @@ fn migrate_in_background(d: &Path, vm: &str) -> std::process::Child {
 }
 
 fn create_running_vm(d: &Path, vm: &str) {
+    create_running_vm_on(d, vm, "host-a");
+}
+
+fn create_running_vm_on(d: &Path, vm: &str, node: &str) {
     ferry(
         d,
         &[
@@ -89,7 +93,7 @@ fn create_running_vm(d: &Path, vm: &str) {
             "create",
             vm,
             "--node",
-            "host-a",
+            node,
             "--memory",
             "64",
             "--wss",
@@ -188,4 +192,119 @@ fn a_second_node_process_on_the_same_database_is_refused() {
         err.contains("in use by another ferry node process"),
         "{err}"
     );
+}
+
+/// Defect 6: the destination goes down for good at the release. The
+/// source keeps the VM paused, in doubt, says why, refuses to delete it
+/// and to recover it without `--force`; `--force` runs it again, and the
+/// destination, back later, never runs its copy.
+#[test]
+fn a_destination_gone_at_the_release_leaves_the_vm_in_doubt_until_recover_force() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    cluster(d);
+    let (a, marks) = Node::start_watching(d, "host-a", &[], LOG, &["\"release\""]);
+    let b = Node::start(d, "host-b", &[]);
+    create_running_vm(d, "app");
+    let out = std::fs::File::create(d.join("migrate.out")).expect("out");
+    let mut migrate = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "migrate",
+            "app",
+            "--to",
+            "host-b",
+            "--client",
+            "client.toml",
+        ])
+        .current_dir(d)
+        .stdout(out.try_clone().expect("out"))
+        .stderr(out)
+        .spawn()
+        .expect("migrate");
+    marks
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the source released the VM");
+    b.kill();
+    std::thread::sleep(Duration::from_secs(3));
+
+    let (list, _, _) = ferry_status(d, &["vm", "list", "--client", "client.toml"]);
+    assert!(list.contains("in doubt:"), "vm list says why:\n{list}");
+    assert_eq!(copies(d, "app").len(), 1, "{list}");
+    assert_ne!(copies(d, "app")[0].1, "Running", "paused while in doubt");
+    let (_, ok, err) = ferry_status(d, &["vm", "delete", "app", "--client", "client.toml"]);
+    assert!(!ok && err.contains("in doubt"), "delete refused: {err}");
+    let (_, ok, err) = ferry_status(d, &["vm", "recover", "app", "--client", "client.toml"]);
+    assert!(
+        !ok && err.contains("--force"),
+        "recover without --force refused: {err}"
+    );
+    let shown = std::fs::read_to_string(d.join("migrate.out")).unwrap_or_default();
+    assert!(
+        shown.contains("in doubt"),
+        "the waiting CLI says so:\n{shown}"
+    );
+
+    ferry(
+        d,
+        &["vm", "recover", "app", "--force", "--client", "client.toml"],
+    );
+    let _ = migrate.wait();
+    assert_eq!(settles_on_one_host(d, "app"), "host-a");
+    // The destination comes back: whatever it had made of the VM, it does
+    // not run it.
+    let _b = Node::start(d, "host-b", &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(settles_on_one_host(d, "app"), "host-a");
+    drop(a);
+}
+
+/// Defect 7: two nodes started in the same second once gave out the same
+/// migration ids, and `migrate show` and `migrate cancel` acted on the
+/// wrong one.
+#[test]
+fn migration_ids_of_nodes_started_together_differ() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    cluster(d);
+    let _a = Node::start(d, "host-a", &[]);
+    let _b = Node::start(d, "host-b", &[]);
+    create_running_vm(d, "east");
+    create_running_vm_on(d, "west", "host-b");
+    ferry(
+        d,
+        &[
+            "migrate",
+            "east",
+            "--to",
+            "host-b",
+            "--client",
+            "client.toml",
+        ],
+    );
+    ferry(
+        d,
+        &[
+            "migrate",
+            "west",
+            "--to",
+            "host-a",
+            "--client",
+            "client.toml",
+        ],
+    );
+    let list = ferry(d, &["migrate", "list", "--client", "client.toml"]);
+    let ids: Vec<(String, String)> = list
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() > 4).then(|| (cols[0].to_owned(), cols[2].to_owned()))
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "one row per migration:\n{list}");
+    assert_ne!(ids[0].0, ids[1].0, "{list}");
+    for (id, vm) in &ids {
+        let shown = ferry(d, &["migrate", "show", id, "--client", "client.toml"]);
+        assert!(shown.contains(vm.as_str()), "{id} is {vm}'s:\n{shown}");
+    }
 }

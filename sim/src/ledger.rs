@@ -77,6 +77,14 @@ impl RunLedger {
         self.lock().violations.clone()
     }
 
+    /// Whether `host`'s guest of `vm` runs now.
+    pub fn runs_on(&self, vm: &str, host: &str) -> bool {
+        self.lock()
+            .running
+            .get(vm)
+            .is_some_and(|h| h.contains(host))
+    }
+
     /// How many times a guest started running (the checks made).
     pub fn starts(&self) -> u64 {
         self.lock().starts

@@ -142,6 +142,101 @@ fn recover_force_fences_the_other_copy_and_runs_the_vm_here() {
     });
 }
 
+/// `vm` moves from h000 to h001; both hosts go down the moment h001 runs
+/// it (h000 has not heard that it did), and h000 comes back alone, in
+/// doubt. h001 durably took the VM.
+async fn both_down_as_the_destination_resumes(world: &std::rc::Rc<World>, vm: &str) {
+    world.create_vm(0, vm, 8, 1).await;
+    let migrating = {
+        let (world, vm) = (world.clone(), vm.to_owned());
+        tokio::task::spawn_local(async move {
+            world::migrate(&world.actor(0), &vm, "h001", MigrateOptions::default()).await
+        })
+    };
+    while !world.ledger.runs_on(vm, "h001") {
+        tokio::time::sleep(Duration::from_micros(20)).await;
+    }
+    world.crash(0);
+    world.crash(1);
+    let _ = migrating.await;
+    world.restart(0).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let seen = copies(world, vm).await;
+    assert!(
+        seen.len() == 1 && !seen[0].in_doubt.is_empty(),
+        "the source is in doubt: {seen:?}"
+    );
+}
+
+#[test]
+fn a_destination_whose_copy_was_fenced_never_runs_it_after_its_restart() {
+    ferry_sim::on_sim_runtime(3, async {
+        let world = durable_world(2).await;
+        both_down_as_the_destination_resumes(&world, "web").await;
+        let fence = ClientRequest::RecoverVm {
+            vm: "web".into(),
+            force: true,
+        };
+        assert_eq!(world.request(0, fence).await, ClientReply::Ok);
+        // The destination had made the VM its own; back, it may not run it
+        // before its source says so, and the source says no.
+        world.restart(1).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let seen = copies(&world, "web").await;
+        assert_eq!(seen.len(), 1, "the fenced copy is dropped: {seen:?}");
+        assert!(seen[0].running && seen[0].host == "h000", "{seen:?}");
+        assert!(
+            world.ledger.violations().is_empty(),
+            "{:?}",
+            world.ledger.violations()
+        );
+        // For good: the next restart does not bring it back.
+        world.crash(1);
+        world.restart(1).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(copies(&world, "web").await.len(), 1);
+    });
+}
+
+#[test]
+fn a_destination_restarted_before_its_source_confirmed_waits_for_the_source() {
+    ferry_sim::on_sim_runtime(4, async {
+        let world = durable_world(2).await;
+        both_down_as_the_destination_resumes(&world, "db").await;
+        world.crash(0);
+        // The destination back alone: paused, in doubt, until it can ask.
+        world.restart(1).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let seen = copies(&world, "db").await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            !seen[0].running && seen[0].in_doubt.contains("h000"),
+            "{seen:?}"
+        );
+        // The source back: each asks the other; the VM runs on h001, once.
+        world.restart(0).await;
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        let seen = copies(&world, "db").await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            seen[0].running && seen[0].host == "h001" && seen[0].in_doubt.is_empty(),
+            "{seen:?}"
+        );
+        // Confirmed: a later restart runs it at once.
+        world.crash(1);
+        world.crash(0);
+        world.restart(1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let seen = copies(&world, "db").await;
+        assert!(seen.len() == 1 && seen[0].running, "{seen:?}");
+        assert!(
+            world.ledger.violations().is_empty(),
+            "{:?}",
+            world.ledger.violations()
+        );
+    });
+}
+
 #[test]
 fn a_node_whose_store_cannot_write_acknowledges_nothing_and_takes_no_migrations() {
     ferry_sim::on_sim_runtime(3, async {

@@ -736,10 +736,7 @@ impl SourceMachine {
 
     /// The destination's answer after [`SourceAction::AskOutcome`].
     pub fn handle_resolution(&mut self, now: Instant, committed: bool) {
-        let State::Resolving {
-            paused_at, reason, ..
-        } = std::mem::replace(&mut self.state, State::Done)
-        else {
+        let Some((paused_at, reason)) = self.take_resolving() else {
             return;
         };
         if committed {
@@ -762,6 +759,21 @@ impl SourceMachine {
                 },
                 now - paused_at,
             );
+        }
+    }
+
+    /// Leaves `Resolving` (for `Done`, until the caller finishes) and
+    /// returns when the VM paused and why the end is unknown; in any other
+    /// state, changes nothing.
+    fn take_resolving(&mut self) -> Option<(Instant, String)> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Resolving {
+                paused_at, reason, ..
+            } => Some((paused_at, reason)),
+            other => {
+                self.state = other;
+                None
+            }
         }
     }
 
@@ -791,10 +803,7 @@ impl SourceMachine {
     /// # Errors
     /// The migration is not in doubt.
     pub fn handle_fence(&mut self, now: Instant, who: &str) -> Result<(), String> {
-        let State::Resolving {
-            paused_at, reason, ..
-        } = std::mem::replace(&mut self.state, State::Done)
-        else {
+        let Some((paused_at, reason)) = self.take_resolving() else {
             return Err("the migration is not in doubt".into());
         };
         self.actions.push_back(SourceAction::Fence {

@@ -33,6 +33,10 @@ struct Case {
     fence_after_questions: Option<usize>,
     /// This page arrives with one byte changed.
     corrupt_gfn: Option<u64>,
+    /// When this many control messages have passed (long before the
+    /// release), an operator tries `vm recover --force` and a stale
+    /// "never took it" answer arrives.
+    stray_recover_after_messages: Option<usize>,
 }
 
 impl Default for Case {
@@ -53,6 +57,7 @@ impl Default for Case {
             cancel_after_messages: None,
             fence_after_questions: None,
             corrupt_gfn: None,
+            stray_recover_after_messages: None,
         }
     }
 }
@@ -289,6 +294,10 @@ fn run(case: Case) -> Ending {
             if case.cancel_after_messages == Some(messages) {
                 cancel_answer = Some(src.handle_cancel(now, "ops"));
             }
+            if case.stray_recover_after_messages == Some(messages) {
+                cancel_answer = Some(src.handle_fence(now, "ops"));
+                src.handle_resolution(now, false);
+            }
             if case.cut_after_messages == Some(messages) {
                 cut = true;
                 wire.clear();
@@ -520,6 +529,21 @@ fn unreachable_destination_after_the_release_keeps_the_source_asking_until_fence
     assert!(reason.contains("fenced by ops"), "{reason}");
     assert_eq!(e.fenced_generation, Some(3), "released at 2, fenced at 3");
     assert!(e.source_running && !e.dest_running);
+}
+
+#[test]
+fn a_fence_or_an_answer_while_not_in_doubt_changes_nothing() {
+    let e = run(Case {
+        wss_bytes: 2 << 20,
+        stray_recover_after_messages: Some(3),
+        ..Case::default()
+    });
+    assert!(
+        e.cancel_answer.clone().expect("tried").is_err(),
+        "refused: not in doubt"
+    );
+    assert_eq!(e.report.outcome, Outcome::Completed, "{:?}", e.report);
+    assert_one_owner(&e);
 }
 
 #[test]

@@ -152,6 +152,24 @@ pub enum StreamIntro {
         /// Where it lives now.
         host: String,
     },
+    /// A destination that restarted before its source confirmed that it
+    /// let `vm` go (migration `migration_id`) asks whether the VM is its
+    /// own; an [`Ownership`] answers.
+    Arrived {
+        /// The migration that brought the VM.
+        migration_id: u64,
+        /// The VM.
+        vm: String,
+    },
+    /// The source knows that migration `migration_id` gave `vm` to the
+    /// destination for good (it forgot the VM durably): the destination's
+    /// arrival is confirmed. Nothing answers.
+    Confirm {
+        /// The migration.
+        migration_id: u64,
+        /// The VM.
+        vm: String,
+    },
 }
 
 /// The source's opening proposal.
@@ -318,6 +336,19 @@ pub struct LaneMark {
     pub round: u32,
     /// Pages the lane sent in it.
     pub pages: u64,
+}
+
+/// The source's answer to [`StreamIntro::Arrived`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Ownership {
+    /// The source let the VM go (it no longer has it and never fenced
+    /// that migration): the destination runs it.
+    Yours,
+    /// The source took the VM back (`vm recover --force` fenced the
+    /// migration, or the VM runs there): the destination drops its copy.
+    NotYours,
+    /// The source's own migration is still settling: ask again.
+    NotYet,
 }
 
 /// The destination's answer to [`StreamIntro::Resolve`].

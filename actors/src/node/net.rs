@@ -106,15 +106,28 @@ async fn serve_stream<T: Transport>(
             });
             if let Ok(committed) = rx.await {
                 let answer = crate::migration::wire::Resolution { committed };
-                if writer
-                    .send_message(FrameKind::Control, &answer)
-                    .await
-                    .is_ok()
-                {
-                    let _ = writer.finish();
-                    let _ = reader.next_header().await;
-                }
+                answer_once(writer, reader, &answer).await;
             }
+        }
+        StreamIntro::Arrived { migration_id, vm } => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = host.cast(HostMsg::ArrivalQuestion {
+                peer: peer.name,
+                vm,
+                migration_id,
+                reply: tx,
+            });
+            if let Ok(ownership) = rx.await {
+                answer_once(writer, reader, &ownership).await;
+            }
+        }
+        StreamIntro::Confirm { migration_id, vm } => {
+            let _ = host.cast(HostMsg::ArrivalSettled {
+                vm,
+                peer: peer.name,
+                migration_id,
+                ownership: crate::migration::wire::Ownership::Yours,
+            });
         }
         StreamIntro::Disk { migration_id } => {
             let open = match reader
@@ -287,4 +300,22 @@ fn judge(audit: &mut AuditEntry, reply: Option<&ClientReply>) {
     };
     outcome.clone_into(&mut audit.outcome);
     audit.detail = detail;
+}
+
+/// Sends the one answer a question stream gets, finishes it and waits
+/// until the asker has read it (closed its end).
+async fn answer_once<S, R, M>(mut writer: FrameWriter<S>, mut reader: FrameReader<R>, answer: &M)
+where
+    S: ferry_transport::SendStream,
+    R: ferry_transport::RecvStream,
+    M: ferry_transport::message::WireEncode,
+{
+    if writer
+        .send_message(FrameKind::Control, answer)
+        .await
+        .is_ok()
+    {
+        let _ = writer.finish();
+        let _ = reader.next_header().await;
+    }
 }

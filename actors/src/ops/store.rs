@@ -67,6 +67,10 @@ pub struct StoredState {
     pub settings: BTreeMap<String, String>,
     /// Migrations that brought a VM here, oldest first.
     pub adoptions: Vec<AdoptedFrom>,
+    /// VMs adopted whose source has not yet confirmed that it let them
+    /// go, by VM name: (source host, migration id). Such a VM comes back
+    /// paused, in doubt, until its source answers.
+    pub arrivals: BTreeMap<String, (String, u64)>,
 }
 
 /// Why the store failed.
@@ -83,9 +87,14 @@ pub trait NodeStore: Send + Sync {
     fn put_vm(&self, vm: &StoredVm) -> Result<(), StoreError>;
     /// A migration brought `vm` here: the VM and how it came, in one
     /// transaction (both or neither), so that a restart never has the one
-    /// without the other.
+    /// without the other. The arrival stays unconfirmed until
+    /// [`Self::confirm_arrival`].
     fn adopt(&self, vm: &StoredVm, from: &AdoptedFrom) -> Result<(), StoreError>;
-    /// Forgets a VM.
+    /// The source of VM `vm`'s arrival by `from` knows it let the VM go:
+    /// a restart brings the VM back running, without asking. Does nothing
+    /// if the VM's arrival is another.
+    fn confirm_arrival(&self, vm: &str, from: &AdoptedFrom) -> Result<(), StoreError>;
+    /// Forgets a VM (and its unconfirmed arrival).
     fn remove_vm(&self, name: &str) -> Result<(), StoreError>;
     /// Adds or replaces a job (by id).
     fn put_job(&self, job: &Job) -> Result<(), StoreError>;
@@ -106,6 +115,27 @@ pub const SETTING_MAINTENANCE: &str = "maintenance";
 pub const SETTING_DEGRADED: &str = "degraded";
 /// Setting written to find out whether a store that failed writes again.
 pub const SETTING_STORE_PROBE: &str = "store_probe";
+/// Settings `fenced/<peer>/<migration id>` = VM: `vm recover --force`
+/// took the VM back from that migration's destination, which must never
+/// run its copy.
+pub const SETTING_FENCE_PREFIX: &str = "fenced/";
+
+/// The setting that records a fence of migration `from`.
+pub fn fence_setting(from: &AdoptedFrom) -> String {
+    format!("{SETTING_FENCE_PREFIX}{}/{}", from.peer, from.migration_id)
+}
+
+/// The migrations fenced, read back from the settings.
+pub fn fences(settings: &BTreeMap<String, String>) -> std::collections::BTreeSet<(String, u64)> {
+    settings
+        .keys()
+        .filter_map(|k| {
+            let rest = k.strip_prefix(SETTING_FENCE_PREFIX)?;
+            let (peer, id) = rest.rsplit_once('/')?;
+            Some((peer.to_owned(), id.parse().ok()?))
+        })
+        .collect()
+}
 
 /// A value as stored bytes.
 pub fn encode<T: WireEncode>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -136,6 +166,7 @@ struct MemInner {
     audit: Vec<AuditEntry>,
     settings: BTreeMap<String, String>,
     adoptions: std::collections::VecDeque<AdoptedFrom>,
+    arrivals: BTreeMap<String, (String, u64)>,
     /// Every write fails (a full or broken disk), for tests.
     failing: bool,
 }
@@ -184,6 +215,7 @@ impl NodeStore for MemStore {
             migrations: m.migrations.clone(),
             settings: m.settings.clone(),
             adoptions: m.adoptions.iter().cloned().collect(),
+            arrivals: m.arrivals.clone(),
         }))
     }
 
@@ -200,12 +232,25 @@ impl NodeStore for MemStore {
                 m.adoptions.pop_front();
             }
             m.adoptions.push_back(from.clone());
+            m.arrivals.insert(
+                vm.config.name.clone(),
+                (from.peer.clone(), from.migration_id),
+            );
+        })
+    }
+
+    fn confirm_arrival(&self, vm: &str, from: &AdoptedFrom) -> Result<(), StoreError> {
+        self.write(|m| {
+            if m.arrivals.get(vm) == Some(&(from.peer.clone(), from.migration_id)) {
+                m.arrivals.remove(vm);
+            }
         })
     }
 
     fn remove_vm(&self, name: &str) -> Result<(), StoreError> {
         self.write(|m| {
             m.vms.remove(name);
+            m.arrivals.remove(name);
         })
     }
 

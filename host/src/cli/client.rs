@@ -94,7 +94,7 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
             if args.force {
                 "fencing the other copy"
             } else {
-                "asking the destination how the migration ended"
+                "asking the other host how the migration ended"
             }
         );
         cluster
@@ -111,7 +111,7 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
             "{}: {}",
             args.name,
             if args.force {
-                "fenced; it runs here again"
+                "it runs here; the other copy is fenced"
             } else {
                 "settled (`ferry vm list` shows where it runs)"
             }

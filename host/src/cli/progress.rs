@@ -1,13 +1,22 @@
-//! The live migration progress bar (indicatif).
+//! The live migration progress bar (indicatif), or plain lines when
+//! stderr is not a terminal (a log, a script): one at each phase change
+//! and one every few seconds, so a long wait is never silent.
 
-use std::sync::Arc;
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferry_actors::migration::Progress;
+
+/// How often a plain line repeats while the phase stays the same.
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
 /// A progress bar fed with migration [`Progress`]; hidden when quiet.
 #[derive(Clone)]
 pub struct ProgressBar {
     bar: Arc<indicatif::ProgressBar>,
+    /// Not a terminal: the last phase printed and when.
+    plain: Option<Arc<Mutex<(String, Instant)>>>,
 }
 
 impl ProgressBar {
@@ -24,7 +33,12 @@ impl ProgressBar {
             )
             .expect("valid template"),
         );
-        Self { bar: Arc::new(bar) }
+        let plain = (!quiet && !std::io::stderr().is_terminal())
+            .then(|| Arc::new(Mutex::new((String::new(), Instant::now()))));
+        Self {
+            bar: Arc::new(bar),
+            plain,
+        }
     }
 
     /// Shows `p`.
@@ -37,7 +51,7 @@ impl ProgressBar {
                 .saturating_sub(p.pages_left.min(p.pages_total))
         };
         self.bar.set_position(done);
-        self.bar.set_message(format!(
+        let message = format!(
             "{phase} round {round} · {left} pages left · {rate:.0} MB/s · predicted downtime {pred:.1} ms · throttle {thr}%",
             phase = p.phase,
             round = p.round,
@@ -45,7 +59,17 @@ impl ProgressBar {
             rate = p.rate_bytes_per_s / 1e6,
             pred = p.predicted_downtime_ms,
             thr = p.throttle_percent,
-        ));
+        );
+        if let Some(plain) = &self.plain {
+            let mut last = plain
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.0 != p.phase || last.1.elapsed() >= PLAIN_EVERY {
+                eprintln!("[{:>6.1} s] {message}", self.bar.elapsed().as_secs_f64());
+                *last = (p.phase.clone(), Instant::now());
+            }
+        }
+        self.bar.set_message(message);
         self.bar.tick();
     }
 

@@ -57,6 +57,7 @@ pub(super) async fn adopt_vm<T: Transport>(
         entry.actor = Some(actor);
         entry.disks = vm_disks;
         entry.config = config;
+        entry.arrived = Some(key.clone());
     }
     Ok(())
 }

@@ -8,8 +8,13 @@
 //! - the host keeps asking its destination, with back-off, for as long as
 //!   it takes; the answer settles it (forgotten here, or back as it was);
 //! - `vm recover` asks now; `vm recover --force` fences: the VM's
-//!   generation jumps past the one the destination was handed, and it runs
-//!   here again. The operator vouches that the other copy is gone.
+//!   generation jumps past the one the destination was handed, the fence
+//!   is recorded durably (the destination, asking after a restart, is
+//!   told its copy is not its own), and the VM runs here again. The
+//!   operator vouches that the other copy is gone.
+//!
+//! A destination is in doubt the other way round after a restart that
+//! came before its source confirmed an arrival (`confirm.rs`).
 //!
 //! A migration still pumping (the link broke after the release) is in
 //! doubt too; its source machine asks by itself and `vm recover` reaches
@@ -23,9 +28,11 @@ use tokio::sync::mpsc;
 
 use super::{HostMsg, HostState, inventory};
 use crate::migration::source::resolve_retry;
+use crate::migration::wire::Ownership;
 use crate::node::NodeCtx;
 use crate::node::client::ClientReply;
 use crate::node::vm::VmMsg;
+use crate::ops::store::AdoptedFrom;
 
 /// Why a VM is in doubt, and what it was doing before.
 #[derive(Debug, Clone)]
@@ -46,6 +53,31 @@ impl InDoubt {
             self.why
         )
     }
+
+    /// For `vm list`, of a VM whose arrival is not confirmed.
+    pub fn describe_arrival(&self, from: &str, migration_id: u64) -> String {
+        format!(
+            "arrived from {from} by migration {}, which has not confirmed it let the VM go ({}); asking {from}, or `vm recover --force`",
+            crate::migration::report::show_id(migration_id),
+            self.why
+        )
+    }
+}
+
+/// Why `entry` (in `phase`) is in doubt, for `vm list`; empty if it is
+/// not.
+pub(super) fn describe(entry: &super::VmEntry, phase: crate::node::vm::VmPhase) -> String {
+    match (&entry.in_doubt, &entry.leaving, &entry.arrived) {
+        (Some(d), Some((to, id)), _) => d.describe(to, *id),
+        (Some(d), None, Some((from, id))) => d.describe_arrival(from, *id),
+        (Some(d), None, None) => d.why.clone(),
+        // Released, its migration still running: the answer is awaited.
+        (None, Some((to, id)), _) if phase == crate::node::vm::VmPhase::Released => format!(
+            "migration {} to {to} passed the release and has not heard how it ended; asking {to} (`vm recover` asks now, `--force` fences)",
+            crate::migration::report::show_id(*id)
+        ),
+        _ => String::new(),
+    }
 }
 
 /// Asks `to` how migration `migration_id` of `vm` ended, again and again
@@ -58,24 +90,43 @@ pub(super) fn keep_asking<T: Transport>(
     to: String,
     migration_id: u64,
 ) {
-    let (me, ctx) = (myself.clone(), ctx.clone());
+    let ctx = ctx.clone();
+    retry_until_known(myself, format!("{vm} to {to}"), move || {
+        let (ctx, vm, to) = (ctx.clone(), vm.clone(), to.clone());
+        async move {
+            let committed = inventory::ask_destination(&ctx, &to, migration_id).await?;
+            Ok(HostMsg::InDoubtAnswer {
+                vm,
+                to,
+                migration_id,
+                committed,
+            })
+        }
+    });
+}
+
+/// Runs `ask` until it gives the host message that settles a doubt (then
+/// sends it), waiting longer after each failure, forever, or until the
+/// host actor is gone. `what` names the doubt in the log.
+pub(super) fn retry_until_known<T, F, Fut>(myself: &ActorRef<HostMsg<T>>, what: String, mut ask: F)
+where
+    T: Transport,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<HostMsg<T>, String>> + Send,
+{
+    let me = myself.clone();
     tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
-            match inventory::ask_destination(&ctx, &to, migration_id).await {
-                Ok(committed) => {
-                    let _ = me.cast(HostMsg::InDoubtAnswer {
-                        vm,
-                        to,
-                        migration_id,
-                        committed,
-                    });
+            match ask().await {
+                Ok(msg) => {
+                    let _ = me.cast(msg);
                     return;
                 }
                 Err(e) => {
                     let wait = resolve_retry(failures);
                     failures += 1;
-                    tracing::warn!(%vm, %to, attempt = failures, "cannot ask how the migration ended ({e}); again in {wait:?}");
+                    tracing::warn!(%what, attempt = failures, "cannot settle the migration's end ({e}); again in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -117,7 +168,9 @@ pub(super) async fn answered<T: Transport>(
                 actor.stop(None);
             }
         }
-        inventory::forget(s, vm);
+        if inventory::forget(s, vm) {
+            super::confirm::send_confirmation(&s.ctx, to.to_owned(), vm.to_owned(), migration_id);
+        }
         return;
     }
     tracing::info!(%vm, %to, "the migration never completed: the VM is back here");
@@ -126,7 +179,11 @@ pub(super) async fn answered<T: Transport>(
 
 /// The VM in doubt is this host's again: phase back to normal, vCPUs
 /// running if they ran before, written to the store.
-async fn take_back<T: Transport>(myself: &ActorRef<HostMsg<T>>, s: &mut HostState<T>, vm: &str) {
+pub(super) async fn take_back<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    vm: &str,
+) {
     let Some(entry) = s.vms.get_mut(vm) else {
         return;
     };
@@ -134,6 +191,7 @@ async fn take_back<T: Transport>(myself: &ActorRef<HostMsg<T>>, s: &mut HostStat
         return;
     };
     entry.leaving = None;
+    entry.arrived = None;
     let Some(actor) = entry.actor.clone() else {
         return;
     };
@@ -168,31 +226,20 @@ pub(super) async fn recover<T: Transport>(
         )));
         return;
     };
+    if let (Some(from), Some(_)) = (entry.arrived.clone(), &entry.in_doubt) {
+        recover_arrival(myself, s, vm, from, force, reply).await;
+        return;
+    }
     let Some((to, migration_id)) = entry.leaving.clone() else {
         let _ = reply.send(ClientReply::Error(format!("{vm} is not in doubt")));
         return;
     };
-    // A migration still pumping: its source machine settles it (asked
-    // again now, or fenced).
+    // A migration still pumping: its source machine settles it (fenced
+    // now, or told the answer this question gets).
     if let Some(pump) = s.running.get(&migration_id).cloned() {
-        let _ = to;
-        tokio::spawn(async move {
-            let answer = pump
-                .call(
-                    |port| crate::node::source::SourcePump::Recover {
-                        force,
-                        who,
-                        reply: port,
-                    },
-                    Some(std::time::Duration::from_secs(10)),
-                )
-                .await;
-            let _ = reply.send(match answer {
-                Ok(ractor::rpc::CallResult::Success(Ok(()))) => ClientReply::Ok,
-                Ok(ractor::rpc::CallResult::Success(Err(why))) => ClientReply::Error(why),
-                _ => ClientReply::Error("the migration ended meanwhile".into()),
-            });
-        });
+        let hosts = (myself.clone(), s.ctx.clone());
+        let migration = (vm.to_owned(), to, migration_id);
+        tokio::spawn(recover_pumping(hosts, pump, migration, force, who, reply));
         return;
     }
     if entry.in_doubt.is_none() {
@@ -200,8 +247,10 @@ pub(super) async fn recover<T: Transport>(
         return;
     }
     if force {
-        fence(myself, s, vm, &who).await;
-        let _ = reply.send(ClientReply::Ok);
+        let _ = reply.send(match fence(myself, s, vm, &who).await {
+            Ok(()) => ClientReply::Ok,
+            Err(why) => ClientReply::Error(why),
+        });
         return;
     }
     // Ask once, now; the answer settles the VM through the host.
@@ -225,24 +274,147 @@ pub(super) async fn recover<T: Transport>(
     });
 }
 
+/// `vm recover` of a VM whose migration is still running: only in doubt
+/// (past the release, the end not heard) may it be fenced or asked; the
+/// answer this question gets goes to the migration's machine.
+async fn recover_pumping<T: Transport>(
+    (me, ctx): (ActorRef<HostMsg<T>>, Arc<NodeCtx<T>>),
+    pump: ActorRef<crate::node::source::SourcePump>,
+    (vm, to, migration_id): (String, String, u64),
+    force: bool,
+    who: String,
+    reply: mpsc::UnboundedSender<ClientReply>,
+) {
+    let in_doubt = pump
+        .call(
+            |port| crate::node::source::SourcePump::Recover {
+                force,
+                who,
+                reply: port,
+            },
+            Some(std::time::Duration::from_secs(10)),
+        )
+        .await;
+    match in_doubt {
+        Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
+        Ok(ractor::rpc::CallResult::Success(Err(why))) => {
+            let _ = reply.send(ClientReply::Error(why));
+            return;
+        }
+        _ => {
+            let _ = reply.send(ClientReply::Error("the migration ended meanwhile".into()));
+            return;
+        }
+    }
+    if force {
+        let _ = me.cast(HostMsg::RecordFence {
+            vm,
+            to,
+            migration_id,
+        });
+        let _ = reply.send(ClientReply::Ok);
+        return;
+    }
+    let _ = reply.send(match inventory::ask_destination(&ctx, &to, migration_id).await {
+        Ok(committed) => {
+            let _ = pump.cast(crate::node::source::SourcePump::Resolved(committed));
+            ClientReply::Ok
+        }
+        Err(e) => ClientReply::Error(format!(
+            "{to} cannot be asked how the migration ended ({e}); if {to} is gone for good, `vm recover --force` fences its copy"
+        )),
+    });
+}
+
 /// Fences the destination's copy of a VM in doubt and takes it back.
 async fn fence<T: Transport>(
     myself: &ActorRef<HostMsg<T>>,
     s: &mut HostState<T>,
     vm: &str,
     who: &str,
-) {
-    let Some(actor) = s.vms.get(vm).and_then(|e| e.actor.clone()) else {
-        return;
-    };
+) -> Result<(), String> {
+    let gone = || format!("{vm} is gone");
+    let actor = s
+        .vms
+        .get(vm)
+        .and_then(|e| e.actor.clone())
+        .ok_or_else(gone)?;
     let generation = match actor.call(VmMsg::Info, None).await {
         Ok(ractor::rpc::CallResult::Success(info)) => info.generation,
-        _ => return,
+        _ => return Err(gone()),
     };
+    // Its destination must never run its copy: remembered durably, for
+    // when it asks (after a restart, or in a later life of this host).
+    if let Some((to, migration_id)) = s.vms.get(vm).and_then(|e| e.leaving.clone()) {
+        record_fence(s, vm, to, migration_id).map_err(|e| {
+            tracing::error!(%vm, "recording the fence: {e}; the VM stays in doubt");
+            e.to_string()
+        })?;
+    }
     // The destination was handed generation + 1.
     let _ = actor.cast(VmMsg::Fenced {
         generation: generation + 2,
     });
     tracing::warn!(%vm, %who, generation = generation + 2, "fenced: the VM runs here again");
     take_back(myself, s, vm).await;
+    Ok(())
+}
+
+/// Records durably that migration `migration_id` of `vm` to `to` was
+/// fenced: asked later, this host tells `to` the VM is not its own.
+pub(super) fn record_fence<T: Transport>(
+    s: &mut HostState<T>,
+    vm: &str,
+    to: String,
+    migration_id: u64,
+) -> Result<(), crate::node::NodeError> {
+    let from = AdoptedFrom {
+        peer: to,
+        migration_id,
+    };
+    let key = crate::ops::store::fence_setting(&from);
+    s.write_store(|store| store.set_setting(&key, vm))?;
+    s.fences.insert((from.peer, migration_id));
+    Ok(())
+}
+
+/// `vm recover` of a VM whose arrival its source has not confirmed: ask
+/// the source now, or (`force`) run it here, on the operator's word that
+/// the source's copy is gone.
+async fn recover_arrival<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    vm: &str,
+    (from, migration_id): (String, u64),
+    force: bool,
+    reply: mpsc::UnboundedSender<ClientReply>,
+) {
+    if force {
+        tracing::warn!(%vm, %from, "recover --force: the VM runs here without its source's word");
+        super::confirm::settled(myself, s, vm, &from, migration_id, Ownership::Yours).await;
+        let _ = reply.send(ClientReply::Ok);
+        return;
+    }
+    let (me, ctx, vm) = (myself.clone(), s.ctx.clone(), vm.to_owned());
+    tokio::spawn(async move {
+        let answer = super::confirm::ask_source(&ctx, &from, &vm, migration_id).await;
+        let _ = reply.send(match answer {
+            Ok(Ownership::NotYet) => ClientReply::Error(format!(
+                "{from} is still settling migration {}; try again shortly",
+                crate::migration::report::show_id(migration_id)
+            )),
+            Ok(ownership) => {
+                let _ = me.cast(HostMsg::ArrivalSettled {
+                    vm,
+                    peer: from,
+                    migration_id,
+                    ownership,
+                });
+                ClientReply::Ok
+            }
+            Err(e) => ClientReply::Error(format!(
+                "{from} cannot be asked whether it let the VM go ({e}); if {from} is gone for good, `vm recover --force` runs the VM here"
+            )),
+        });
+    });
 }

@@ -7,8 +7,10 @@
 //! ended (the same `Resolve` question a source asks after losing the link
 //! past the release). If the destination took the VM, it is forgotten
 //! here; if not, it comes back. If the destination cannot be asked, the
-//! VM comes back stopped (never started on this host's own initiative)
-//! and the log says so.
+//! VM comes back paused, in doubt (never started on this host's own
+//! initiative), and the host keeps asking. A VM whose arrival here its
+//! source had not confirmed comes back paused too, until the source
+//! answers (`confirm.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,10 +65,14 @@ pub(super) async fn persist_or_log<T: Transport>(
     }
 }
 
-/// Forgets VM `name` in the store.
-pub(super) fn forget<T: Transport>(s: &mut HostState<T>, name: &str) {
-    if let Err(e) = s.write_store(|store| store.remove_vm(name)) {
-        tracing::error!(vm = %name, "removing from the inventory: {e}");
+/// Forgets VM `name` in the store; whether that is durable.
+pub(super) fn forget<T: Transport>(s: &mut HostState<T>, name: &str) -> bool {
+    match s.write_store(|store| store.remove_vm(name)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(vm = %name, "removing from the inventory: {e}");
+            false
+        }
     }
 }
 
@@ -78,37 +84,67 @@ pub(super) async fn restore<T: Transport>(
 ) {
     for stored in vms {
         let name = stored.config.name.clone();
-        let mut doubt = None;
-        if let Some((to, migration_id)) = stored.leaving.clone() {
+        let doubt = if let Some((to, migration_id)) = stored.leaving.clone() {
             match ask_destination(&s.ctx, &to, migration_id).await {
                 Ok(true) => {
                     tracing::info!(vm = %name, %to, "the VM moved while this node was down");
-                    forget(s, &name);
+                    if forget(s, &name) {
+                        super::confirm::send_confirmation(&s.ctx, to, name, migration_id);
+                    }
                     continue;
                 }
                 Ok(false) => {
                     tracing::info!(vm = %name, %to, "the migration did not complete; the VM stays here");
+                    None
                 }
                 Err(e) => {
                     tracing::warn!(vm = %name, %to, "cannot ask how the migration ended ({e}); the VM stays paused, in doubt, until it can");
-                    doubt = Some((
-                        (to, migration_id),
+                    Some((
+                        Pending::Leaving(to, migration_id),
                         super::doubt::InDoubt {
                             running: stored.running,
                             why: format!("this host restarted and {e}"),
                         },
-                    ));
+                    ))
                 }
             }
-        }
+        } else {
+            // Asked in the background: the source may be restarting too,
+            // and asking us.
+            s.arrivals.remove(&name).map(|(from, migration_id)| {
+                tracing::info!(vm = %name, %from, "the VM's arrival is not confirmed: it stays paused until its source answers");
+                (
+                    Pending::Arrived(from, migration_id),
+                    super::doubt::InDoubt {
+                        running: stored.running,
+                        why: "this host restarted before the source confirmed it".into(),
+                    },
+                )
+            })
+        };
         match bring_back(myself, s, &stored, doubt.clone()).await {
             Ok(()) => persist_or_log(s, &name, None).await,
             Err(e) => tracing::error!(vm = %name, "bringing the VM back: {e}"),
         }
-        if let Some(((to, migration_id), _)) = doubt {
-            super::doubt::keep_asking(myself, &s.ctx, name, to, migration_id);
+        match doubt {
+            Some((Pending::Leaving(to, migration_id), _)) => {
+                super::doubt::keep_asking(myself, &s.ctx, name, to, migration_id);
+            }
+            Some((Pending::Arrived(from, migration_id), _)) => {
+                super::confirm::keep_asking_source(myself, &s.ctx, name, from, migration_id);
+            }
+            None => {}
         }
     }
+}
+
+/// What a VM brought back in doubt waits for.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// How its migration away to (host, id) ended.
+    Leaving(String, u64),
+    /// Whether its arrival from (host, id) left it to this host.
+    Arrived(String, u64),
 }
 
 pub(super) async fn ask_destination<T: Transport>(
@@ -131,7 +167,7 @@ async fn bring_back<T: Transport>(
     myself: &ActorRef<HostMsg<T>>,
     s: &mut HostState<T>,
     stored: &StoredVm,
-    doubt: Option<((String, u64), super::doubt::InDoubt)>,
+    doubt: Option<(Pending, super::doubt::InDoubt)>,
 ) -> Result<(), NodeError> {
     let config = stored.config.clone();
     let factory = s.factory.clone();
@@ -165,13 +201,15 @@ async fn bring_back<T: Transport>(
     .await
     .map_err(|e| NodeError::Gone(format!("VM actor ({e})")))?;
     crate::node::vm_disks::attach_to_guest(&actor, &mut vm_disks).await;
-    let (leaving, in_doubt) = match doubt {
-        Some((leaving, d)) => {
-            let _ = actor.cast(VmMsg::Released);
-            (Some(leaving), Some(d))
+    let (mut leaving, mut arrived, mut in_doubt) = (None, None, None);
+    if let Some((pending, d)) = doubt {
+        let _ = actor.cast(VmMsg::Released);
+        in_doubt = Some(d);
+        match pending {
+            Pending::Leaving(to, id) => leaving = Some((to, id)),
+            Pending::Arrived(from, id) => arrived = Some((from, id)),
         }
-        None => (None, None),
-    };
+    }
     if stored.running && in_doubt.is_none() {
         match actor.call(VmMsg::Start, None).await {
             Ok(ractor::rpc::CallResult::Success(Ok(()))) => disks::set_workload(&vm_disks, true),
@@ -187,6 +225,7 @@ async fn bring_back<T: Transport>(
             disks: vm_disks,
             leaving,
             in_doubt,
+            arrived,
         },
     );
     Ok(())

@@ -2,6 +2,7 @@
 //! starts outgoing ones and keeps the virtual network's MAC table.
 
 mod arrival;
+mod confirm;
 mod disks;
 mod doubt;
 pub mod history;
@@ -136,6 +137,40 @@ pub enum HostMsg<T: Transport> {
         /// Whether the destination took the VM.
         committed: bool,
     },
+    /// `vm recover --force` fenced a running migration's destination:
+    /// record it durably.
+    RecordFence {
+        /// The VM.
+        vm: String,
+        /// The destination.
+        to: String,
+        /// The migration.
+        migration_id: u64,
+    },
+    /// A destination that restarted asks whether `vm`, which migration
+    /// `migration_id` brought it, is its own.
+    ArrivalQuestion {
+        /// The destination host.
+        peer: String,
+        /// The VM.
+        vm: String,
+        /// The migration.
+        migration_id: u64,
+        /// The answer.
+        reply: oneshot::Sender<crate::migration::wire::Ownership>,
+    },
+    /// The source of an arrival answered whether the VM is ours (or
+    /// confirmed it let the VM go).
+    ArrivalSettled {
+        /// The VM.
+        vm: String,
+        /// The source host.
+        peer: String,
+        /// The migration.
+        migration_id: u64,
+        /// Its answer.
+        ownership: crate::migration::wire::Ownership,
+    },
     /// A source asks how its migration ended (it lost the link after
     /// releasing the VM).
     Resolve {
@@ -202,8 +237,12 @@ struct VmEntry {
     /// A migration away is under way: (destination, migration id).
     leaving: Option<(String, u64)>,
     /// That migration's end is unknown (this host restarted and could not
-    /// ask): the VM stays paused here until it is known.
+    /// ask), or its arrival here is not confirmed and this host restarted:
+    /// the VM stays paused here until it is known.
     in_doubt: Option<doubt::InDoubt>,
+    /// It arrived by a migration whose source has not yet confirmed that
+    /// it let the VM go: (source, migration id).
+    arrived: Option<(String, u64)>,
 }
 
 /// Rates for DRS are taken over at least this long.
@@ -261,6 +300,11 @@ pub struct HostState<T: Transport> {
     /// The last store write failed (why): the host takes no migrations
     /// until one works again.
     store_broken: Option<String>,
+    /// Migrations away whose VM `vm recover --force` took back: their
+    /// destinations must never run their copies.
+    fences: std::collections::BTreeSet<(String, u64)>,
+    /// Unconfirmed arrivals read back from the store, by VM.
+    arrivals: BTreeMap<String, (String, u64)>,
 }
 
 /// The first migration id a host gives out in one life: 24 bits of its
@@ -329,6 +373,8 @@ impl<T: Transport> Actor for HostActor<T> {
             degraded: setting(crate::ops::store::SETTING_DEGRADED),
             restoring: stored.vms,
             store_broken: None,
+            fences: crate::ops::store::fences(&stored.settings),
+            arrivals: stored.arrivals,
         })
     }
 
@@ -557,13 +603,40 @@ impl<T: Transport> Actor for HostActor<T> {
                 }
             }
             HostMsg::VmLeft(name) => {
-                inventory::forget(s, &name);
-                if let Some(entry) = s.vms.remove(&name)
-                    && let Some(actor) = entry.actor
-                {
-                    actor.stop(None);
+                let durable = inventory::forget(s, &name);
+                if let Some(entry) = s.vms.remove(&name) {
+                    if let (true, Some((to, id))) = (durable, entry.leaving) {
+                        confirm::send_confirmation(&s.ctx, to, name, id);
+                    }
+                    if let Some(actor) = entry.actor {
+                        actor.stop(None);
+                    }
                 }
             }
+            HostMsg::RecordFence {
+                vm,
+                to,
+                migration_id,
+            } => {
+                if let Err(e) = doubt::record_fence(s, &vm, to, migration_id) {
+                    tracing::error!(%vm, "recording the fence: {e}");
+                }
+            }
+            HostMsg::ArrivalQuestion {
+                peer,
+                vm,
+                migration_id,
+                reply,
+            } => {
+                let answer = confirm::answer_question(&myself, s, &peer, &vm, migration_id).await;
+                let _ = reply.send(answer);
+            }
+            HostMsg::ArrivalSettled {
+                vm,
+                peer,
+                migration_id,
+                ownership,
+            } => confirm::settled(&myself, s, &vm, &peer, migration_id, ownership).await,
             HostMsg::InDoubtAnswer {
                 vm,
                 to,
@@ -858,9 +931,7 @@ async fn client_request<T: Transport>(
                     && let Ok(info) = actor.call(VmMsg::Info, None).await
                     && let ractor::rpc::CallResult::Success(mut info) = info
                 {
-                    if let (Some(d), Some((to, id))) = (&entry.in_doubt, &entry.leaving) {
-                        info.in_doubt = d.describe(to, *id);
-                    }
+                    info.in_doubt = doubt::describe(entry, info.phase);
                     list.push(info);
                 }
             }
@@ -1105,6 +1176,7 @@ async fn create_vm<T: Transport>(
             disks: vm_disks,
             leaving: None,
             in_doubt: None,
+            arrived: None,
         },
     );
     if let Err(e) = inventory::persist(s, &spec.name, Some(false)).await {
@@ -1187,6 +1259,7 @@ async fn incoming<T: Transport>(
             disks: Vec::new(),
             leaving: None,
             in_doubt: None,
+            arrived: None,
         },
     );
     let me = myself.clone();
