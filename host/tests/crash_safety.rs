@@ -308,3 +308,213 @@ fn migration_ids_of_nodes_started_together_differ() {
         assert!(shown.contains(vm.as_str()), "{id} is {vm}'s:\n{shown}");
     }
 }
+
+/// A small tmpfs mounted on a directory for the test's life (root only).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).expect("mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(path.to_owned()))
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).expect("filler");
+        let block = vec![0xa5u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).expect("remove filler");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Defect 3: a node whose database sits on a full filesystem acknowledged
+/// requests it had not stored, and after a restart ran a VM that had
+/// migrated away. Now it fails what it cannot store, takes no migration
+/// in or out, and a restart finds exactly what it acknowledged.
+#[test]
+fn a_node_whose_database_disk_is_full_acknowledges_nothing_it_did_not_store() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    cluster(d);
+    let Some(disk) = SmallDisk::mount(&d.join("db-disk"), "2m") else {
+        eprintln!(
+            "SKIPPED LOUDLY: mounting a small tmpfs needs root; the full-disk test did not run"
+        );
+        return;
+    };
+    let node_file = d.join("node-host-a.toml");
+    let text = std::fs::read_to_string(&node_file).expect("node file");
+    let db = d.join("db-disk/host-a.db");
+    let text = text.replacen(
+        "synthetic_guests = true",
+        &format!("synthetic_guests = true\nstate_db = \"{}\"", db.display()),
+        1,
+    );
+    std::fs::write(&node_file, text).expect("write");
+    let a = Node::start(d, "host-a", &[]);
+    let _b = Node::start(d, "host-b", &[]);
+    create_running_vm(d, "web");
+    create_running_vm_on(d, "guest", "host-b");
+    disk.fill();
+
+    let create = [
+        "vm",
+        "create",
+        "other",
+        "--node",
+        "host-a",
+        "--memory",
+        "64",
+        "--wss",
+        "4",
+        "--client",
+        "client.toml",
+    ];
+    let (_, ok, err) = ferry_status(d, &create);
+    assert!(
+        !ok && err.contains("store"),
+        "create fails and says why: {err}"
+    );
+    let (_, ok, err) = ferry_status(
+        d,
+        &[
+            "migrate",
+            "web",
+            "--to",
+            "host-b",
+            "--client",
+            "client.toml",
+        ],
+    );
+    assert!(
+        !ok,
+        "no migration out while its start cannot be recorded: {err}"
+    );
+    let (_, ok, err) = ferry_status(
+        d,
+        &[
+            "migrate",
+            "guest",
+            "--to",
+            "host-a",
+            "--client",
+            "client.toml",
+        ],
+    );
+    assert!(!ok, "no migration in: {err}");
+    assert_eq!(
+        copies(d, "web"),
+        vec![("host-a".to_owned(), "Running".to_owned())]
+    );
+    assert_eq!(
+        copies(d, "guest"),
+        vec![("host-b".to_owned(), "Running".to_owned())]
+    );
+
+    // Back with room: what it acknowledged, nothing else.
+    a.kill();
+    disk.free();
+    let _a = Node::start(d, "host-a", &[]);
+    assert_eq!(settles_on_one_host(d, "web"), "host-a");
+    assert_eq!(settles_on_one_host(d, "guest"), "host-b");
+    assert!(
+        copies(d, "other").is_empty(),
+        "never acknowledged, never there"
+    );
+}
+
+/// Defect 5: two hosts name a datastore at the same path, but each sees a
+/// different directory there. The destination once took the VM for
+/// "shared storage, only the lock moves" (it compared paths) and ran it
+/// without its disk. A datastore is known by the identity written in it:
+/// the migration is refused until told where the disk goes, then the disk
+/// is copied, and every acknowledged write is on the copy.
+#[test]
+fn a_datastore_at_the_same_path_but_not_shared_is_copied_not_trusted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    cluster(d);
+    let same_path = d.join("datastores/shared");
+    let b_sees = d.join("host-b-private");
+    std::fs::create_dir_all(&same_path).expect("dir");
+    std::fs::create_dir_all(&b_sees).expect("dir");
+    let _a = Node::start(d, "host-a", &[]);
+    let Some(_b) = Node::start_seeing(d, "host-b", &b_sees, &same_path) else {
+        eprintln!(
+            "SKIPPED LOUDLY: mount namespaces need root; the same-path datastore test did not run"
+        );
+        return;
+    };
+    let create = [
+        "vm",
+        "create",
+        "db",
+        "--node",
+        "host-a",
+        "--memory",
+        "64",
+        "--wss",
+        "4",
+        "--disk-mib",
+        "16",
+        "--datastore",
+        "shared",
+        "--disk-workload",
+        "--client",
+        "client.toml",
+    ];
+    ferry(d, &create);
+    ferry(d, &["vm", "start", "db", "--client", "client.toml"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (out, ok, _) = ferry_status(
+        d,
+        &["migrate", "db", "--to", "host-b", "--client", "client.toml"],
+    );
+    assert!(
+        !ok && out.contains("does not share"),
+        "not taken for shared storage: {out}"
+    );
+    assert_eq!(settles_on_one_host(d, "db"), "host-a");
+    let to_b = [
+        "migrate",
+        "db",
+        "--to",
+        "host-b",
+        "--datastore",
+        "shared",
+        "--client",
+        "client.toml",
+    ];
+    ferry(d, &to_b);
+    assert_eq!(settles_on_one_host(d, "db"), "host-b");
+    std::thread::sleep(Duration::from_millis(500));
+    let verified = ferry(
+        d,
+        &["vm", "disks", "db", "--verify", "--client", "client.toml"],
+    );
+    assert!(
+        verified.contains("blocks ok") && !verified.contains(" 0 blocks ok"),
+        "every acknowledged write is on host-b's copy:\n{verified}"
+    );
+    let copied = std::fs::read_dir(&b_sees)
+        .expect("b's directory")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name() == "db");
+    assert!(copied, "the disk was copied into the directory host-b sees");
+}

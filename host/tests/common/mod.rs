@@ -64,11 +64,44 @@ impl Node {
         log: &str,
         marks: &[&str],
     ) -> (Self, std::sync::mpsc::Receiver<usize>) {
-        let mut child = Command::new(FERRY)
-            .args(["node", "--config", &format!("node-{name}.toml")])
+        let mut command = Command::new(FERRY);
+        command.args(["node", "--config", &format!("node-{name}.toml")]);
+        command.envs(env.iter().copied());
+        Self::start_command(command, dir, name, log, marks)
+    }
+
+    /// Starts `node-NAME.toml` in its own mount namespace, where directory
+    /// `over` is bind-mounted on path `at` (root only): two nodes on one
+    /// machine see different directories at the same path, as two hosts
+    /// would. `None` where that cannot be done.
+    pub fn start_seeing(dir: &Path, name: &str, over: &Path, at: &Path) -> Option<Self> {
+        let probe = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "true"])
+            .status();
+        if !probe.is_ok_and(|s| s.success()) {
+            return None;
+        }
+        let mut command = Command::new("unshare");
+        command
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" "$1" && exec "$2" node --config "$3""#)
+            .arg(over)
+            .arg(at)
+            .arg(FERRY)
+            .arg(format!("node-{name}.toml"));
+        Some(Self::start_command(command, dir, name, "warn", &[]).0)
+    }
+
+    fn start_command(
+        mut command: Command,
+        dir: &Path,
+        name: &str,
+        log: &str,
+        marks: &[&str],
+    ) -> (Self, std::sync::mpsc::Receiver<usize>) {
+        let mut child = command
             .current_dir(dir)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .envs(env.iter().copied())
             .env("RUST_LOG", log)
             .stderr(Stdio::piped())
             .spawn()
