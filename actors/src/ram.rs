@@ -161,11 +161,27 @@ impl GuestRam {
         // SAFETY: the mapping is live for `self`'s lifetime; the caller keeps
         // writers away while it is read.
         let all = unsafe { std::slice::from_raw_parts(self.base.cast_const(), len) };
-        all.chunks_exact(PAGE_LEN)
-            .zip(0u64..)
-            .fold(0u64, |acc, (page, gfn)| {
-                acc.wrapping_add(fold_page_hash(gfn, xxhash_rust::xxh3::xxh3_64(page)))
-            })
+        // The parts sum in any order: every core takes a slice. A source
+        // with `--verify` hashes while paused, so this is downtime.
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let pages = len / PAGE_LEN;
+        let parts = if pages < PARALLEL_HASH_PAGES_MIN {
+            1
+        } else {
+            cores
+        };
+        let per_part = pages.div_ceil(parts).max(1) * PAGE_LEN;
+        std::thread::scope(|scope| {
+            let hashers: Vec<_> = all
+                .chunks(per_part)
+                .zip((0u64..).step_by(per_part / PAGE_LEN))
+                .map(|(slice, first_gfn)| scope.spawn(move || hash_pages(slice, first_gfn)))
+                .collect();
+            hashers
+                .into_iter()
+                .map(|h| h.join().expect("a hashing thread panicked"))
+                .fold(0u64, u64::wrapping_add)
+        })
     }
 
     /// The writer for pages whose frame number is `lane` modulo `lanes`;
@@ -189,6 +205,20 @@ impl GuestRam {
             unhashed: None,
         }
     }
+}
+
+/// Below this many pages one thread hashes the memory (threads cost more
+/// than they save).
+const PARALLEL_HASH_PAGES_MIN: usize = 4096;
+
+/// The page-fold hash of whole pages `pages`, the first being `first_gfn`.
+fn hash_pages(pages: &[u8], first_gfn: u64) -> u64 {
+    pages
+        .chunks_exact(PAGE_LEN)
+        .zip(first_gfn..)
+        .fold(0u64, |acc, (page, gfn)| {
+            acc.wrapping_add(fold_page_hash(gfn, xxhash_rust::xxh3::xxh3_64(page)))
+        })
 }
 
 /// One page's part of the memory hash: its content hash mixed with its
@@ -398,6 +428,24 @@ mod tests {
         // Moving a page elsewhere changes the hash.
         dst.write_page(15, &vec![0u8; PAGE_LEN]).expect("write");
         assert_ne!(dst.hash(), src.hash());
+    }
+
+    #[test]
+    fn the_hash_split_over_cores_equals_one_pass() {
+        let pages = PARALLEL_HASH_PAGES_MIN as u64 + 7;
+        let ram = GuestRam::allocate(pages * PAGE_BYTES);
+        ram.fill_random(0, pages * PAGE_BYTES, 9);
+        // SAFETY: nothing writes `ram` while it is read.
+        let all = unsafe {
+            std::slice::from_raw_parts(
+                ram.base.cast_const(),
+                usize::try_from(pages * PAGE_BYTES).expect("fits"),
+            )
+        };
+        assert_eq!(ram.hash(), hash_pages(all, 0));
+        let before = ram.hash();
+        ram.write_u64(pages * PAGE_BYTES - 8, 1).expect("write");
+        assert_ne!(ram.hash(), before, "the last page counts");
     }
 
     #[test]

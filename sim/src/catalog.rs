@@ -193,6 +193,25 @@ pub fn durable_crashes() -> Scenario {
     }
 }
 
+/// Durable hosts whose node stores fail writes for a while (a full
+/// disk), besides cuts and crashes: a node acknowledges nothing it did not
+/// store and takes no migration while it cannot.
+pub fn failing_stores() -> Scenario {
+    Scenario {
+        faults: Faults {
+            cuts_per_s: 0.5,
+            crashes_per_s: 0.7,
+            down_max: Duration::from_millis(700),
+            store_failures_per_s: 1.5,
+            store_failure_max: Duration::from_millis(800),
+            ..Faults::NONE
+        },
+        horizon: Duration::from_secs(3),
+        durable: true,
+        ..base("failing-stores")
+    }
+}
+
 /// Every scenario the sweep runs by default (the scale one is slow: it
 /// runs when named).
 pub fn all() -> Vec<Scenario> {
@@ -206,6 +225,7 @@ pub fn all() -> Vec<Scenario> {
         storage(),
         storage_crashes(),
         durable_crashes(),
+        failing_stores(),
     ]
 }
 

@@ -40,6 +40,12 @@ pub struct Faults {
     pub jumps_per_s: f64,
     /// Largest clock jump.
     pub jump_max: Duration,
+    /// Node stores that fail every write (a full or failing disk) per
+    /// simulated second, each for up to `store_failure_max`; it lasts
+    /// through a crash of its host.
+    pub store_failures_per_s: f64,
+    /// Longest store failure.
+    pub store_failure_max: Duration,
 }
 
 impl Faults {
@@ -53,6 +59,8 @@ impl Faults {
         down_max: Duration::ZERO,
         jumps_per_s: 0.0,
         jump_max: Duration::ZERO,
+        store_failures_per_s: 0.0,
+        store_failure_max: Duration::ZERO,
     };
 }
 
@@ -265,8 +273,12 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
         let arriving = arriving.clone();
         let mut rng = SimRng::new(rng.next_u64());
         tokio::task::spawn_local(async move {
-            let rate =
-                f.cuts_per_s + f.partitions_per_s + f.clogs_per_s + f.crashes_per_s + f.jumps_per_s;
+            let rate = f.cuts_per_s
+                + f.partitions_per_s
+                + f.clogs_per_s
+                + f.crashes_per_s
+                + f.store_failures_per_s
+                + f.jumps_per_s;
             if rate <= 0.0 || names.len() < 2 {
                 return;
             }
@@ -356,6 +368,22 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
                                 .borrow_mut()
                                 .record(world.elapsed(), format!("{a} back up, {how}"));
                         });
+                    } else if x < rate - f.jumps_per_s {
+                        let index = world.index_of(&a).expect("a host");
+                        #[allow(clippy::cast_possible_truncation)]
+                        let len = Duration::from_nanos(
+                            rng.below(f.store_failure_max.as_nanos().max(1) as u64),
+                        );
+                        trace.borrow_mut().record(
+                            world.elapsed(),
+                            format!("fault: {a}'s store fails writes for {len:?}"),
+                        );
+                        world.store(index).set_failing(true);
+                        let store = world.store(index);
+                        tokio::task::spawn_local(async move {
+                            tokio::time::sleep(len).await;
+                            store.set_failing(false);
+                        });
                     } else {
                         #[allow(clippy::cast_possible_truncation)]
                         let jump =
@@ -395,6 +423,7 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     // time to fire, then check the cluster's final state.
     net.heal_all();
     for i in 0..world.names().len() {
+        world.store(i).set_failing(false);
         world.restart(i).await;
     }
     tokio::time::sleep(ferry_actors::migration::destination::IDLE_MAX + Duration::from_secs(1))
