@@ -236,7 +236,7 @@ impl World {
     }
 
     /// Crashes host `index`: off the network, every actor stopped, its VMs
-    /// gone with it.
+    /// gone with it, its local disks back to what was flushed.
     pub fn crash(&self, index: usize) {
         let mut hosts = self.hosts.borrow_mut();
         let h = &mut hosts[index];
@@ -246,6 +246,10 @@ impl World {
         h.up = false;
         self.net.unplug(&h.transport);
         let _ = h.actor.cast(HostMsg::PowerOff);
+        // Its own disks keep only what was flushed (the SAN stays up).
+        let name = &self.names[index];
+        self.storage.crash_location(name);
+        self.storage.crash_location(&format!("{name}-archive"));
     }
 
     /// Boots host `index` again in its next life: empty, or with what

@@ -122,6 +122,16 @@ impl MemStorage {
         Self::default()
     }
 
+    /// The machine holding `location` lost power: every disk there keeps
+    /// only what was flushed ([`MemDisk::crash`]).
+    pub fn crash_location(&self, location: &str) {
+        for (key, file) in self.files.lock().expect("storage").iter() {
+            if let (true, MemFile::Disk { disk, .. }) = (key.0 == location, file) {
+                disk.lock().expect("disk").crash();
+            }
+        }
+    }
+
     /// Every file as (location, path).
     pub fn files(&self) -> Vec<(String, String)> {
         self.files
