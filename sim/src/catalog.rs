@@ -212,6 +212,42 @@ pub fn failing_stores() -> Scenario {
     }
 }
 
+/// A lossy, bursty network: every chunk late by up to 3 ms (lost packets
+/// retransmitted, so streams overtake each other), delay spikes of 50–500
+/// ms, and cuts.
+pub fn lossy() -> Scenario {
+    Scenario {
+        faults: Faults {
+            cuts_per_s: 0.5,
+            spikes_per_s: 1.0,
+            spike_max: Duration::from_secs(2),
+            jitter_max: Duration::from_millis(3),
+            ..Faults::NONE
+        },
+        horizon: Duration::from_secs(3),
+        ..base("lossy")
+    }
+}
+
+/// Silent failures: one-way partitions and black holes (no error, packets
+/// just vanish) of up to 15 s, past the transport's idle timeout, with
+/// durable hosts that crash.
+pub fn black_holes() -> Scenario {
+    Scenario {
+        faults: Faults {
+            one_way_per_s: 0.7,
+            black_holes_per_s: 0.5,
+            silence_max: Duration::from_secs(15),
+            crashes_per_s: 0.3,
+            down_max: Duration::from_millis(700),
+            ..Faults::NONE
+        },
+        horizon: Duration::from_secs(4),
+        durable: true,
+        ..base("black-holes")
+    }
+}
+
 /// Every scenario the sweep runs by default (the scale one is slow: it
 /// runs when named).
 pub fn all() -> Vec<Scenario> {
@@ -226,6 +262,8 @@ pub fn all() -> Vec<Scenario> {
         storage_crashes(),
         durable_crashes(),
         failing_stores(),
+        lossy(),
+        black_holes(),
     ]
 }
 

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod catalog;
+pub mod faults;
 pub mod ledger;
 pub mod net;
 pub mod ops;

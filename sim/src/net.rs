@@ -5,6 +5,15 @@
 //! Each link (an unordered host pair) is one pipe: every chunk written on
 //! any stream between the two hosts queues behind the chunks before it, so
 //! parallel lanes share the link's bandwidth as they would share a wire.
+//!
+//! Besides clean cuts and partitions (refused at once), a direction can be
+//! *silenced* (a one-way partition, or both ways: a black hole): writes
+//! succeed, chunks wait unseen, and they arrive when it heals — as QUIC
+//! retransmits — unless it lasts past the transport's idle timeout, when
+//! the connections close as QUIC's would; new connections wait the same.
+//! With jitter, every chunk is late by a random amount of its own (a
+//! retransmitted loss), so streams overtake each other; one stream stays
+//! in order.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -16,6 +25,26 @@ use ferry_transport::{
     Connection, PeerIdentity, Role, SendStream, StreamError, Transport, TransportError,
 };
 use tokio::time::Instant;
+
+use crate::rng::SimRng;
+
+/// How long a connection that hears nothing lives: ferry's QUIC idle
+/// timeout.
+pub fn idle_timeout() -> Duration {
+    ferry_transport::quic::QuicTuning::default().idle_timeout
+}
+
+/// How often a stream stalled by a silence looks whether it ended or its
+/// connection closed.
+const SILENCE_POLL: Duration = Duration::from_millis(20);
+
+/// A silenced direction, to end with [`SimNetwork::unsilence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Silence {
+    from: String,
+    to: String,
+    id: u64,
+}
 
 /// Speed and delay of a link.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,6 +81,11 @@ struct NetState {
     busy_until: BTreeMap<Link, Instant>,
     partitioned: BTreeSet<Link>,
     conns: BTreeMap<Link, Vec<MemConnection>>,
+    /// Directed (from, to) -> silence id: packets that way vanish.
+    silenced: BTreeMap<(String, String), u64>,
+    silences: u64,
+    /// Largest extra delay per chunk, and its generator.
+    jitter: Option<(Duration, SimRng)>,
 }
 
 /// The network all simulated hosts share.
@@ -59,6 +93,8 @@ struct NetState {
 pub struct SimNetwork {
     mem: MemNetwork,
     state: Arc<Mutex<NetState>>,
+    /// Told whenever a silence ends.
+    unsilenced: Arc<tokio::sync::Notify>,
 }
 
 impl Default for SimNetwork {
@@ -76,6 +112,94 @@ impl SimNetwork {
                 default,
                 ..NetState::default()
             })),
+            unsilenced: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Every chunk is late by up to `max`, drawn from a generator seeded
+    /// with `seed`.
+    pub fn set_jitter(&self, max: Duration, seed: u64) {
+        self.lock().jitter = Some((max, SimRng::new(seed)));
+    }
+
+    fn jitter(&self) -> Duration {
+        match &mut self.lock().jitter {
+            #[allow(clippy::cast_possible_truncation)] // jitter is milliseconds
+            Some((max, rng)) => Duration::from_nanos(rng.below(max.as_nanos().max(1) as u64)),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Packets from `from` to `to` vanish from now on, without an error;
+    /// past the idle timeout the connections between the two close.
+    pub fn silence(&self, from: &str, to: &str) -> Silence {
+        let hole = {
+            let mut s = self.lock();
+            s.silences += 1;
+            let id = s.silences;
+            s.silenced.insert((from.to_owned(), to.to_owned()), id);
+            Silence {
+                from: from.to_owned(),
+                to: to.to_owned(),
+                id,
+            }
+        };
+        let (net, watched) = (self.clone(), hole.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(idle_timeout()).await;
+            if net
+                .lock()
+                .silenced
+                .get(&(watched.from.clone(), watched.to.clone()))
+                == Some(&watched.id)
+            {
+                net.cut(
+                    &watched.from,
+                    &watched.to,
+                    "timed out: nothing heard (idle timeout)",
+                );
+            }
+        });
+        hole
+    }
+
+    /// Ends a silence (a later one of the same direction stays).
+    pub fn unsilence(&self, hole: Silence) {
+        let key = (hole.from, hole.to);
+        let mut s = self.lock();
+        if s.silenced.get(&key) == Some(&hole.id) {
+            s.silenced.remove(&key);
+        }
+        drop(s);
+        self.unsilenced.notify_waiters();
+    }
+
+    fn is_silenced(&self, from: &str, to: &str) -> bool {
+        self.lock()
+            .silenced
+            .contains_key(&(from.to_owned(), to.to_owned()))
+    }
+
+    /// Waits until packets from `from` reach `to`, or `conn` closes (then
+    /// false).
+    async fn until_heard_on(&self, from: &str, to: &str, conn: &MemConnection) -> bool {
+        while self.is_silenced(from, to) {
+            if conn.is_closed() {
+                return false;
+            }
+            tokio::time::sleep(SILENCE_POLL).await;
+        }
+        !conn.is_closed()
+    }
+
+    /// Waits until packets from `from` reach `to`.
+    async fn until_heard(&self, from: &str, to: &str) {
+        loop {
+            let changed = self.unsilenced.notified();
+            if !self.is_silenced(from, to) {
+                return;
+            }
+            changed.await;
         }
     }
 
@@ -116,9 +240,13 @@ impl SimNetwork {
         self.lock().partitioned.remove(&link(a, b));
     }
 
-    /// Ends every partition.
+    /// Ends every partition and silence.
     pub fn heal_all(&self) {
-        self.lock().partitioned.clear();
+        let mut s = self.lock();
+        s.partitioned.clear();
+        s.silenced.clear();
+        drop(s);
+        self.unsilenced.notify_waiters();
     }
 
     /// Removes a host from the network: its listener goes and its
@@ -191,6 +319,21 @@ impl Transport for SimTransport {
                 reason: "unreachable (partition)".into(),
             });
         }
+        // A handshake into silence waits for it to end, up to the idle
+        // timeout.
+        let both_ways = async {
+            self.net.until_heard(&self.name, addr).await;
+            self.net.until_heard(addr, &self.name).await;
+        };
+        if tokio::time::timeout(idle_timeout(), both_ways)
+            .await
+            .is_err()
+        {
+            return Err(TransportError::Connect {
+                addr: addr.clone(),
+                reason: "timed out: no answer (idle timeout)".into(),
+            });
+        }
         let conn = self.inner.connect(addr).await?;
         self.net.register(&self.name, addr, &conn);
         Ok(SimConnection {
@@ -235,15 +378,13 @@ impl std::fmt::Debug for SimConnection {
 
 impl SimConnection {
     fn wrap(&self, (send, recv): (MemSend, MemRecv)) -> (SimSend, MemRecv) {
-        (
-            SimSend::new(
-                send,
-                self.local.clone(),
-                self.remote.clone(),
-                self.net.clone(),
-            ),
-            recv,
-        )
+        let way = Way {
+            local: self.local.clone(),
+            remote: self.remote.clone(),
+            net: self.net.clone(),
+            conn: self.inner.clone(),
+        };
+        (SimSend::new(send, way), recv)
     }
 }
 
@@ -277,36 +418,59 @@ enum Delivery {
     Finish,
 }
 
-/// The sending half of a simulated stream. A write waits only for its
-/// turn on the link (bandwidth); a delivery task hands chunks over after
-/// the link's latency, in order, so latency pipelines as on a real wire.
-pub struct SimSend {
-    deliveries: Option<tokio::sync::mpsc::UnboundedSender<Delivery>>,
-    failed: Arc<Mutex<Option<StreamError>>>,
+/// One direction of one connection.
+#[derive(Clone)]
+struct Way {
     local: String,
     remote: String,
     net: SimNetwork,
+    conn: MemConnection,
+}
+
+impl Way {
+    /// Waits out a silence this way; false if the connection closed.
+    async fn heard(&self) -> bool {
+        self.net
+            .until_heard_on(&self.local, &self.remote, &self.conn)
+            .await
+    }
+}
+
+/// The sending half of a simulated stream. A write waits only for its
+/// turn on the link (bandwidth); a delivery task hands chunks over after
+/// the link's latency, in order, so latency pipelines as on a real wire.
+/// While its direction is silenced a write waits (no acknowledgements
+/// open QUIC's window) and so does the delivery.
+pub struct SimSend {
+    deliveries: Option<tokio::sync::mpsc::UnboundedSender<Delivery>>,
+    failed: Arc<Mutex<Option<StreamError>>>,
+    way: Way,
 }
 
 impl std::fmt::Debug for SimSend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SimSend({} -> {})", self.local, self.remote)
+        write!(f, "SimSend({} -> {})", self.way.local, self.way.remote)
     }
 }
 
 impl SimSend {
-    fn new(mut inner: MemSend, local: String, remote: String, net: SimNetwork) -> Self {
+    fn new(mut inner: MemSend, way: Way) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(None));
         let failure = failed.clone();
+        let carrier = way.clone();
         tokio::spawn(async move {
             while let Some(d) = rx.recv().await {
-                let r = match d {
-                    Delivery::Chunk(at, chunk) => {
-                        tokio::time::sleep_until(at).await;
-                        inner.write_chunk(chunk).await
+                if let Delivery::Chunk(at, _) = &d {
+                    tokio::time::sleep_until(*at).await;
+                }
+                let r = if carrier.heard().await {
+                    match d {
+                        Delivery::Chunk(_, chunk) => inner.write_chunk(chunk).await,
+                        Delivery::Finish => inner.finish(),
                     }
-                    Delivery::Finish => inner.finish(),
+                } else {
+                    Err(StreamError::ConnectionLost("connection closed".into()))
                 };
                 if let Err(e) = r {
                     *failure.lock().expect("stream lock") = Some(e);
@@ -317,14 +481,16 @@ impl SimSend {
         Self {
             deliveries: Some(tx),
             failed,
-            local,
-            remote,
-            net,
+            way,
         }
     }
 
     fn check(&self) -> Result<(), StreamError> {
-        if self.net.is_partitioned(&self.local, &self.remote) {
+        if self
+            .way
+            .net
+            .is_partitioned(&self.way.local, &self.way.remote)
+        {
             return Err(StreamError::ConnectionLost("network partition".into()));
         }
         match &*self.failed.lock().expect("stream lock") {
@@ -337,16 +503,21 @@ impl SimSend {
 impl SendStream for SimSend {
     async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), StreamError> {
         self.check()?;
-        let arrives = self.net.schedule(&self.local, &self.remote, chunk.len());
-        let latency = self.net.latency(&self.local, &self.remote);
+        if !self.way.heard().await {
+            return Err(StreamError::ConnectionLost("connection closed".into()));
+        }
+        let (net, local, remote) = (&self.way.net, &self.way.local, &self.way.remote);
+        let arrives = net.schedule(local, remote, chunk.len());
+        let latency = net.latency(local, remote);
         // The link is busy with this chunk until it has left; then the
         // writer may go on while the chunk travels.
         tokio::time::sleep_until(arrives - latency).await;
         self.check()?;
+        let late = net.jitter();
         self.deliveries
             .as_ref()
             .ok_or(StreamError::Finished)?
-            .send(Delivery::Chunk(arrives, chunk))
+            .send(Delivery::Chunk(arrives + late, chunk))
             .map_err(|_| StreamError::ConnectionLost("stream closed".into()))
     }
 

@@ -46,6 +46,23 @@ pub struct Faults {
     pub store_failures_per_s: f64,
     /// Longest store failure.
     pub store_failure_max: Duration,
+    /// One-way partitions (packets one way vanish, no error) per simulated
+    /// second, each for up to `silence_max`.
+    pub one_way_per_s: f64,
+    /// Black holes (both ways vanish, no error) per simulated second, each
+    /// for up to `silence_max`.
+    pub black_holes_per_s: f64,
+    /// Longest one-way partition or black hole (past the transport's idle
+    /// timeout the connections close).
+    pub silence_max: Duration,
+    /// Delay spikes (a link's latency at 50–500 ms) per simulated second,
+    /// each for up to `spike_max`.
+    pub spikes_per_s: f64,
+    /// Longest delay spike.
+    pub spike_max: Duration,
+    /// Every chunk of every stream is late by up to this much (lost packets
+    /// retransmitted), drawn per chunk: streams overtake one another.
+    pub jitter_max: Duration,
 }
 
 impl Faults {
@@ -61,6 +78,12 @@ impl Faults {
         jump_max: Duration::ZERO,
         store_failures_per_s: 0.0,
         store_failure_max: Duration::ZERO,
+        one_way_per_s: 0.0,
+        black_holes_per_s: 0.0,
+        silence_max: Duration::ZERO,
+        spikes_per_s: 0.0,
+        spike_max: Duration::ZERO,
+        jitter_max: Duration::ZERO,
     };
 }
 
@@ -141,6 +164,10 @@ pub fn run(scenario: &Scenario, seed: u64) -> RunResult {
 async fn drive(s: Scenario, seed: u64) -> RunResult {
     let mut rng = SimRng::new(seed);
     let net = SimNetwork::new(s.link);
+    if s.faults.jitter_max > Duration::ZERO {
+        // Its own generator: the schedule drawn from `rng` stays the same.
+        net.set_jitter(s.faults.jitter_max, seed ^ 0x6a17_7e55);
+    }
     let setup = world::HostSetup {
         durable: s.durable,
         ..world::HostSetup::default()
@@ -262,155 +289,17 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
 
     // Faults, until the workload is over.
     let stop = Rc::new(std::cell::Cell::new(false));
-    let faults = {
-        let net = net.clone();
-        let world = world.clone();
-        let trace = trace.clone();
-        let stop = stop.clone();
-        let f = s.faults;
-        let names: Vec<String> = world.names().to_vec();
-        let maybe_lost = maybe_lost.clone();
-        let arriving = arriving.clone();
-        let mut rng = SimRng::new(rng.next_u64());
-        tokio::task::spawn_local(async move {
-            let rate = f.cuts_per_s
-                + f.partitions_per_s
-                + f.clogs_per_s
-                + f.crashes_per_s
-                + f.store_failures_per_s
-                + f.jumps_per_s;
-            if rate <= 0.0 || names.len() < 2 {
-                return;
-            }
-            while !stop.get() {
-                #[allow(clippy::cast_precision_loss)]
-                let u = (rng.below(1 << 30) as f64 + 1.0) / f64::from(1u32 << 30);
-                let wait = Duration::from_secs_f64(-u.ln() / rate);
-                tokio::time::sleep(wait).await;
-                let a = rng.pick(&names).clone();
-                let mut b = rng.pick(&names).clone();
-                if a == b {
-                    b = names
-                        [(names.iter().position(|n| *n == a).expect("in list") + 1) % names.len()]
-                    .clone();
-                }
-                #[allow(clippy::cast_precision_loss)]
-                let x = (rng.below(1 << 30) as f64) / f64::from(1u32 << 30) * rate;
-                if x < f.cuts_per_s {
-                    trace
-                        .borrow_mut()
-                        .record(world.elapsed(), format!("fault: cut {a}-{b}"));
-                    net.cut(&a, &b, "fault: connection cut");
-                } else if x < f.cuts_per_s + f.partitions_per_s {
-                    #[allow(clippy::cast_possible_truncation)]
-                    let len =
-                        Duration::from_nanos(rng.below(f.partition_max.as_nanos().max(1) as u64));
-                    trace.borrow_mut().record(
-                        world.elapsed(),
-                        format!("fault: partition {a}-{b} for {len:?}"),
-                    );
-                    net.partition(&a, &b);
-                    let net = net.clone();
-                    tokio::task::spawn_local(async move {
-                        tokio::time::sleep(len).await;
-                        net.heal(&a, &b);
-                    });
-                } else if x >= f.cuts_per_s + f.partitions_per_s + f.clogs_per_s {
-                    if x < f.cuts_per_s + f.partitions_per_s + f.clogs_per_s + f.crashes_per_s {
-                        let index = world.index_of(&a).expect("a host");
-                        if !world.is_up(index) {
-                            continue;
-                        }
-                        // What lived there may be lost with it, unless
-                        // the host's database brings it back.
-                        if !world.durable()
-                            && let crate::world::Census(Some(vms)) = world.host_vms(index).await
-                        {
-                            maybe_lost.borrow_mut().extend(vms);
-                        }
-                        maybe_lost.borrow_mut().extend(
-                            arriving
-                                .borrow()
-                                .iter()
-                                .filter(|(_, (_, to))| **to == a)
-                                .map(|(vm, _)| vm.clone()),
-                        );
-                        let in_flight: Vec<String> = arriving
-                            .borrow()
-                            .iter()
-                            .filter(|(_, (from, to))| *from == a || *to == a)
-                            .map(|(vm, (from, _))| {
-                                format!("{vm} {}", if *from == a { "out" } else { "in" })
-                            })
-                            .collect();
-                        #[allow(clippy::cast_possible_truncation)]
-                        let down =
-                            Duration::from_nanos(rng.below(f.down_max.as_nanos().max(1) as u64));
-                        trace.borrow_mut().record(
-                            world.elapsed(),
-                            format!(
-                                "fault: crash {a} for {down:?} (migrating: {})",
-                                in_flight.join(", ")
-                            ),
-                        );
-                        world.crash(index);
-                        let world = world.clone();
-                        let trace = trace.clone();
-                        tokio::task::spawn_local(async move {
-                            tokio::time::sleep(down).await;
-                            world.restart(index).await;
-                            let how = if world.durable() {
-                                "with its database"
-                            } else {
-                                "empty"
-                            };
-                            trace
-                                .borrow_mut()
-                                .record(world.elapsed(), format!("{a} back up, {how}"));
-                        });
-                    } else if x < rate - f.jumps_per_s {
-                        let index = world.index_of(&a).expect("a host");
-                        #[allow(clippy::cast_possible_truncation)]
-                        let len = Duration::from_nanos(
-                            rng.below(f.store_failure_max.as_nanos().max(1) as u64),
-                        );
-                        trace.borrow_mut().record(
-                            world.elapsed(),
-                            format!("fault: {a}'s store fails writes for {len:?}"),
-                        );
-                        world.store(index).set_failing(true);
-                        let store = world.store(index);
-                        tokio::task::spawn_local(async move {
-                            tokio::time::sleep(len).await;
-                            store.set_failing(false);
-                        });
-                    } else {
-                        #[allow(clippy::cast_possible_truncation)]
-                        let jump =
-                            Duration::from_nanos(rng.below(f.jump_max.as_nanos().max(1) as u64));
-                        trace
-                            .borrow_mut()
-                            .record(world.elapsed(), format!("fault: clock jumps {jump:?}"));
-                        tokio::time::advance(jump).await;
-                    }
-                } else {
-                    let mut slow = s.link;
-                    slow.bandwidth_bytes_per_s /= 100.0;
-                    trace
-                        .borrow_mut()
-                        .record(world.elapsed(), format!("fault: clog {a}-{b}"));
-                    net.set_link(&a, &b, slow);
-                    let net = net.clone();
-                    let normal = s.link;
-                    let len = Duration::from_millis(rng.below(200) + 1);
-                    tokio::task::spawn_local(async move {
-                        tokio::time::sleep(len).await;
-                        net.set_link(&a, &b, normal);
-                    });
-                }
-            }
-        })
+    let fault_ctx = crate::faults::FaultCtx {
+        net: net.clone(),
+        world: world.clone(),
+        trace: trace.clone(),
+        link: s.link,
+        faults: s.faults,
+        maybe_lost: maybe_lost.clone(),
+        arriving: arriving.clone(),
     };
+    let fault_rng = SimRng::new(rng.next_u64());
+    let faults = tokio::task::spawn_local(crate::faults::run(fault_ctx, fault_rng, stop.clone()));
 
     let mut ends = Vec::new();
     for t in tasks {

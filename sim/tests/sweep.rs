@@ -100,6 +100,16 @@ fn same_seed_same_trace() {
     );
     let c = scenario::run(&s, 78);
     assert_ne!(a.trace_hash, c.trace_hash, "another seed, another run");
+    // Jitter and silences draw from generators of their own: still one
+    // run per seed.
+    for s in [catalog::lossy(), catalog::black_holes()] {
+        let (a, b) = (scenario::run(&s, 79), scenario::run(&s, 79));
+        assert_eq!(
+            a.trace_hash, b.trace_hash,
+            "{} seed 79 ran differently twice",
+            s.name
+        );
+    }
 }
 
 #[test]
@@ -145,4 +155,46 @@ fn disks_survive_host_crashes() {
 #[test]
 fn crashed_hosts_bring_their_vms_back_from_their_database() {
     sweep(&catalog::durable_crashes(), 8000, 25);
+}
+
+#[test]
+fn node_stores_that_fail_writes_lose_and_double_nothing() {
+    let results = sweep(&catalog::failing_stores(), 9000, 15);
+    let failures: usize = results
+        .iter()
+        .map(|r| {
+            r.trace
+                .iter()
+                .filter(|l| l.contains("store fails writes"))
+                .count()
+        })
+        .sum();
+    assert!(failures > 0, "stores failed in these seeds");
+}
+
+#[test]
+fn a_lossy_bursty_network_reorders_streams_and_loses_nothing() {
+    let results = sweep(&catalog::lossy(), 9100, 15);
+    assert!(
+        results.iter().map(|r| r.completed).sum::<usize>() > 0,
+        "migrations complete through jitter and delay spikes"
+    );
+}
+
+#[test]
+fn black_holes_and_one_way_partitions_time_out_safely() {
+    let results = sweep(&catalog::black_holes(), 9200, 15);
+    // Some silence outlasted the idle timeout, so connections died without
+    // an error ever crossing the link.
+    let idle = ferry_sim::net::idle_timeout();
+    let long = results
+        .iter()
+        .flat_map(|r| r.trace.iter())
+        .filter(|l| l.contains("black hole") || l.contains("one-way partition"))
+        .filter_map(|l| l.rsplit_once(" for ").map(|(_, len)| len.to_owned()))
+        .filter(|len| len.ends_with('s') && !len.ends_with("ms") && !len.ends_with("µs"))
+        .filter_map(|len| len.trim_end_matches('s').parse::<f64>().ok())
+        .filter(|secs| *secs > idle.as_secs_f64())
+        .count();
+    assert!(long > 0, "some silence lasted past the idle timeout");
 }
