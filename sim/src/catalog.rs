@@ -248,7 +248,36 @@ pub fn black_holes() -> Scenario {
     }
 }
 
-/// Every scenario the sweep runs by default (the scale one is slow: it
+/// Faults aimed at the protocol's steps (shadow boot, source pause, state
+/// save, state restore, destination resume): either host crashes, or the
+/// link is cut or goes silent, the moment a migration gets there. Durable
+/// hosts.
+pub fn aimed() -> Scenario {
+    Scenario {
+        faults: Faults {
+            aimed_per_s: 2.0,
+            down_max: Duration::from_millis(700),
+            ..Faults::NONE
+        },
+        horizon: Duration::from_secs(3),
+        durable: true,
+        ..base("aimed")
+    }
+}
+
+/// [`aimed`] with disks moving along. Not in the default sweep yet: seed
+/// 9312 shows a snapshot move's overlay left behind by a source that
+/// crashed mid-move, whose acknowledged writes the restart does not merge
+/// back (the fix, a durable overlay map, is the next piece of work).
+pub fn aimed_disks() -> Scenario {
+    Scenario {
+        disk_mib: 2,
+        ..aimed()
+    }
+    .named("aimed-disks")
+}
+
+/// Every scenario the sweep runs by default/// Every scenario the sweep runs by default (the scale one is slow: it
 /// runs when named).
 pub fn all() -> Vec<Scenario> {
     vec![
@@ -264,6 +293,7 @@ pub fn all() -> Vec<Scenario> {
         failing_stores(),
         lossy(),
         black_holes(),
+        aimed(),
     ]
 }
 
@@ -271,6 +301,6 @@ pub fn all() -> Vec<Scenario> {
 pub fn named(name: &str) -> Option<Scenario> {
     all()
         .into_iter()
-        .chain(std::iter::once(scale()))
+        .chain([scale(), aimed_disks()])
         .find(|s| s.name == name)
 }

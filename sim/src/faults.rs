@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
+use crate::ledger::Step;
 use crate::net::{LinkParams, SimNetwork};
 use crate::rng::SimRng;
 use crate::scenario::Faults;
@@ -29,12 +30,13 @@ enum Kind {
     OneWay,
     BlackHole,
     Spike,
+    Aimed,
 }
 
 impl Kind {
     /// Every kind with its rate, in the order the draw tests them (new
     /// kinds go last, so older scenarios keep their schedules).
-    fn rates(f: &Faults) -> [(Kind, f64); 9] {
+    fn rates(f: &Faults) -> [(Kind, f64); 10] {
         [
             (Kind::Cut, f.cuts_per_s),
             (Kind::Partition, f.partitions_per_s),
@@ -45,6 +47,7 @@ impl Kind {
             (Kind::OneWay, f.one_way_per_s),
             (Kind::BlackHole, f.black_holes_per_s),
             (Kind::Spike, f.spikes_per_s),
+            (Kind::Aimed, f.aimed_per_s),
         ]
     }
 
@@ -57,11 +60,12 @@ impl Kind {
                 return kind;
             }
         }
-        Kind::Spike
+        Kind::Aimed
     }
 }
 
 /// What the fault task works on.
+#[derive(Clone)]
 pub struct FaultCtx {
     /// The network.
     pub net: SimNetwork,
@@ -124,6 +128,7 @@ pub async fn run(ctx: FaultCtx, mut rng: SimRng, stop: Rc<std::cell::Cell<bool>>
             Kind::OneWay => silence(&ctx, a, b, false, &mut rng),
             Kind::BlackHole => silence(&ctx, a, b, true, &mut rng),
             Kind::Spike => spike(&ctx, a, b, &mut rng),
+            Kind::Aimed => aim(&ctx, &mut rng),
         }
     }
 }
@@ -175,6 +180,66 @@ fn spike(ctx: &FaultCtx, a: String, b: String, rng: &mut SimRng) {
     });
 }
 
+/// How long an aimed fault waits for a migration to reach its step.
+const AIM_WAIT: Duration = Duration::from_secs(2);
+
+/// What an aimed fault does when its step comes.
+#[derive(Debug, Clone, Copy)]
+enum Strike {
+    /// Crash the host that showed the step.
+    CrashHere,
+    /// Crash the migration's other host.
+    CrashPeer,
+    /// Cut the link between the two.
+    Cut,
+    /// Silence the link both ways (a black hole) past the idle timeout.
+    Silence,
+}
+
+/// A fault aimed at a protocol step: armed now, struck the moment the
+/// next migration's guest shows it (within the same simulated instant).
+fn aim(ctx: &FaultCtx, rng: &mut SimRng) {
+    let step = *rng.pick(&Step::ALL);
+    let strike = *rng.pick(&[
+        Strike::CrashHere,
+        Strike::CrashPeer,
+        Strike::Cut,
+        Strike::Silence,
+    ]);
+    let down = up_to(rng, ctx.faults.down_max);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    ctx.world.ledger.arm(step, tx);
+    let ctx = ctx.clone();
+    tokio::task::spawn_local(async move {
+        let Ok(Some((vm, here))) = tokio::time::timeout(AIM_WAIT, rx.recv()).await else {
+            ctx.world.ledger.disarm();
+            return;
+        };
+        let peer = ctx.arriving.borrow().get(&vm).map(|(from, to)| {
+            if step.on_destination() {
+                from.clone()
+            } else {
+                to.clone()
+            }
+        });
+        ctx.record(format!("aimed at {step:?} of {vm} on {here}: {strike:?}"));
+        match (strike, peer) {
+            (Strike::CrashHere, _) => crash_for(&ctx, &here, down).await,
+            (Strike::CrashPeer, Some(peer)) => crash_for(&ctx, &peer, down).await,
+            (Strike::Cut, Some(peer)) => ctx.net.cut(&here, &peer, "fault: cut at a protocol step"),
+            (Strike::Silence, Some(peer)) => {
+                let holes = [ctx.net.silence(&here, &peer), ctx.net.silence(&peer, &here)];
+                let net = ctx.net.clone();
+                tokio::time::sleep(crate::net::idle_timeout() + down).await;
+                for hole in holes {
+                    net.unsilence(hole);
+                }
+            }
+            (_, None) => {}
+        }
+    });
+}
+
 /// Packets from `a` to `b` (and back, for a black hole) vanish without a
 /// word for up to `silence_max`.
 fn silence(ctx: &FaultCtx, a: String, b: String, both: bool, rng: &mut SimRng) {
@@ -212,6 +277,12 @@ fn store_failure(ctx: &FaultCtx, a: &str, rng: &mut SimRng) {
 }
 
 async fn crash(ctx: &FaultCtx, a: &str, rng: &mut SimRng) {
+    let down = up_to(rng, ctx.faults.down_max);
+    crash_for(ctx, a, down).await;
+}
+
+/// Crashes host `a` for `down`.
+async fn crash_for(ctx: &FaultCtx, a: &str, down: Duration) {
     let world = &ctx.world;
     let index = world.index_of(a).expect("a host");
     if !world.is_up(index) {
@@ -236,7 +307,6 @@ async fn crash(ctx: &FaultCtx, a: &str, rng: &mut SimRng) {
         .filter(|(_, (from, to))| *from == a || *to == a)
         .map(|(vm, (from, _))| format!("{vm} {}", if *from == a { "out" } else { "in" }))
         .collect();
-    let down = up_to(rng, ctx.faults.down_max);
     ctx.record(format!(
         "crash {a} for {down:?} (migrating: {})",
         in_flight.join(", ")

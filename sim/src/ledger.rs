@@ -18,10 +18,51 @@ use ferry_actors::migration::VmConfig;
 use ferry_actors::node::factory::{GuestFactory, SyntheticFactory};
 use ferry_actors::ram::GuestRam;
 
+/// A protocol step a guest shows, where an aimed fault can strike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The destination boots the shadow (the offer was taken).
+    ShadowBoot,
+    /// The source pauses the VM (the switchover begins).
+    SourcePause,
+    /// The source saves the device state (the last thing before the
+    /// release).
+    SourceSave,
+    /// The destination restores that state (the commit is next).
+    DestRestore,
+    /// The destination runs the VM (it adopted it).
+    DestResume,
+}
+
+impl Step {
+    /// Every step.
+    pub const ALL: [Step; 5] = [
+        Step::ShadowBoot,
+        Step::SourcePause,
+        Step::SourceSave,
+        Step::DestRestore,
+        Step::DestResume,
+    ];
+
+    /// Whether the step happens on the destination.
+    pub fn on_destination(self) -> bool {
+        matches!(
+            self,
+            Step::ShadowBoot | Step::DestRestore | Step::DestResume
+        )
+    }
+}
+
+/// Where an armed step's (VM, host) goes.
+pub type StepSink = tokio::sync::mpsc::UnboundedSender<(String, String)>;
+
 /// Who runs what, and every time two hosts did at once.
 #[derive(Default)]
 pub struct RunLedger {
     inner: Mutex<Inner>,
+    /// An armed aimed fault: the next time a guest shows this step, (VM,
+    /// host) goes down the channel.
+    armed: Mutex<Option<(Step, StepSink)>>,
 }
 
 #[derive(Default)]
@@ -77,6 +118,35 @@ impl RunLedger {
         self.lock().violations.clone()
     }
 
+    /// The next time any guest shows `step`, its (VM, host) is sent on
+    /// `to` (once).
+    pub fn arm(&self, step: Step, to: StepSink) {
+        *self
+            .armed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((step, to));
+    }
+
+    /// No aimed fault waits any more.
+    pub fn disarm(&self) {
+        *self
+            .armed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    fn stepped(&self, step: Step, vm: &str, host: &str) {
+        let mut armed = self
+            .armed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if armed.as_ref().is_some_and(|(s, _)| *s == step)
+            && let Some((_, to)) = armed.take()
+        {
+            let _ = to.send((vm.to_owned(), host.to_owned()));
+        }
+    }
+
     /// Whether `host`'s guest of `vm` runs now.
     pub fn runs_on(&self, vm: &str, host: &str) -> bool {
         self.lock()
@@ -101,25 +171,34 @@ pub struct ObservingFactory {
 }
 
 impl ObservingFactory {
-    fn wrap(&self, config: &VmConfig, inner: Box<dyn GuestBackend>) -> Box<dyn GuestBackend> {
+    fn wrap(
+        &self,
+        config: &VmConfig,
+        inner: Box<dyn GuestBackend>,
+        shadow: bool,
+    ) -> Box<dyn GuestBackend> {
         let guest = ObservedGuest {
             inner,
             vm: config.name.clone(),
             host: self.host.clone(),
             ledger: self.ledger.clone(),
             running: false,
+            shadow,
         };
+        if shadow {
+            guest.step(Step::ShadowBoot);
+        }
         Box::new(guest.synced())
     }
 }
 
 impl GuestFactory for ObservingFactory {
     fn boot(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
-        Ok(self.wrap(config, SyntheticFactory.boot(config)?))
+        Ok(self.wrap(config, SyntheticFactory.boot(config)?, false))
     }
 
     fn shadow(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
-        Ok(self.wrap(config, SyntheticFactory.shadow(config)?))
+        Ok(self.wrap(config, SyntheticFactory.shadow(config)?, true))
     }
 
     fn kvm(&self) -> bool {
@@ -135,9 +214,15 @@ struct ObservedGuest {
     ledger: Arc<RunLedger>,
     /// What the ledger was last told.
     running: bool,
+    /// Booted as a migration's shadow (its steps are the destination's).
+    shadow: bool,
 }
 
 impl ObservedGuest {
+    fn step(&self, step: Step) {
+        self.ledger.stepped(step, &self.vm, &self.host);
+    }
+
     /// Tells the ledger if running changed.
     fn synced(mut self) -> Self {
         self.sync();
@@ -192,14 +277,23 @@ impl GuestBackend for ObservedGuest {
     }
 
     fn pause(&mut self) -> Result<(), GuestError> {
+        let was_running = self.running;
         let r = self.inner.pause();
         self.sync();
+        if was_running && !self.shadow {
+            self.step(Step::SourcePause);
+        }
         r
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
         let r = self.inner.resume();
         self.sync();
+        if self.shadow && self.running {
+            self.step(Step::DestResume);
+            // From here on it is the VM, and may leave again as a source.
+            self.shadow = false;
+        }
         r
     }
 
@@ -208,12 +302,19 @@ impl GuestBackend for ObservedGuest {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
-        self.inner.save_state()
+        let r = self.inner.save_state();
+        if !self.shadow {
+            self.step(Step::SourceSave);
+        }
+        r
     }
 
     fn restore_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
         let r = self.inner.restore_state(state);
         self.sync();
+        if self.shadow {
+            self.step(Step::DestRestore);
+        }
         r
     }
 

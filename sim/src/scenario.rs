@@ -63,6 +63,9 @@ pub struct Faults {
     /// Every chunk of every stream is late by up to this much (lost packets
     /// retransmitted), drawn per chunk: streams overtake one another.
     pub jitter_max: Duration,
+    /// Faults aimed at a protocol step (a crash of either host, a cut or a
+    /// black hole the moment a migration reaches it) per simulated second.
+    pub aimed_per_s: f64,
 }
 
 impl Faults {
@@ -84,6 +87,7 @@ impl Faults {
         spikes_per_s: 0.0,
         spike_max: Duration::ZERO,
         jitter_max: Duration::ZERO,
+        aimed_per_s: 0.0,
     };
 }
 
@@ -120,6 +124,14 @@ pub struct Scenario {
     /// VMs come back when it restarts (a VM that was leaving is settled
     /// by asking its destination), so none may be lost with it.
     pub durable: bool,
+}
+
+impl Scenario {
+    /// The same scenario under another name.
+    #[must_use]
+    pub fn named(self, name: &'static str) -> Self {
+        Self { name, ..self }
+    }
 }
 
 /// What a run produced.

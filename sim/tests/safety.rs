@@ -300,6 +300,21 @@ fn a_destination_restarted_after_the_resume_still_has_the_vm_and_says_so() {
 
 /// Seeds that broke a rule once, each in its scenario; they must pass.
 #[test]
+fn a_source_that_learns_after_a_restart_that_its_vm_moved_removes_the_copies_it_left() {
+    // aimed-disks seed 9301: the source crashed the moment the destination
+    // resumed the VM; back, it asked, forgot the VM, and kept its disk and
+    // home files (the migration's commit never ran there).
+    let r = scenario::run(&catalog::aimed_disks(), 9301);
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    assert!(
+        r.trace
+            .iter()
+            .any(|l| l.contains("aimed at DestResume") && l.contains("CrashPeer")),
+        "the seed still aims where it did"
+    );
+}
+
+#[test]
 fn seeds_that_once_broke_a_rule() {
     for (s, seed) in [
         // A VM seen on two hosts by a sampled census (the checker's own

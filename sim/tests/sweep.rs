@@ -198,3 +198,19 @@ fn black_holes_and_one_way_partitions_time_out_safely() {
         .count();
     assert!(long > 0, "some silence lasted past the idle timeout");
 }
+
+#[test]
+fn faults_aimed_at_every_protocol_step_break_no_rule() {
+    let results = sweep(&catalog::aimed(), 9300, 20);
+    let struck = |step: ferry_sim::ledger::Step| {
+        let mark = format!("aimed at {step:?} ");
+        results
+            .iter()
+            .flat_map(|r| r.trace.iter())
+            .filter(|l| l.contains(&mark))
+            .count()
+    };
+    for step in ferry_sim::ledger::Step::ALL {
+        assert!(struck(step) > 0, "no fault struck at {step:?}");
+    }
+}

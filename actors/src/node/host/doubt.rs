@@ -167,6 +167,7 @@ pub(super) async fn answered<T: Transport>(
             if let Some(actor) = entry.actor {
                 actor.stop(None);
             }
+            super::leftovers::remove_copies(s, &entry.config, migration_id).await;
         }
         if inventory::forget(s, vm) {
             super::confirm::send_confirmation(&s.ctx, to.to_owned(), vm.to_owned(), migration_id);
@@ -190,11 +191,14 @@ pub(super) async fn take_back<T: Transport>(
     let Some(doubt) = entry.in_doubt.take() else {
         return;
     };
-    entry.leaving = None;
+    let leaving = entry.leaving.take();
     entry.arrived = None;
     let Some(actor) = entry.actor.clone() else {
         return;
     };
+    if let Some((_, migration_id)) = leaving {
+        super::leftovers::forget(s, vm, migration_id);
+    }
     let _ = actor.cast(VmMsg::MigrationAborted);
     if doubt.running
         && !matches!(

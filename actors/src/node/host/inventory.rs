@@ -88,6 +88,7 @@ pub(super) async fn restore<T: Transport>(
             match ask_destination(&s.ctx, &to, migration_id).await {
                 Ok(true) => {
                     tracing::info!(vm = %name, %to, "the VM moved while this node was down");
+                    super::leftovers::remove_copies(s, &stored.config, migration_id).await;
                     if forget(s, &name) {
                         super::confirm::send_confirmation(&s.ctx, to, name, migration_id);
                     }

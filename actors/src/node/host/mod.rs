@@ -7,6 +7,7 @@ mod disks;
 mod doubt;
 pub mod history;
 mod inventory;
+mod leftovers;
 mod ops;
 
 use std::collections::BTreeMap;
@@ -305,6 +306,8 @@ pub struct HostState<T: Transport> {
     fences: std::collections::BTreeSet<(String, u64)>,
     /// Unconfirmed arrivals read back from the store, by VM.
     arrivals: BTreeMap<String, (String, u64)>,
+    /// Migrations away that copy their VM's disks (`leftovers.rs`).
+    copying: std::collections::BTreeSet<String>,
 }
 
 /// The first migration id a host gives out in one life: 24 bits of its
@@ -375,6 +378,7 @@ impl<T: Transport> Actor for HostActor<T> {
             store_broken: None,
             fences: crate::ops::store::fences(&stored.settings),
             arrivals: stored.arrivals,
+            copying: leftovers::load(&stored.settings),
         })
     }
 
@@ -551,6 +555,8 @@ impl<T: Transport> Actor for HostActor<T> {
                     entry.leaving = None;
                     inventory::persist_or_log(s, &report.vm, None).await;
                 }
+                // The migration's own commit removed what it copied.
+                leftovers::forget(s, &report.vm, report.migration_id);
             }
             HostMsg::Adopt {
                 key,
@@ -1409,6 +1415,7 @@ async fn start_migration<T: Transport>(
         })
     });
     let entry = &s.vms[name];
+    let copies_disks = options_storage.is_some() && !entry.config.disks.is_empty();
     let home_ds = entry.config.disks.first().map(|d| d.datastore.clone());
     let stores = s.stores.clone();
     let vm_name = name.to_owned();
@@ -1463,7 +1470,12 @@ async fn start_migration<T: Transport>(
         }),
     };
     // Durable before the offer goes out: a restart must know the VM may
-    // be handed over, and ask before it runs it again.
+    // be handed over, and ask before it runs it again (and whether its
+    // files here go if it did).
+    if copies_disks && let Err(e) = leftovers::record(s, name, id) {
+        let _ = vm.cast(VmMsg::MigrationAborted);
+        return Err(e);
+    }
     if let Some(entry) = s.vms.get_mut(name) {
         entry.leaving = Some((to.to_owned(), id));
     }
