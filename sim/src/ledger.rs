@@ -168,6 +168,8 @@ pub struct ObservingFactory {
     pub host: String,
     /// Where they report.
     pub ledger: Arc<RunLedger>,
+    /// The host's life: a crashed one boots and runs nothing.
+    pub life: crate::life::Life,
 }
 
 impl ObservingFactory {
@@ -184,6 +186,7 @@ impl ObservingFactory {
             ledger: self.ledger.clone(),
             running: false,
             shadow,
+            life: self.life.clone(),
         };
         if shadow {
             guest.step(Step::ShadowBoot);
@@ -194,6 +197,12 @@ impl ObservingFactory {
 
 impl GuestFactory for ObservingFactory {
     fn boot(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
+        if !self.life.alive() {
+            return Err(GuestError::Backend {
+                op: "boot",
+                reason: "the host crashed".into(),
+            });
+        }
         Ok(self.wrap(config, SyntheticFactory.boot(config)?, false))
     }
 
@@ -216,6 +225,7 @@ struct ObservedGuest {
     running: bool,
     /// Booted as a migration's shadow (its steps are the destination's).
     shadow: bool,
+    life: crate::life::Life,
 }
 
 impl ObservedGuest {
@@ -287,6 +297,12 @@ impl GuestBackend for ObservedGuest {
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
+        if !self.life.alive() {
+            return Err(GuestError::Backend {
+                op: "resume",
+                reason: "the host crashed".into(),
+            });
+        }
         let r = self.inner.resume();
         self.sync();
         if self.shadow && self.running {

@@ -28,6 +28,7 @@
 pub mod catalog;
 pub mod faults;
 pub mod ledger;
+pub mod life;
 pub mod net;
 pub mod ops;
 pub mod rng;

@@ -34,6 +34,7 @@ pub struct SimHost {
     transport: Arc<SimTransport>,
     incarnation: u32,
     up: bool,
+    life: crate::life::Life,
 }
 
 /// Events in the order they happened, with their simulated time; the
@@ -136,15 +137,20 @@ async fn boot_host(b: Boot<'_>) -> SimHost {
         kvm: false,
     };
     let stores = MemDatastores::standard(storage.clone(), name);
+    let life = crate::life::Life::new();
     let actor = start_host_with(
         ctx,
         capacity,
         Arc::new(ObservingFactory {
             host: name.to_owned(),
             ledger: ledger.clone(),
+            life: life.clone(),
         }),
         Arc::new(stores),
-        Arc::new(store.clone()),
+        Arc::new(crate::life::LifeStore {
+            store: store.clone(),
+            life: life.clone(),
+        }),
         budgets,
     )
     .await
@@ -157,6 +163,7 @@ async fn boot_host(b: Boot<'_>) -> SimHost {
         transport,
         incarnation,
         up: true,
+        life,
     }
 }
 
@@ -244,6 +251,7 @@ impl World {
             return;
         }
         h.up = false;
+        h.life.end();
         self.net.unplug(&h.transport);
         let _ = h.actor.cast(HostMsg::PowerOff);
         // Its own disks keep only what was flushed (the SAN stays up).

@@ -334,6 +334,13 @@ fn seeds_that_once_broke_a_rule() {
         (catalog::storage(), 307_355),
         (catalog::storage_crashes(), 306_752),
         (catalog::storage_crashes(), 307_466),
+        // Black holes: a host restarting asked silent destinations inline,
+        // for 10 s each, and a crash meanwhile left the old life running
+        // (its message waited behind the restart): a VM ran on two hosts,
+        // and one was lost. A crash now ends a life at once (life.rs), and
+        // a restart asks in the background.
+        (catalog::black_holes(), 1_200_006),
+        (catalog::black_holes(), 1_200_071),
     ] {
         let r = scenario::run(&s, seed);
         assert!(

@@ -66,6 +66,7 @@ impl Node {
     ) -> (Self, std::sync::mpsc::Receiver<usize>) {
         let mut command = Command::new(FERRY);
         command.args(["node", "--config", &format!("node-{name}.toml")]);
+        command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
         command.envs(env.iter().copied());
         Self::start_command(command, dir, name, log, marks)
     }
@@ -83,6 +84,7 @@ impl Node {
         }
         let mut command = Command::new("unshare");
         command
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .args(["-m", "--propagation", "private", "sh", "-c"])
             .arg(r#"mount --bind "$0" "$1" && exec "$2" node --config "$3""#)
             .arg(over)
@@ -99,9 +101,9 @@ impl Node {
         log: &str,
         marks: &[&str],
     ) -> (Self, std::sync::mpsc::Receiver<usize>) {
+        // The caller's environment stays (a test may name a collector).
         let mut child = command
             .current_dir(dir)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env("RUST_LOG", log)
             .stderr(Stdio::piped())
             .spawn()

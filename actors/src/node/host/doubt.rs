@@ -48,7 +48,7 @@ impl InDoubt {
     /// For `vm list`.
     pub fn describe(&self, to: &str, migration_id: u64) -> String {
         format!(
-            "migration {} to {to} passed the release and its end is unknown ({}); asking {to}, or `vm recover --force`",
+            "migration {} to {to} may have handed the VM over and its end is unknown ({}); asking {to}, or `vm recover --force`",
             crate::migration::report::show_id(migration_id),
             self.why
         )

@@ -2,13 +2,13 @@
 //! generation and whether it ran, written at every change and read back
 //! when the node starts again.
 //!
-//! A VM that was leaving when the node stopped is settled by the
-//! protocol's rule first: the destination is asked how the migration
-//! ended (the same `Resolve` question a source asks after losing the link
-//! past the release). If the destination took the VM, it is forgotten
-//! here; if not, it comes back. If the destination cannot be asked, the
-//! VM comes back paused, in doubt (never started on this host's own
-//! initiative), and the host keeps asking. A VM whose arrival here its
+//! A VM that was leaving when the node stopped comes back paused, in
+//! doubt (never started on this host's own initiative), and the
+//! destination is asked in the background, at once and then with back-off,
+//! how the migration ended (the same `Resolve` question a source asks
+//! after losing the link past the release). If the destination took the
+//! VM, it is forgotten here; if not, it runs again. The host serves
+//! meanwhile, however slow or silent the destination is. A VM whose arrival here its
 //! source had not confirmed comes back paused too, until the source
 //! answers (`confirm.rs`).
 
@@ -84,34 +84,20 @@ pub(super) async fn restore<T: Transport>(
 ) {
     for stored in vms {
         let name = stored.config.name.clone();
+        // A VM that was leaving comes back paused, in doubt, and its
+        // destination is asked in the background (at once): this host
+        // serves meanwhile, however slow or silent the destination is.
         let doubt = if let Some((to, migration_id)) = stored.leaving.clone() {
-            match ask_destination(&s.ctx, &to, migration_id).await {
-                Ok(true) => {
-                    tracing::info!(vm = %name, %to, "the VM moved while this node was down");
-                    super::leftovers::remove_copies(s, &stored.config, migration_id).await;
-                    if forget(s, &name) {
-                        super::confirm::send_confirmation(&s.ctx, to, name, migration_id);
-                    }
-                    continue;
-                }
-                Ok(false) => {
-                    tracing::info!(vm = %name, %to, "the migration did not complete; the VM stays here");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(vm = %name, %to, "cannot ask how the migration ended ({e}); the VM stays paused, in doubt, until it can");
-                    Some((
-                        Pending::Leaving(to, migration_id),
-                        super::doubt::InDoubt {
-                            running: stored.running,
-                            why: format!("this host restarted and {e}"),
-                        },
-                    ))
-                }
-            }
+            tracing::info!(vm = %name, %to, "the VM was leaving when this host stopped: paused until its destination says how the migration ended");
+            Some((
+                Pending::Leaving(to, migration_id),
+                super::doubt::InDoubt {
+                    running: stored.running,
+                    why: "this host restarted during the migration".into(),
+                },
+            ))
         } else {
-            // Asked in the background: the source may be restarting too,
-            // and asking us.
+            // An unconfirmed arrival likewise, until its source answers.
             s.arrivals.remove(&name).map(|(from, migration_id)| {
                 tracing::info!(vm = %name, %from, "the VM's arrival is not confirmed: it stays paused until its source answers");
                 (
