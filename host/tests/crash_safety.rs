@@ -14,31 +14,7 @@ use common::{Node, ferry, ferry_status, free_udp_port};
 const LOG: &str = "warn,ferry_actors::node::destination=info,ferry_actors::node::source=debug";
 
 fn cluster(d: &Path) {
-    let (pa, pb) = (free_udp_port(), free_udp_port());
-    ferry(
-        d,
-        &[
-            "cluster",
-            "init",
-            "--dir",
-            ".",
-            "--host",
-            &format!("host-a=127.0.0.1:{pa}"),
-            "--host",
-            &format!("host-b=127.0.0.1:{pb}"),
-            "--memory-mib",
-            "1024",
-        ],
-    );
-    for name in ["host-a", "host-b"] {
-        let path = d.join(format!("node-{name}.toml"));
-        let text = std::fs::read_to_string(&path).expect("node file");
-        std::fs::write(
-            &path,
-            text.replace("synthetic_guests = false", "synthetic_guests = true"),
-        )
-        .expect("write");
-    }
+    common::two_synthetic_hosts(d);
 }
 
 /// (host, phase) of every copy of `vm` that `vm list` shows.

@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 
 mod common;
-use common::{Node, ferry, free_udp_port};
+use common::{Node, ferry};
 
 /// A span as received, with the host that sent it.
 #[derive(Debug, Clone)]
@@ -158,28 +158,7 @@ fn one_migration_is_one_trace_across_two_node_processes() {
     let (endpoint, got) = receiver();
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let (pa, pb) = (free_udp_port(), free_udp_port());
-    ferry(
-        d,
-        &[
-            "cluster",
-            "init",
-            "--dir",
-            ".",
-            "--host",
-            &format!("host-a=127.0.0.1:{pa}"),
-            "--host",
-            &format!("host-b=127.0.0.1:{pb}"),
-            "--memory-mib",
-            "1024",
-        ],
-    );
-    for name in ["host-a", "host-b"] {
-        let path = d.join(format!("node-{name}.toml"));
-        let text = std::fs::read_to_string(&path).expect("node file");
-        let text = text.replace("synthetic_guests = false", "synthetic_guests = true");
-        std::fs::write(&path, text).expect("write");
-    }
+    common::two_synthetic_hosts(d);
     let a = Node::start(d, "host-a", &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
     let b = Node::start(d, "host-b", &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
     let client = ["--client", "client.toml"];

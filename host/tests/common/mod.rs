@@ -43,6 +43,33 @@ pub fn ferry(dir: &Path, args: &[&str]) -> String {
     out
 }
 
+/// `cluster init` in `dir` for host-a and host-b on free loopback ports,
+/// 1 GiB each, both running synthetic guests.
+pub fn two_synthetic_hosts(dir: &Path) {
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    ferry(
+        dir,
+        &[
+            "cluster",
+            "init",
+            "--dir",
+            ".",
+            "--host",
+            &format!("host-a=127.0.0.1:{pa}"),
+            "--host",
+            &format!("host-b=127.0.0.1:{pb}"),
+            "--memory-mib",
+            "1024",
+        ],
+    );
+    for name in ["host-a", "host-b"] {
+        let path = dir.join(format!("node-{name}.toml"));
+        let text = std::fs::read_to_string(&path).expect("node file");
+        let text = text.replace("synthetic_guests = false", "synthetic_guests = true");
+        std::fs::write(&path, text).expect("write");
+    }
+}
+
 /// A `ferry node` process.
 pub struct Node(Child);
 
