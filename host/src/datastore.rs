@@ -429,6 +429,12 @@ impl ferry_actors::storage::datastore::Datastores for FileDatastores {
         std::fs::read(self.file(ds, path)?).map_err(io("read file"))
     }
 
+    fn exists(&self, ds: &str, path: &str) -> Result<bool, DiskError> {
+        self.file(ds, path)?
+            .try_exists()
+            .map_err(io("look for file"))
+    }
+
     fn remove(&self, ds: &str, path: &str) -> Result<(), DiskError> {
         let file = self.file(ds, path)?;
         match std::fs::remove_file(&file) {

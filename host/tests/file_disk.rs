@@ -138,3 +138,49 @@ fn a_shared_datastore_is_known_by_the_identity_written_in_it_not_by_its_path() {
     let e = Datastore::open("x", elsewhere.path()).expect_err("refused");
     assert!(e.to_string().contains("does not hold an identity"), "{e}");
 }
+
+#[test]
+fn a_snapshot_overlay_left_by_a_crash_is_merged_when_the_disk_reopens() {
+    use ferry_actors::node::disk::DiskPlace;
+    use ferry_actors::node::overlay::{self, Overlay};
+    use ferry_actors::storage::datastore::Datastores;
+    use ferry_actors::storage::plan::BLOCK_BYTES;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stores =
+        ferry_host::datastore::FileDatastores::open(&[("local".into(), dir.path().into())])
+            .expect("open");
+    let place = DiskPlace {
+        datastore: "local".into(),
+        path: "vm/disk0.raw".into(),
+    };
+    let base = stores
+        .create_disk("local", &place.path, 4 * BLOCK_BYTES)
+        .expect("base");
+    let base = ferry_actors::disk::shared(base);
+    let ov = Overlay::create(&stores, &place, 4 * BLOCK_BYTES).expect("overlay");
+    ov.write(&base, &[2], 2 * BLOCK_BYTES, &[0xAB; 4096])
+        .expect("acknowledged");
+    // The process dies: its files close, the overlay stays behind.
+    drop((ov, base));
+    assert!(
+        stores
+            .exists("local", &overlay::map_path(&place.path))
+            .expect("look")
+    );
+    let mut base = stores.open_disk("local", &place.path).expect("reopen");
+    assert_eq!(
+        overlay::recover(&stores, "local", &place.path, base.as_mut()).expect("recover"),
+        1
+    );
+    let mut buf = [0u8; 4096];
+    base.read_at(2 * BLOCK_BYTES, &mut buf).expect("read");
+    assert!(
+        buf.iter().all(|b| *b == 0xAB),
+        "the acknowledged write is in the base"
+    );
+    let left: Vec<String> = std::fs::read_dir(dir.path().join("vm"))
+        .expect("vm folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["disk0.raw"], "the overlay files are gone");
+}

@@ -11,7 +11,9 @@
 //! the network is healed and migrations are over, every VM runs on exactly
 //! one host with nothing left half-way (no shadow, no VM marked leaving, no
 //! second copy); destination memory equals source memory at the switchover
-//! (memory hashes); every migration reaches a final state.
+//! (memory hashes); every migration reaches a final state; no running
+//! VM's disk loses a write its workload was told is durable, seen from
+//! outside the hosts ([`witness`]).
 //!
 //! Seeds: every test prints its seeds; `SIM_SEED=n` replays one,
 //! `SIM_SEEDS=n` sweeps n of them ([`seeds`]). The same seed gives the
@@ -34,6 +36,7 @@ pub mod ops;
 pub mod rng;
 pub mod scenario;
 pub mod violation;
+pub mod witness;
 pub mod world;
 
 /// The seeds to run: `SIM_SEED` (one), else `SIM_SEEDS` of them (default

@@ -312,6 +312,16 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     };
     let fault_rng = SimRng::new(rng.next_u64());
     let faults = tokio::task::spawn_local(crate::faults::run(fault_ctx, fault_rng, stop.clone()));
+    let witness = Rc::new(RefCell::new(crate::witness::Witness::default()));
+    let watcher = (s.disk_mib > 0).then(|| {
+        tokio::task::spawn_local(crate::witness::watch(
+            world.clone(),
+            witness.clone(),
+            maybe_lost.clone(),
+            violations.clone(),
+            stop.clone(),
+        ))
+    });
 
     let mut ends = Vec::new();
     for t in tasks {
@@ -319,6 +329,9 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
     }
     stop.set(true);
     let _ = faults.await;
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
 
     // Settle: heal the network, give timers (the destination's idle limit)
     // time to fire, then check the cluster's final state.
@@ -344,6 +357,9 @@ async fn drive(s: Scenario, seed: u64) -> RunResult {
         // Every write the disk workload had acknowledged is on the disk of
         // the one host that runs the VM, whichever way its migrations went.
         let lost = maybe_lost.borrow().clone();
+        let seen = crate::witness::look(&world).await;
+        let found = crate::witness::record(&mut witness.borrow_mut(), seen, &lost);
+        violations.borrow_mut().extend(found);
         for v in world::disk_violations(&world, &census, &lost).await {
             violations.borrow_mut().push(v);
         }

@@ -35,6 +35,8 @@ pub struct SimHost {
     incarnation: u32,
     up: bool,
     life: crate::life::Life,
+    /// Its datastores as this life opened them (their locks die with it).
+    stores: MemDatastores,
 }
 
 /// Events in the order they happened, with their simulated time; the
@@ -137,6 +139,7 @@ async fn boot_host(b: Boot<'_>) -> SimHost {
         kvm: false,
     };
     let stores = MemDatastores::standard(storage.clone(), name);
+    let power = stores.clone();
     let life = crate::life::Life::new();
     let actor = start_host_with(
         ctx,
@@ -164,6 +167,7 @@ async fn boot_host(b: Boot<'_>) -> SimHost {
         incarnation,
         up: true,
         life,
+        stores: power,
     }
 }
 
@@ -254,6 +258,7 @@ impl World {
         h.life.end();
         self.net.unplug(&h.transport);
         let _ = h.actor.cast(HostMsg::PowerOff);
+        h.stores.power_off();
         // Its own disks keep only what was flushed (the SAN stays up).
         let name = &self.names[index];
         self.storage.crash_location(name);

@@ -214,3 +214,18 @@ fn faults_aimed_at_every_protocol_step_break_no_rule() {
         assert!(struck(step) > 0, "no fault struck at {step:?}");
     }
 }
+
+#[test]
+fn faults_aimed_at_moves_with_disks_lose_no_acknowledged_write() {
+    let results = sweep(&catalog::aimed_disks(), 9300, 10);
+    let methods = ["mirror", "cbt", "snapshot"];
+    for m in methods {
+        assert!(
+            results
+                .iter()
+                .flat_map(|r| r.trace.iter())
+                .any(|l| l.contains(&format!("({m})"))),
+            "no {m} move ran"
+        );
+    }
+}

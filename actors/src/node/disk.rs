@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use super::overlay::Overlay;
 use super::{now, offload};
 use crate::disk::{BlockBackend, DiskError, SharedDisk};
 use crate::storage::datastore::Datastores;
@@ -170,7 +171,7 @@ struct Moving {
     plan: MovePlan,
     target: Option<Box<dyn DiskTarget>>,
     to: DiskPlace,
-    overlay: Option<(SharedDisk, DiskPlace)>,
+    overlay: Option<Overlay>,
     started: Instant,
     converged_at: Option<Instant>,
     report: DiskMoveReport,
@@ -421,12 +422,12 @@ impl DiskState {
         self.check_open("read")?;
         let disk = self.disk.clone();
         let overlay = self.moving.as_ref().and_then(|m| {
-            let o = m.overlay.as_ref()?;
+            let o = m.overlay.as_ref()?.data();
             let blocks: Vec<bool> = (offset / BLOCK_BYTES
                 ..(offset + u64::from(len)).div_ceil(BLOCK_BYTES))
                 .map(|b| m.plan.in_overlay(b))
                 .collect();
-            blocks.iter().any(|b| *b).then(|| (o.0.clone(), blocks))
+            blocks.iter().any(|b| *b).then(|| (o.clone(), blocks))
         });
         offload(move || {
             let mut buf = vec![0u8; crate::disk::to_usize(u64::from(len))];
@@ -498,22 +499,11 @@ impl DiskState {
                 Ok(())
             }
             Route::Overlay => {
-                let (overlay, _) = m.overlay.clone().expect("overlay for a snapshot move");
+                let overlay = m.overlay.clone().expect("overlay for a snapshot move");
                 let base = self.disk.clone();
-                offload(move || {
-                    let mut o = overlay.lock().expect("overlay");
-                    let len = o.len_bytes();
-                    let mut block = vec![0u8; crate::disk::to_usize(BLOCK_BYTES)];
-                    for b in fresh {
-                        let r = b * BLOCK_BYTES..((b + 1) * BLOCK_BYTES).min(len);
-                        let buf = &mut block[..crate::disk::to_usize(r.end - r.start)];
-                        base.lock().expect("disk").read_at(r.start, buf)?;
-                        o.write_at(r.start, buf)?;
-                    }
-                    o.write_at(offset, &data)?;
-                    o.flush()
-                })
-                .await
+                offload(move || overlay.write(&base, &fresh, offset, &data)).await?;
+                m.plan.overlaid(&range);
+                Ok(())
             }
         }
     }
@@ -537,18 +527,9 @@ impl DiskState {
         })
         .await?;
         let overlay = if options.method == crate::storage::Method::Snapshot {
-            let place = DiskPlace {
-                datastore: self.place.datastore.clone(),
-                path: format!("{}.delta", self.place.path),
-            };
-            let (stores, p) = (self.stores.clone(), place.clone());
-            let o = offload(move || {
-                let _ = stores.remove(&p.datastore, &p.path);
-                stores.create_disk(&p.datastore, &p.path, len)
-            })
-            .await;
-            match o {
-                Ok(o) => Some((crate::disk::shared(o), place)),
+            let (stores, base) = (self.stores.clone(), self.place.clone());
+            match offload(move || Overlay::create(stores.as_ref(), &base, len)).await {
+                Ok(o) => Some(o),
                 Err(e) => {
                     target.discard().await;
                     return Err(e);
@@ -660,7 +641,7 @@ impl DiskState {
         let paused_at = now();
         let ranges = m.plan.final_ranges();
         let source = match &m.overlay {
-            Some((overlay, _)) => overlay.clone(),
+            Some(overlay) => overlay.data().clone(),
             None => self.disk.clone(),
         };
         let target = m.target.as_mut().expect("target while moving");
@@ -721,18 +702,14 @@ impl DiskState {
         } else {
             m.to.clone()
         };
-        let overlay = m.overlay.map(|(d, p)| {
-            drop(d);
-            p
-        });
         if self.handed_over {
             // Close the source before deleting it.
             self.close();
         }
-        let stores = self.stores.clone();
+        let (stores, overlay) = (self.stores.clone(), m.overlay);
         offload(move || {
-            if let Some(p) = overlay {
-                stores.remove(&p.datastore, &p.path)?;
+            if let Some(o) = overlay {
+                o.remove(stores.as_ref())?;
             }
             stores.remove(&old.datastore, &old.path)
         })
@@ -758,26 +735,12 @@ impl DiskState {
         if let Some(t) = m.target.take() {
             t.discard().await;
         }
-        if let Some((overlay, place)) = m.overlay.take() {
+        if let Some(overlay) = m.overlay.take() {
             let ranges = m.plan.overlay_ranges();
-            let disk = self.disk.clone();
-            let stores = self.stores.clone();
+            let (disk, stores) = (self.disk.clone(), self.stores.clone());
             let merged = offload(move || {
-                let mut buf = vec![0u8; crate::disk::to_usize(BLOCK_BYTES)];
-                let o = overlay.lock().expect("overlay");
-                let mut d = disk.lock().expect("disk");
-                for r in ranges {
-                    let mut at = r.start;
-                    while at < r.end {
-                        let n = (r.end - at).min(BLOCK_BYTES);
-                        o.read_at(at, &mut buf[..n as usize])?;
-                        d.write_at(at, &buf[..n as usize])?;
-                        at += n;
-                    }
-                }
-                d.flush()?;
-                drop(o);
-                stores.remove(&place.datastore, &place.path)
+                overlay.merge_into(&disk, &ranges)?;
+                overlay.remove(stores.as_ref())
             })
             .await;
             if let Err(e) = merged {

@@ -20,6 +20,7 @@ pub mod host;
 pub mod lanes;
 pub mod metrics;
 pub mod net;
+pub mod overlay;
 pub mod scheduler;
 pub mod share;
 pub mod source;

@@ -93,7 +93,8 @@ pub async fn attach_to_guest(vm: &ActorRef<super::vm::VmMsg>, disks: &mut [VmDis
 pub async fn open_disk(config: DiskConfig, stores: Arc<dyn Datastores>) -> Result<VmDisk, String> {
     let (s, c) = (stores.clone(), config.clone());
     let (disk, acked) = super::offload(move || {
-        let d = s.open_disk(&c.datastore, &c.path)?;
+        let mut d = s.open_disk(&c.datastore, &c.path)?;
+        super::overlay::recover(s.as_ref(), &c.datastore, &c.path, d.as_mut())?;
         let acked = if c.workload {
             newest_pattern_write(d.as_ref())?
         } else {

@@ -53,6 +53,9 @@ pub trait Datastores: Send + Sync + 'static {
 
     /// Space on `ds`: (bytes its files take, bytes it can hold).
     fn space(&self, ds: &str) -> Result<(u64, u64), DiskError>;
+
+    /// Whether a file (disk or small file) is at `path` on `ds`.
+    fn exists(&self, ds: &str, path: &str) -> Result<bool, DiskError>;
 }
 
 /// The name a disk or home file has while it arrives on `host`: a host
@@ -111,10 +114,14 @@ pub struct MemStorage {
 enum MemFile {
     Disk {
         disk: Arc<Mutex<MemDisk>>,
-        locked: Arc<Mutex<bool>>,
+        /// Which [`MemDatastores`] (one per host life) holds the lock.
+        holder: Arc<Mutex<Option<u64>>>,
     },
     Small(Vec<u8>),
 }
+
+/// Tells [`MemDatastores`] apart: each holds its disks' locks as its own.
+static NEXT_HOLDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl MemStorage {
     /// Empty storage.
@@ -149,6 +156,9 @@ pub struct MemDatastores {
     storage: MemStorage,
     stores: BTreeMap<String, String>,
     capacities: BTreeMap<String, u64>,
+    /// The lock holder its disks are opened as (clones share it, as
+    /// threads of one process share its file locks).
+    holder: u64,
 }
 
 /// What a [`MemDatastores`] datastore holds unless told otherwise.
@@ -164,6 +174,21 @@ impl MemDatastores {
                 .map(|(n, l)| ((*n).to_owned(), (*l).to_owned()))
                 .collect(),
             capacities: BTreeMap::new(),
+            holder: NEXT_HOLDER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// The process that opened these datastores died: every lock it held
+    /// is free, and its open disks fail writes from now on (as a dead
+    /// process's file locks go with it, and it writes nothing more).
+    pub fn power_off(&self) {
+        for file in self.storage.files.lock().expect("storage").values() {
+            if let MemFile::Disk { holder, .. } = file {
+                let mut h = holder.lock().expect("lock holder");
+                if *h == Some(self.holder) {
+                    *h = None;
+                }
+            }
         }
     }
 
@@ -207,12 +232,29 @@ impl MemDatastores {
 #[derive(Debug)]
 pub struct MemDiskHandle {
     disk: Arc<Mutex<MemDisk>>,
-    locked: Arc<Mutex<bool>>,
+    holder: Arc<Mutex<Option<u64>>>,
+    me: u64,
+}
+
+impl MemDiskHandle {
+    /// Refuses a write once its holder lost the lock ([`MemDatastores::power_off`]).
+    fn check_held(&self, op: &'static str) -> Result<(), DiskError> {
+        if *self.holder.lock().expect("lock holder") == Some(self.me) {
+            return Ok(());
+        }
+        Err(DiskError::Io {
+            op,
+            reason: "the disk's lock went with its host's power".into(),
+        })
+    }
 }
 
 impl Drop for MemDiskHandle {
     fn drop(&mut self) {
-        *self.locked.lock().expect("lock flag") = false;
+        let mut h = self.holder.lock().expect("lock holder");
+        if *h == Some(self.me) {
+            *h = None;
+        }
     }
 }
 
@@ -224,15 +266,18 @@ impl BlockBackend for MemDiskHandle {
         self.disk.lock().expect("disk").read_at(offset, buf)
     }
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.check_held("write")?;
         self.disk.lock().expect("disk").write_at(offset, data)
     }
     fn flush(&mut self) -> Result<(), DiskError> {
+        self.check_held("flush")?;
         self.disk.lock().expect("disk").flush()
     }
     fn allocated(&self) -> Result<Vec<Range<u64>>, DiskError> {
         self.disk.lock().expect("disk").allocated()
     }
     fn write_durable(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.check_held("write")?;
         self.disk.lock().expect("disk").write_durable(offset, data)
     }
     fn copy_to(&self, _range: Range<u64>, _dst: &mut dyn BlockBackend) -> Result<bool, DiskError> {
@@ -299,30 +344,35 @@ impl Datastores for MemDatastores {
             });
         }
         let disk = Arc::new(Mutex::new(MemDisk::new(len)));
-        let locked = Arc::new(Mutex::new(true));
+        let holder = Arc::new(Mutex::new(Some(self.holder)));
         files.insert(
             key,
             MemFile::Disk {
                 disk: disk.clone(),
-                locked: locked.clone(),
+                holder: holder.clone(),
             },
         );
-        Ok(Box::new(MemDiskHandle { disk, locked }))
+        Ok(Box::new(MemDiskHandle {
+            disk,
+            holder,
+            me: self.holder,
+        }))
     }
 
     fn open_disk(&self, ds: &str, path: &str) -> Result<Box<dyn BlockBackend>, DiskError> {
         let key = self.key(ds, path)?;
         let files = self.storage.files.lock().expect("storage");
         match files.get(&key) {
-            Some(MemFile::Disk { disk, locked }) => {
-                let mut l = locked.lock().expect("lock flag");
-                if *l {
+            Some(MemFile::Disk { disk, holder }) => {
+                let mut h = holder.lock().expect("lock holder");
+                if h.is_some() {
                     return Err(DiskError::Locked(format!("{ds}:{path}")));
                 }
-                *l = true;
+                *h = Some(self.holder);
                 Ok(Box::new(MemDiskHandle {
                     disk: disk.clone(),
-                    locked: locked.clone(),
+                    holder: holder.clone(),
+                    me: self.holder,
                 }))
             }
             _ => Err(no_file(path)),
@@ -369,11 +419,53 @@ impl Datastores for MemDatastores {
         let prefix = format!("{}/", dir.trim_end_matches('/'));
         self.paths_where(ds, |p| p.starts_with(&prefix))
     }
+
+    fn exists(&self, ds: &str, path: &str) -> Result<bool, DiskError> {
+        let key = self.key(ds, path)?;
+        Ok(self
+            .storage
+            .files
+            .lock()
+            .expect("storage")
+            .contains_key(&key))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_hosts_locks_go_with_it_and_its_disks_write_no_more() {
+        let san = MemStorage::new();
+        let old_life = MemDatastores::new(san.clone(), &[("shared", "san-1")]);
+        let mut old = old_life
+            .create_disk("shared", "vm/d.raw", 4096)
+            .expect("in a test");
+        let next_life = MemDatastores::new(san, &[("shared", "san-1")]);
+        assert!(matches!(
+            next_life.open_disk("shared", "vm/d.raw"),
+            Err(DiskError::Locked(_))
+        ));
+        old_life.power_off();
+        let mut new = next_life
+            .open_disk("shared", "vm/d.raw")
+            .expect("the lock is free");
+        assert!(
+            old.write_durable(0, &[1; 512]).is_err(),
+            "a dead process writes nothing"
+        );
+        drop(old);
+        assert!(
+            matches!(
+                next_life.open_disk("shared", "vm/d.raw"),
+                Err(DiskError::Locked(_))
+            ),
+            "the old handle's drop does not free the new holder's lock"
+        );
+        new.write_durable(0, &[2; 512])
+            .expect("the new holder writes");
+    }
 
     #[test]
     fn a_disk_is_locked_while_open_and_shared_locations_see_one_file() {

@@ -254,10 +254,9 @@ impl MovePlan {
                 }
                 Route::Source
             }
-            Method::Snapshot => {
-                self.overlay.insert_range(range);
-                Route::Overlay
-            }
+            // The blocks count as overlaid once the write succeeded
+            // ([`MovePlan::overlaid`]).
+            Method::Snapshot => Route::Overlay,
         }
     }
 
@@ -273,6 +272,12 @@ impl MovePlan {
         let mut todo: Vec<Range<u64>> = std::mem::take(&mut self.todo).into();
         insert_merged(&mut todo, start..end);
         self.todo = todo.into();
+    }
+
+    /// A write to `range` reached the overlay (durably, map included):
+    /// its blocks live there from now on.
+    pub fn overlaid(&mut self, range: &Range<u64>) {
+        self.overlay.insert_range(range);
     }
 
     /// Whether `block` (of [`BLOCK_BYTES`]) lives in the overlay.
@@ -515,7 +520,10 @@ mod tests {
     #[test]
     fn snapshot_overlays_every_write_and_leaves_it_for_the_pause() {
         let (mut p, now) = plan(Method::Snapshot, 4 * MIB, vec![0..4 * MIB]);
-        assert_eq!(p.route_write(&(100 * 512..101 * 512)), Route::Overlay);
+        let write = 100 * 512..101 * 512;
+        assert_eq!(p.route_write(&write), Route::Overlay);
+        assert!(!p.in_overlay(0), "not before the write succeeded");
+        p.overlaid(&write);
         copy_all(&mut p, now);
         assert!(p.in_overlay(0) && !p.in_overlay(1));
         assert_eq!(p.final_ranges(), vec![0..BLOCK_BYTES]);

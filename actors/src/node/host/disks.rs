@@ -446,7 +446,7 @@ pub async fn move_storage(
         );
         offload(move || {
             for p in s.list(&f, &name)? {
-                if p.ends_with(".raw") || p.ends_with(".delta") {
+                if crate::node::overlay::is_disk_file(&p) {
                     continue;
                 }
                 let bytes = s.read_file(&f, &p)?;

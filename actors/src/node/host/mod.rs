@@ -1424,7 +1424,7 @@ async fn start_migration<T: Transport>(
             super::offload(move || {
                 let mut files = Vec::new();
                 for p in stores.list(&ds, &vm_name).unwrap_or_default() {
-                    if p.ends_with(".raw") || p.ends_with(".delta") {
+                    if crate::node::overlay::is_disk_file(&p) {
                         continue;
                     }
                     if let Ok(bytes) = stores.read_file(&ds, &p) {
