@@ -8,7 +8,10 @@
 //!   writes), the in-kernel irqchip and PIT, vCPUs, and the dirty log.
 
 mod backend;
+pub mod console;
 pub mod image;
+pub mod linux;
+pub mod mptable;
 pub mod pool;
 pub mod state;
 pub mod vcpu;
@@ -78,6 +81,20 @@ pub enum KvmError {
     OutOfRange(u64),
 }
 
+/// `cpuid` for vCPU `id`: its APIC id in leaves 1 and 0xb.
+fn with_apic_id(cpuid: &kvm_bindings::CpuId, id: u64) -> kvm_bindings::CpuId {
+    let mut c = cpuid.clone();
+    let apic = u32::try_from(id).expect("vCPU ids are small");
+    for e in c.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (apic << 24),
+            0xb => e.edx = apic,
+            _ => {}
+        }
+    }
+    c
+}
+
 /// Checks that /dev/kvm can be opened; the error says why not.
 pub fn available() -> Result<(), KvmError> {
     Kvm::new()
@@ -122,7 +139,51 @@ impl KvmVm {
                 bytes: memory_bytes,
                 reason: e.to_string(),
             })?;
-        Self::create_in(memory, vcpus)
+        Self::create_in(memory, vcpus, None)
+    }
+
+    /// A VM booting the Linux kernel `image` with `memory_bytes` of memory
+    /// and a serial console (paused until [`KvmVm::resume`]).
+    pub fn with_linux(
+        image: &linux::LinuxImage,
+        memory_bytes: u64,
+        vcpus: u8,
+    ) -> Result<Self, KvmError> {
+        let memory = Self::zeroed(memory_bytes)?;
+        let entry = linux::load(&memory, memory_bytes, image, vcpus)?;
+        let vm = Self::create_in(memory, vcpus, Some(entry))?;
+        vm.attach_console(None)?;
+        Ok(vm)
+    }
+
+    /// Gives the VM its serial console (COM1), restored from `state` when
+    /// given.
+    pub fn attach_console(&self, state: Option<&vm_superio::SerialState>) -> Result<(), KvmError> {
+        let io = |e: std::io::Error| KvmError::Image(format!("serial console: {e}"));
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
+        self.vm
+            .register_irqfd(&irq, console::IRQ)
+            .map_err(|e| KvmError::Ioctl("KVM_IRQFD", e))?;
+        let uart = console::Console::new(irq, console::Sink::default(), state).map_err(io)?;
+        *self.progress.console.0.lock().expect("console") = Some(uart);
+        Ok(())
+    }
+
+    /// What the guest printed on its console, if it has one.
+    pub fn console(&self) -> Option<console::Sink> {
+        let slot = self.progress.console.0.lock().expect("console");
+        slot.as_ref().map(|c| c.output().clone())
+    }
+
+    fn zeroed(memory_bytes: u64) -> Result<Memory, KvmError> {
+        let size = usize::try_from(memory_bytes).map_err(|_| KvmError::Memory {
+            bytes: memory_bytes,
+            reason: "too large for this host".into(),
+        })?;
+        Memory::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| KvmError::Memory {
+            bytes: memory_bytes,
+            reason: e.to_string(),
+        })
     }
 
     /// As [`KvmVm::create`], with guest memory taken from `region` (for
@@ -142,10 +203,16 @@ impl KvmVm {
             bytes,
             reason: e.to_string(),
         })?;
-        Self::create_in(memory, vcpus)
+        Self::create_in(memory, vcpus, None)
     }
 
-    fn create_in(memory: Memory, vcpus: u8) -> Result<Self, KvmError> {
+    /// The VM around `memory`, its irqchip and paused vCPUs: vCPU 0 at the
+    /// PVH `boot` entry, or in real mode at the test guest's load address.
+    fn create_in(
+        memory: Memory,
+        vcpus: u8,
+        boot: Option<linux::BootEntry>,
+    ) -> Result<Self, KvmError> {
         let memory_bytes = memory
             .iter()
             .map(vm_memory::GuestMemoryRegion::len)
@@ -192,9 +259,14 @@ impl KvmVm {
                 .vm
                 .create_vcpu(id)
                 .map_err(|e| KvmError::Ioctl("KVM_CREATE_VCPU", e))?;
-            fd.set_cpuid2(&cpuid)
+            fd.set_cpuid2(&with_apic_id(&cpuid, id))
                 .map_err(|e| KvmError::Ioctl("KVM_SET_CPUID2", e))?;
-            if id == 0 {
+            if let Some(entry) = &boot {
+                linux::wire_lapic(&fd)?;
+                if id == 0 {
+                    linux::enter_pvh(&fd, entry)?;
+                }
+            } else if id == 0 {
                 // Real mode at 0000:7c00, as a BIOS hands over to a boot sector.
                 let mut sregs = fd
                     .get_sregs()
@@ -471,6 +543,15 @@ impl KvmVm {
             ioapic: devices.ioapic,
             pit: devices.pit,
             clock: devices.clock,
+            console: self
+                .progress
+                .console
+                .0
+                .lock()
+                .expect("console")
+                .as_ref()
+                .map(|c| state::console_bytes(&c.state()))
+                .unwrap_or_default(),
         })
     }
 
@@ -487,6 +568,24 @@ impl KvmVm {
             )));
         }
         state::restore_devices(&self.vm, state)?;
+        if !state.console.is_empty() {
+            let uart = state::console_from_bytes(&state.console)?;
+            let has = self.progress.console.0.lock().expect("console").is_some();
+            if has {
+                // Keep the output sink (and its log); take the registers.
+                let mut slot = self.progress.console.0.lock().expect("console");
+                let old = slot.take().expect("checked");
+                let irq = old
+                    .irq()
+                    .map_err(|e| KvmError::BadState(format!("console: {e}")))?;
+                *slot = Some(
+                    console::Console::new(irq, old.output().clone(), Some(&uart))
+                        .map_err(|e| KvmError::BadState(format!("console: {e}")))?,
+                );
+            } else {
+                self.attach_console(Some(&uart))?;
+            }
+        }
         for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
             v.restore(s.clone())?;
         }

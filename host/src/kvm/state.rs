@@ -22,7 +22,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::KvmError;
 
 /// Version of the state layout below.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// One vCPU's state.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -70,6 +70,55 @@ pub struct VmState {
     pub pit: Vec<u8>,
     /// kvm_clock_data.
     pub clock: Vec<u8>,
+    /// The serial console's registers and input FIFO ([`console_bytes`];
+    /// empty: the VM has no console).
+    pub console: Vec<u8>,
+}
+
+/// A UART's state as bytes: its nine registers, then its input FIFO.
+pub fn console_bytes(s: &vm_superio::SerialState) -> Vec<u8> {
+    let mut out = vec![
+        s.baud_divisor_low,
+        s.baud_divisor_high,
+        s.interrupt_enable,
+        s.interrupt_identification,
+        s.line_control,
+        s.line_status,
+        s.modem_control,
+        s.modem_status,
+        s.scratch,
+    ];
+    out.extend_from_slice(&s.in_buffer);
+    out
+}
+
+/// The UART state [`console_bytes`] wrote.
+pub fn console_from_bytes(b: &[u8]) -> Result<vm_superio::SerialState, KvmError> {
+    let [
+        baud_divisor_low,
+        baud_divisor_high,
+        interrupt_enable,
+        interrupt_identification,
+        line_control,
+        line_status,
+        modem_control,
+        modem_status,
+        scratch,
+    ] = *b
+        .first_chunk::<9>()
+        .ok_or_else(|| KvmError::BadState("console: short".into()))?;
+    Ok(vm_superio::SerialState {
+        baud_divisor_low,
+        baud_divisor_high,
+        interrupt_enable,
+        interrupt_identification,
+        line_control,
+        line_status,
+        modem_control,
+        modem_status,
+        scratch,
+        in_buffer: b[9..].to_vec(),
+    })
 }
 
 impl VmState {

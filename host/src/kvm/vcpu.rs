@@ -22,6 +22,11 @@ use super::KvmError;
 use super::image::{IDLE_WAIT, PORT_DISK, PORT_EXCEPTION, PORT_FILLED, PORT_IDLE, PORT_PASS};
 use super::state::{self, VcpuState};
 
+/// The i8042's command port: `reboot=k` Linux writes [`KEYBOARD_RESET`].
+const PORT_KEYBOARD_CONTROLLER: u16 = 0x64;
+/// Pulse the reset line.
+const KEYBOARD_RESET: u8 = 0xfe;
+
 /// How often a pause request re-sends its kick.
 pub const KICK_INTERVAL: Duration = Duration::from_micros(200);
 /// Throttling works in slices of this length.
@@ -42,6 +47,8 @@ pub struct GuestProgress {
     pub disk: DiskSlot,
     /// Guest disk writes that failed (the guest retries them).
     pub disk_failures: AtomicU64,
+    /// The serial console, once attached (Linux guests).
+    pub console: super::console::ConsoleSlot,
 }
 
 /// The guest's disk device: where its requests go, and its memory (to
@@ -393,6 +400,12 @@ impl Runner {
                         .rev()
                         .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
                     match port {
+                        p if super::console::PORTS.contains(&p) => {
+                            self.progress.console.write(p, data[0]);
+                        }
+                        PORT_KEYBOARD_CONTROLLER if data[0] == KEYBOARD_RESET => {
+                            return Some(VcpuStatus::Stopped("the guest rebooted".into()));
+                        }
                         PORT_PASS => self.progress.pass.store(value, Ordering::Relaxed),
                         PORT_FILLED => self.progress.filled.store(true, Ordering::Relaxed),
                         PORT_EXCEPTION => {
@@ -412,6 +425,12 @@ impl Runner {
                             .to_le_bytes();
                         let n = data.len().min(4);
                         data[..n].copy_from_slice(&status[..n]);
+                    } else if let Some(v) = super::console::PORTS
+                        .contains(&port)
+                        .then(|| self.progress.console.read(port))
+                        .flatten()
+                    {
+                        data.fill(v);
                     } else {
                         data.fill(0xFF);
                     }

@@ -1,0 +1,111 @@
+//! The project's Linux test guest (guest/linux/build.sh) under ferry's KVM
+//! backend: it boots through its PVH entry, prints on the serial console,
+//! and its user-space dirtier runs pass after pass; its state and memory
+//! move into a second VM, where the passes go on.
+//!
+//! Where /dev/kvm is missing, or the test guest is not built, every test
+//! prints one line saying it was skipped and why, and passes — unless
+//! `FERRY_REQUIRE_GUEST=1` (CI sets it after building the guest), where a
+//! missing guest fails.
+
+use std::time::{Duration, Instant};
+
+use ferry_host::guest_images;
+use ferry_host::kvm::{self, KvmVm};
+
+fn guest_or_skip(test: &str, mib: u64) -> Option<kvm::linux::LinuxImage> {
+    if let Err(e) = kvm::available() {
+        println!("SKIPPED {test}: {e} (KVM tests need /dev/kvm)");
+        return None;
+    }
+    match guest_images::linux_test_guest("dirtier", mib) {
+        Ok(image) => Some(image),
+        Err(e) if std::env::var_os("FERRY_REQUIRE_GUEST").is_some() => panic!("{test}: {e}"),
+        Err(e) => {
+            println!("SKIPPED {test}: {e}");
+            None
+        }
+    }
+}
+
+fn console_text(vm: &KvmVm) -> String {
+    let out = vm.console().expect("a Linux guest has a console");
+    String::from_utf8_lossy(&out.0.lock().expect("console").tail()).into_owned()
+}
+
+/// The newest "ferry-dirtier pass N ok" on the console; panics on a
+/// MISMATCH line.
+fn newest_pass(text: &str) -> u64 {
+    assert!(
+        !text.contains("MISMATCH"),
+        "the dirtier found bad pages:\n{text}"
+    );
+    text.lines()
+        .filter_map(|l| l.strip_prefix("ferry-dirtier pass ")?.strip_suffix(" ok"))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn wait_for_pass(vm: &KvmVm, pass: u64, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let text = console_text(vm);
+        if newest_pass(&text) >= pass {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no dirtier pass {pass} after {limit:?}: vCPUs {:?}; console:\n{text}",
+            vm.vcpu_status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_test_kernel_boots_and_its_dirtier_passes_show_on_the_console() {
+    let Some(image) = guest_or_skip("the_test_kernel_boots", 16) else {
+        return;
+    };
+    let vm = KvmVm::with_linux(&image, 128 << 20, 1).expect("load the kernel");
+    let started = Instant::now();
+    vm.resume().expect("resume");
+    wait_for_pass(&vm, 2, Duration::from_secs(90));
+    let text = console_text(&vm);
+    println!(
+        "Linux test guest: dirtier pass 2 after {:.1} s; console:\n{text}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(text.contains("ferry-guest: up"), "/init ran:\n{text}");
+}
+
+#[test]
+fn a_paused_linux_guest_moves_into_a_second_vm_and_its_passes_go_on() {
+    let Some(image) = guest_or_skip("a_paused_linux_guest_moves", 16) else {
+        return;
+    };
+    let memory = 128 << 20;
+    let source = KvmVm::with_linux(&image, memory, 1).expect("load the kernel");
+    source.resume().expect("resume");
+    wait_for_pass(&source, 2, Duration::from_secs(90));
+    source.pause().expect("pause");
+    let at_pause = newest_pass(&console_text(&source));
+    let state = source.save_state().expect("save");
+    let bytes = state.to_bytes();
+    let hash = source.memory_hash().expect("hash");
+
+    let dest = KvmVm::create(memory, 1).expect("second VM");
+    dest.copy_memory_from(&source).expect("memory");
+    drop(source);
+    let state = kvm::state::VmState::from_bytes(&bytes).expect("decode");
+    dest.restore_state(&state).expect("restore");
+    assert_eq!(dest.memory_hash().expect("hash"), hash);
+    dest.resume().expect("resume");
+    let took = wait_for_pass(&dest, at_pause + 2, Duration::from_secs(60));
+    println!(
+        "the restored guest reached pass {} ({:.1} s after its resume)",
+        at_pause + 2,
+        took.as_secs_f64()
+    );
+}
