@@ -203,6 +203,11 @@ pub trait GuestBackend: Send {
     /// The workload's own progress report.
     fn progress(&self) -> Result<GuestProgress, GuestError>;
 
+    /// The newest output of the guest's serial console, if it has one.
+    fn console(&self) -> Option<Vec<u8>> {
+        None
+    }
+
     /// CPU time the guest's vCPUs have used since it was built (DRS
     /// weighs hosts by it).
     fn cpu_time(&self) -> Duration;

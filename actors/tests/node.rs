@@ -82,6 +82,7 @@ async fn world(b_memory_mib: u64, b_features: &[&str]) -> World {
 
 fn spec(name: &str, memory_mib: u64, wss_mib: u64, features: &[&str]) -> VmSpec {
     VmSpec {
+        linux: None,
         name: name.into(),
         memory_mib,
         vcpus: 1,

@@ -141,6 +141,7 @@ async fn world(hosts: &[(&'static str, u64)], budgets: Budgets) -> World {
 
 fn spec(name: &str) -> VmSpec {
     VmSpec {
+        linux: None,
         name: name.into(),
         memory_mib: 16,
         vcpus: 1,

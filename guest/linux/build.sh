@@ -11,14 +11,23 @@
 #   guest/linux/build.sh            # build if missing
 #   FERRY_GUEST_CACHE=/some/dir ... # cache root (default ~/.cache/ferry/guest)
 #
-# Needs: linux-source-6.1 busybox-static build-essential flex bison bc
-# libelf-dev cpio (.ci/run installs them).
+# Needs Debian's linux-source-6.1 busybox-static build-essential flex bison
+# bc libelf-dev cpio: installed with apt-get when missing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${FERRY_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry/guest}"
 src_tar=/usr/src/linux-source-6.1.tar.xz
 busybox=/bin/busybox
 
+# What the build needs, from Debian (installed when missing).
+packages="linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio"
+missing_pkgs=$(for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing_pkgs" ]; then
+  echo "build.sh: installing $(echo $missing_pkgs)" >&2
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing_pkgs >&2
+fi
 for f in "$src_tar" "$busybox"; do
   [ -e "$f" ] || { echo "build.sh: $f is missing (apt-get install linux-source-6.1 busybox-static)" >&2; exit 1; }
 done

@@ -37,6 +37,7 @@ async fn cluster(test: &str) -> LocalCluster {
 
 async fn vm_with_disk(c: &LocalCluster, name: &str, datastore: &str) -> u64 {
     let spec = VmSpec {
+        linux: None,
         name: name.to_owned(),
         memory_mib: 64,
         vcpus: 1,

@@ -339,6 +339,7 @@ impl World {
             }]
         };
         let spec = VmSpec {
+            linux: None,
             name: name.to_owned(),
             memory_mib,
             vcpus: 1,

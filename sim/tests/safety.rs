@@ -245,6 +245,7 @@ fn a_node_whose_store_cannot_write_acknowledges_nothing_and_takes_no_migrations(
         world.store(0).set_failing(true);
 
         let spec = ferry_actors::node::client::VmSpec {
+            linux: None,
             name: "lost".into(),
             memory_mib: 8,
             vcpus: 1,

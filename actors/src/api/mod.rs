@@ -399,6 +399,19 @@ impl<'a, T: Transport> VmHandle<'a, T> {
         }
     }
 
+    /// The newest output of its serial console (Linux guests), from the
+    /// host that runs it.
+    pub async fn console(&self) -> Result<Vec<u8>, ClientError> {
+        let node = self.cluster.locate(&self.name).await?;
+        let request = ClientRequest::Console {
+            vm: self.name.clone(),
+        };
+        match self.cluster.request(&node, &request, None).await? {
+            ClientReply::Console(out) => Ok(out),
+            _ => Err(ClientError::Unexpected(node)),
+        }
+    }
+
     /// A migration to `host`, to be configured and awaited.
     pub fn migrate_to(self, host: &str) -> Migrate<'a, T> {
         Migrate {

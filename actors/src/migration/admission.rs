@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use super::wire::{GuestKind, Offer, Refusal};
+use super::wire::{Offer, Refusal};
 use crate::guest::PAGE_BYTES;
 
 /// What a host can give its VMs.
@@ -43,7 +43,7 @@ pub fn admit(offer: &Offer, capacity: &Capacity, used: Usage, exists: bool) -> R
     if exists {
         return Err(Refusal::AlreadyExists(vm.name.clone()));
     }
-    if matches!(vm.kind, GuestKind::Kvm { .. }) && !capacity.kvm {
+    if vm.kind.needs_kvm() && !capacity.kvm {
         return Err(Refusal::UnsupportedGuest(
             "KVM guest, but this host has no /dev/kvm".into(),
         ));
@@ -77,7 +77,7 @@ pub fn admit(offer: &Offer, capacity: &Capacity, used: Usage, exists: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::wire::VmConfig;
+    use crate::migration::wire::{GuestKind, VmConfig};
 
     fn offer(features: &[&str], memory_bytes: u64) -> Offer {
         Offer {

@@ -42,6 +42,23 @@ pub enum GuestKind {
         /// Page writes per second.
         writes_per_sec: u64,
     },
+    /// A KVM guest booting a Linux kernel (vCPU, device and console state
+    /// travel in the switchover; the kernel files are read at boot only).
+    Linux {
+        /// The ELF `vmlinux` on the host that boots it.
+        kernel: String,
+        /// The initramfs, if any.
+        initrd: Option<String>,
+        /// The kernel command line.
+        cmdline: String,
+    },
+}
+
+impl GuestKind {
+    /// Whether it runs under KVM (a destination needs `/dev/kvm`).
+    pub fn needs_kvm(&self) -> bool {
+        !matches!(self, GuestKind::Synthetic { .. })
+    }
 }
 
 /// A VM's definition: what any host needs to run it.

@@ -35,6 +35,20 @@ pub struct VmSpec {
     /// Run the synthetic guest's disk workload (the verifiable write
     /// pattern) on its disks while the VM runs.
     pub disk_workload: bool,
+    /// Boot this Linux kernel (files on the node's host) instead of the
+    /// built-in test guest.
+    pub linux: Option<LinuxSpec>,
+}
+
+/// A Linux kernel to boot, as files on the node's host.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct LinuxSpec {
+    /// The ELF `vmlinux` (with a PVH entry).
+    pub kernel: String,
+    /// The initramfs, if any.
+    pub initrd: Option<String>,
+    /// The kernel command line.
+    pub cmdline: String,
 }
 
 /// A disk to create with a VM.
@@ -197,6 +211,12 @@ pub enum ClientRequest {
         /// Disks that go elsewhere than `datastore`: (disk, datastore).
         disk_datastores: Vec<(String, String)>,
     },
+    /// The newest output of a VM's serial console (operators only: it may
+    /// show what the guest's users typed).
+    Console {
+        /// The VM.
+        vm: String,
+    },
     /// A VM's disks; with `verify`, each is checked against the synthetic
     /// workload's pattern (every acknowledged write present).
     Disks {
@@ -264,6 +284,8 @@ pub enum ClientReply {
     Macs(Vec<(String, String)>),
     /// A VM's disks.
     Disks(Vec<DiskView>),
+    /// A VM's console output, oldest byte first.
+    Console(Vec<u8>),
     /// Storage moved on one host (final).
     StorageMoved(Vec<crate::storage::DiskMoveReport>),
     /// Migration records.
@@ -343,6 +365,7 @@ pub fn action(request: &ClientRequest) -> &'static str {
         ClientRequest::CancelMigration { .. } => "migrate cancel",
         ClientRequest::MoveStorage { .. } => "vm move-storage",
         ClientRequest::Disks { verify: true, .. } => "vm disks --verify",
+        ClientRequest::Console { .. } => "vm console",
         ClientRequest::Disks { .. } => "vm disks",
         ClientRequest::Jobs => "jobs list",
         ClientRequest::CancelJob { .. } => "jobs cancel",
@@ -366,6 +389,7 @@ pub fn subject(request: &ClientRequest) -> (String, String) {
         | ClientRequest::DeleteVm(vm)
         | ClientRequest::RecoverVm { vm, .. }
         | ClientRequest::Disks { vm, .. }
+        | ClientRequest::Console { vm }
         | ClientRequest::Recommend { vm, .. } => (vm.clone(), String::new()),
         ClientRequest::Migrate { vm, to, .. } => (vm.clone(), to.clone()),
         ClientRequest::MoveStorage { vm, datastore, .. } => (vm.clone(), datastore.clone()),
@@ -391,5 +415,6 @@ pub fn is_read(request: &ClientRequest) -> bool {
             | ClientRequest::HostLoad
             | ClientRequest::Recommend { .. }
             | ClientRequest::Disks { .. }
+            | ClientRequest::Console { .. }
     )
 }

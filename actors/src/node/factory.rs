@@ -40,7 +40,7 @@ impl SyntheticFactory {
                 SyntheticGuest::check(&p).map_err(|e| GuestError::BadState(e.to_owned()))?;
                 Ok(p)
             }
-            GuestKind::Kvm { .. } => Err(GuestError::Backend {
+            GuestKind::Kvm { .. } | GuestKind::Linux { .. } => Err(GuestError::Backend {
                 op: "create guest",
                 reason: "this host makes synthetic guests only".into(),
             }),

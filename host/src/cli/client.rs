@@ -53,6 +53,17 @@ pub struct CreateArgs {
     /// disks while the VM runs.
     #[arg(long)]
     pub disk_workload: bool,
+    /// Boot this Linux kernel (an ELF vmlinux with a PVH entry; a path on
+    /// the node's host) instead of the built-in test guest.
+    #[arg(long)]
+    pub kernel: Option<std::path::PathBuf>,
+    /// The initramfs for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<std::path::PathBuf>,
+    /// The kernel command line for --kernel (default: the one the
+    /// project's test kernel needs on these machines).
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
     /// The client file.
     #[command(flatten)]
     pub client: ClientArgs,
@@ -362,6 +373,94 @@ pub(crate) fn block_on<T>(
         .block_on(f)
 }
 
+/// The Linux kernel `args` name, as absolute paths (the node resolves
+/// them on its host; a client on the same host means its own files).
+fn linux_spec(args: &CreateArgs) -> anyhow::Result<Option<ferry_actors::node::client::LinuxSpec>> {
+    let Some(kernel) = &args.kernel else {
+        return Ok(None);
+    };
+    let absolute = |p: &std::path::Path| {
+        std::path::absolute(p)
+            .map(|p| p.display().to_string())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    };
+    Ok(Some(ferry_actors::node::client::LinuxSpec {
+        kernel: absolute(kernel)?,
+        initrd: args.initrd.as_deref().map(absolute).transpose()?,
+        cmdline: args
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| crate::kvm::linux::DEFAULT_CMDLINE.to_owned()),
+    }))
+}
+
+/// Options of `ferry vm console`.
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// VM name.
+    pub name: String,
+    /// Keep printing new output until interrupted.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// What `now` holds beyond `before`: the console tail slides, so find
+/// where the end of the old output (its last 256 bytes) sits in the new.
+fn new_output<'a>(before: &[u8], now: &'a [u8]) -> &'a [u8] {
+    let probe = &before[before.len().saturating_sub(256)..];
+    if probe.is_empty() {
+        return now;
+    }
+    match now.windows(probe.len()).rposition(|w| w == probe) {
+        Some(at) => &now[at + probe.len()..],
+        None => now,
+    }
+}
+
+#[cfg(test)]
+mod console_tests {
+    use super::new_output;
+
+    #[test]
+    fn only_what_came_after_the_last_look_is_new() {
+        assert_eq!(new_output(b"", b"abc"), b"abc");
+        assert_eq!(new_output(b"pass 1\n", b"pass 1\npass 2\n"), b"pass 2\n");
+        // The tail slid: its start is gone.
+        let before: Vec<u8> = (0..1000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        let mut now = before[100..].to_vec();
+        now.extend_from_slice(b"new\n");
+        assert_eq!(new_output(&before, &now), b"new\n");
+        assert_eq!(new_output(b"pass 1\n", b"pass 1\n"), b"");
+    }
+}
+
+/// `ferry vm console`.
+pub fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let cluster = connect(&args.client)?;
+        let vm = cluster.vm(&args.name);
+        let mut seen = vm.console().await?;
+        let mut out = std::io::stdout();
+        std::io::Write::write_all(&mut out, &seen)?;
+        std::io::Write::flush(&mut out)?;
+        while args.follow {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let now = match vm.console().await {
+                Ok(now) => now,
+                // Between hosts during a switchover: ask again.
+                Err(_) => continue,
+            };
+            std::io::Write::write_all(&mut out, new_output(&seen, &now))?;
+            std::io::Write::flush(&mut out)?;
+            seen = now;
+        }
+        Ok(())
+    })
+}
+
 /// `ferry vm create`.
 pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
     block_on(async {
@@ -389,6 +488,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
                         })
                         .collect(),
                     disk_workload: args.disk_workload,
+                    linux: linux_spec(args)?,
                 },
             )
             .await?;

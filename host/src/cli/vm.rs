@@ -33,6 +33,9 @@ pub enum VmCommand {
     /// A VM's disks (with --verify: check every acknowledged write of the
     /// synthetic disk workload).
     Disks(super::client::DisksArgs),
+    /// A VM's serial console output (Linux guests), from whichever host
+    /// runs it; with --follow, new output as it comes, across migrations.
+    Console(super::client::ConsoleArgs),
     /// Run the built-in test guest and show its progress.
     Run(RunArgs),
     /// Write the built-in test guest as a flat boot image (load at 0x7c00,
@@ -109,6 +112,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
         VmCommand::Recover(args) => super::client::recover(&args),
         VmCommand::MoveStorage(args) => super::client::move_storage(&args),
         VmCommand::Disks(args) => super::client::disks(&args),
+        VmCommand::Console(args) => super::client::console(&args),
         VmCommand::Run(args) => run_guest(&args),
         VmCommand::Image(args) => {
             let image = image::build(&args.guest.params()?)

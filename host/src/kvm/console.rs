@@ -54,6 +54,32 @@ impl Output {
         self.total
     }
 
+    /// The newest `n` bytes (at most).
+    pub fn newest(&self, n: usize) -> Vec<u8> {
+        let skip = self.tail.len().saturating_sub(n);
+        self.tail.iter().skip(skip).copied().collect()
+    }
+
+    /// Starts the tail with what the VM printed on its previous host.
+    pub fn seed(&mut self, earlier: &[u8]) {
+        let mut tail: VecDeque<u8> = earlier.iter().copied().collect();
+        tail.extend(self.tail.drain(..));
+        let over = tail.len().saturating_sub(TAIL_BYTES);
+        tail.drain(..over);
+        self.tail = tail;
+    }
+
+    /// The newest "ferry-dirtier pass N ok" the Linux test guest printed.
+    pub fn dirtier_pass(&self) -> u64 {
+        let text = self.newest(4096);
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(|l| l.strip_prefix("ferry-dirtier pass ")?.strip_suffix(" ok"))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
     fn log_bytes(&mut self, bytes: &[u8]) {
         let Some((path, file, written)) = &mut self.log else {
             return;

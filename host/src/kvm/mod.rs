@@ -175,6 +175,21 @@ impl KvmVm {
         slot.as_ref().map(|c| c.output().clone())
     }
 
+    /// The console's UART state and newest output (empty: no console).
+    fn console_state(&self) -> (Vec<u8>, Vec<u8>) {
+        let slot = self.progress.console.0.lock().expect("console");
+        let Some(c) = slot.as_ref() else {
+            return (Vec::new(), Vec::new());
+        };
+        let tail = c
+            .output()
+            .0
+            .lock()
+            .expect("console output")
+            .newest(state::CONSOLE_CARRIED);
+        (state::console_bytes(&c.state()), tail)
+    }
+
     fn zeroed(memory_bytes: u64) -> Result<Memory, KvmError> {
         let size = usize::try_from(memory_bytes).map_err(|_| KvmError::Memory {
             bytes: memory_bytes,
@@ -534,6 +549,7 @@ impl KvmVm {
             .map(VcpuHandle::save)
             .collect::<Result<Vec<_>, _>>()?;
         let devices = state::save_devices(&self.vm)?;
+        let (console, console_tail) = self.console_state();
         Ok(VmState {
             version: STATE_VERSION,
             memory_bytes: self.memory_bytes,
@@ -543,15 +559,8 @@ impl KvmVm {
             ioapic: devices.ioapic,
             pit: devices.pit,
             clock: devices.clock,
-            console: self
-                .progress
-                .console
-                .0
-                .lock()
-                .expect("console")
-                .as_ref()
-                .map(|c| state::console_bytes(&c.state()))
-                .unwrap_or_default(),
+            console,
+            console_tail,
         })
     }
 
@@ -584,6 +593,9 @@ impl KvmVm {
                 );
             } else {
                 self.attach_console(Some(&uart))?;
+            }
+            if let Some(out) = self.console() {
+                out.0.lock().expect("console output").seed(&state.console_tail);
             }
         }
         for (v, s) in self.vcpus.iter().zip(&state.vcpus) {

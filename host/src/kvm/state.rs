@@ -21,6 +21,9 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::KvmError;
 
+/// The LAPIC timer's TSC-deadline MSR.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
 /// Version of the state layout below.
 pub const STATE_VERSION: u32 = 2;
 
@@ -73,7 +76,13 @@ pub struct VmState {
     /// The serial console's registers and input FIFO ([`console_bytes`];
     /// empty: the VM has no console).
     pub console: Vec<u8>,
+    /// The newest console output ([`CONSOLE_CARRIED`] bytes at most), so
+    /// the console's recent lines follow the VM.
+    pub console_tail: Vec<u8>,
 }
+
+/// Console output carried with the VM's state.
+pub const CONSOLE_CARRIED: usize = 4096;
 
 /// A UART's state as bytes: its nine registers, then its input FIFO.
 pub fn console_bytes(s: &vm_superio::SerialState) -> Vec<u8> {
@@ -296,6 +305,17 @@ pub(crate) fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), KvmError>
         .map_err(op("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&parse::<kvm_lapic_state>("lapic", &s.lapic)?)
         .map_err(op("KVM_SET_LAPIC"))?;
+    // Setting the LAPIC resets its timer: arm the TSC deadline again (a
+    // Linux guest's next tick), or the guest sleeps forever.
+    if let Some((_, deadline)) = s.msrs.iter().find(|(i, _)| *i == MSR_IA32_TSC_DEADLINE) {
+        let entry = kvm_msr_entry {
+            index: MSR_IA32_TSC_DEADLINE,
+            data: *deadline,
+            ..Default::default()
+        };
+        let msrs = Msrs::from_entries(&[entry]).map_err(|e| KvmError::BadState(e.to_string()))?;
+        vcpu.set_msrs(&msrs).map_err(op("KVM_SET_MSRS"))?;
+    }
     vcpu.set_vcpu_events(&parse::<kvm_vcpu_events>("events", &s.events)?)
         .map_err(op("KVM_SET_VCPU_EVENTS"))?;
     vcpu.set_mp_state(parse::<kvm_mp_state>("mp_state", &s.mp_state)?)

@@ -9,6 +9,7 @@ use ferry_actors::node::factory::{GuestFactory, SyntheticFactory};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::kvm::image::GuestParams;
+use crate::kvm::linux::LinuxImage;
 use crate::kvm::pool::MemoryPool;
 use crate::kvm::{self, KvmVm};
 
@@ -71,13 +72,27 @@ impl GuestFactory for HostFactory {
                     .map_err(kvm_err("create KVM guest"))?;
                 Ok(Box::new(vm))
             }
+            GuestKind::Linux {
+                ref kernel,
+                ref initrd,
+                ref cmdline,
+            } => {
+                let image = LinuxImage {
+                    kernel: kernel.into(),
+                    initrd: initrd.as_ref().map(Into::into),
+                    cmdline: cmdline.clone(),
+                };
+                let vm = KvmVm::with_linux(&image, config.memory_bytes, config.vcpus)
+                    .map_err(kvm_err("boot Linux guest"))?;
+                Ok(Box::new(vm))
+            }
             GuestKind::Synthetic { .. } => SyntheticFactory.boot(config),
         }
     }
 
     fn shadow(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
         match config.kind {
-            GuestKind::Kvm { .. } => {
+            GuestKind::Kvm { .. } | GuestKind::Linux { .. } => {
                 if let Some(region) = self.pool.take(config.memory_bytes) {
                     if self.refill {
                         self.pool.refill(config.memory_bytes);

@@ -179,6 +179,7 @@ impl LocalCluster {
             }]
         };
         let spec = ferry_actors::node::client::VmSpec {
+            linux: None,
             name: name.to_owned(),
             memory_mib,
             vcpus: 1,

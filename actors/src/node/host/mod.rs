@@ -870,6 +870,16 @@ async fn client_request<T: Transport>(
             };
             answer(r);
         }
+        ClientRequest::Console { vm } => answer(match s.vm(&vm) {
+            Ok(actor) => match super::vm::with_guest(&actor, |g| g.console()).await {
+                Ok(Some(out)) => Ok(ClientReply::Console(out)),
+                Ok(None) => Err(NodeError::BadRequest(format!(
+                    "{vm} has no serial console (only Linux guests do)"
+                ))),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        }),
         ClientRequest::Disks { vm, verify } => answer(match s.vm(&vm) {
             Ok(_) => Ok(ClientReply::Disks(
                 disks::views(&s.vms[&vm].disks, verify).await,
@@ -1125,7 +1135,18 @@ async fn create_vm<T: Transport>(
             s.capacity.vcpus.saturating_sub(used.vcpus)
         )));
     }
-    let kind = if s.factory.kvm() && !spec.synthetic {
+    let kind = if let Some(linux) = spec.linux.clone() {
+        if !s.factory.kvm() {
+            return Err(NodeError::BadRequest(
+                "a Linux guest needs KVM, and this node has no /dev/kvm".into(),
+            ));
+        }
+        GuestKind::Linux {
+            kernel: linux.kernel,
+            initrd: linux.initrd,
+            cmdline: linux.cmdline,
+        }
+    } else if s.factory.kvm() && !spec.synthetic {
         GuestKind::Kvm {
             wss_bytes: spec.wss_mib << 20,
         }

@@ -1,0 +1,120 @@
+//! The project's Linux test guest migrated live between two real `ferry
+//! node` processes over QUIC (mutual TLS) on loopback, while its
+//! user-space dirtier rewrites and checks its memory: memory verified at
+//! the switchover, and the console (read through the nodes, as `ferry vm
+//! console` does) shows the passes going on on the destination.
+//!
+//! Skipped loudly where /dev/kvm is missing or the guest is not built
+//! (failing instead under `FERRY_REQUIRE_GUEST=1`, as in CI).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Node, ferry, ferry_status, free_udp_port};
+
+fn guest_or_skip(test: &str) -> Option<ferry_host::kvm::linux::LinuxImage> {
+    if let Err(e) = ferry_host::kvm::available() {
+        println!("SKIPPED {test}: {e} (KVM tests need /dev/kvm)");
+        return None;
+    }
+    match ferry_host::guest_images::linux_test_guest("dirtier", 32) {
+        Ok(image) => Some(image),
+        Err(e) if std::env::var_os("FERRY_REQUIRE_GUEST").is_some() => panic!("{test}: {e}"),
+        Err(e) => {
+            println!("SKIPPED {test}: {e}");
+            None
+        }
+    }
+}
+
+fn newest_pass(console: &str) -> u64 {
+    assert!(!console.contains("MISMATCH"), "the dirtier found bad pages:\n{console}");
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("ferry-dirtier pass ")?.strip_suffix(" ok"))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn console(d: &Path, vm: &str) -> String {
+    ferry_status(d, &["vm", "console", vm, "--client", "client.toml"]).0
+}
+
+/// Waits until the console shows dirtier pass `pass`; returns the text.
+fn wait_for_pass(d: &Path, vm: &str, pass: u64, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = console(d, vm);
+        if newest_pass(&text) >= pass {
+            return text;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no dirtier pass {pass} within {limit:?}; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
+    let Some(image) = guest_or_skip("a_linux_guest_migrates_live") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    ferry(
+        d,
+        &[
+            "cluster",
+            "init",
+            "--dir",
+            ".",
+            "--host",
+            &format!("host-a=127.0.0.1:{pa}"),
+            "--host",
+            &format!("host-b=127.0.0.1:{pb}"),
+            "--memory-mib",
+            "1024",
+        ],
+    );
+    let _a = Node::start(d, "host-a", &[]);
+    let _b = Node::start(d, "host-b", &[]);
+    let kernel = image.kernel.display().to_string();
+    let initrd = image.initrd.as_ref().expect("initrd").display().to_string();
+    ferry(
+        d,
+        &[
+            "vm", "create", "lx", "--node", "host-a", "--memory", "256", "--kernel", &kernel,
+            "--initrd", &initrd, "--cmdline", &image.cmdline, "--client", "client.toml",
+        ],
+    );
+    let booted = Instant::now();
+    ferry(d, &["vm", "start", "lx", "--client", "client.toml"]);
+    let before = wait_for_pass(d, "lx", 2, Duration::from_secs(150));
+    println!(
+        "booted to dirtier pass 2 in {:.1} s:\n{before}",
+        booted.elapsed().as_secs_f64()
+    );
+    let at_migration = newest_pass(&before);
+
+    let report = ferry(
+        d,
+        &["migrate", "lx", "--to", "host-b", "--verify", "--client", "client.toml"],
+    );
+    println!("{report}");
+    let list = ferry(d, &["vm", "list", "--client", "client.toml"]);
+    let on: Vec<&str> = list
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some("lx"))
+        .collect();
+    assert_eq!(on.len(), 1, "one copy:\n{list}");
+    assert!(on[0].contains("host-b") && on[0].contains("Running"), "{list}");
+
+    let after = wait_for_pass(d, "lx", at_migration + 2, Duration::from_secs(90));
+    println!("on host-b:\n{after}");
+}
