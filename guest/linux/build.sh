@@ -32,7 +32,9 @@ for f in "$src_tar" "$busybox"; do
   [ -e "$f" ] || { echo "build.sh: $f is missing (apt-get install linux-source-6.1 busybox-static)" >&2; exit 1; }
 done
 
-key=$( (cd "$here" && cat build.sh config init patches/*.patch programs/*.c; \
+# Bump when the steps below change what they build.
+build_version=1
+key=$( (cd "$here" && echo "$build_version" && cat config init patches/*.patch programs/*.c; \
         dpkg-query -W -f='${Version}' linux-source-6.1 busybox-static 2>/dev/null || true) \
       | sha256sum | cut -c1-12)
 out="$cache/linux/$key"

@@ -30,7 +30,10 @@ fn guest_or_skip(test: &str) -> Option<ferry_host::kvm::linux::LinuxImage> {
 }
 
 fn newest_pass(console: &str) -> u64 {
-    assert!(!console.contains("MISMATCH"), "the dirtier found bad pages:\n{console}");
+    assert!(
+        !console.contains("MISMATCH"),
+        "the dirtier found bad pages:\n{console}"
+    );
     console
         .lines()
         .filter_map(|l| l.strip_prefix("ferry-dirtier pass ")?.strip_suffix(" ok"))
@@ -89,8 +92,21 @@ fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
     ferry(
         d,
         &[
-            "vm", "create", "lx", "--node", "host-a", "--memory", "256", "--kernel", &kernel,
-            "--initrd", &initrd, "--cmdline", &image.cmdline, "--client", "client.toml",
+            "vm",
+            "create",
+            "lx",
+            "--node",
+            "host-a",
+            "--memory",
+            "256",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            &image.cmdline,
+            "--client",
+            "client.toml",
         ],
     );
     let booted = Instant::now();
@@ -104,7 +120,15 @@ fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
 
     let report = ferry(
         d,
-        &["migrate", "lx", "--to", "host-b", "--verify", "--client", "client.toml"],
+        &[
+            "migrate",
+            "lx",
+            "--to",
+            "host-b",
+            "--verify",
+            "--client",
+            "client.toml",
+        ],
     );
     println!("{report}");
     let list = ferry(d, &["vm", "list", "--client", "client.toml"]);
@@ -113,8 +137,15 @@ fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
         .filter(|l| l.split_whitespace().next() == Some("lx"))
         .collect();
     assert_eq!(on.len(), 1, "one copy:\n{list}");
-    assert!(on[0].contains("host-b") && on[0].contains("Running"), "{list}");
+    assert!(
+        on[0].contains("host-b") && on[0].contains("Running"),
+        "{list}"
+    );
 
-    let after = wait_for_pass(d, "lx", at_migration + 2, Duration::from_secs(90));
-    println!("on host-b:\n{after}");
+    // The console carries its recent lines along: new passes must come
+    // after the newest one host-b has at the start.
+    let arrived = newest_pass(&console(d, "lx"));
+    assert!(arrived >= at_migration, "the console's lines moved along");
+    let after = wait_for_pass(d, "lx", arrived + 2, Duration::from_secs(90));
+    println!("on host-b, from pass {arrived}:\n{after}");
 }

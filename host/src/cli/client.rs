@@ -420,23 +420,6 @@ fn new_output<'a>(before: &[u8], now: &'a [u8]) -> &'a [u8] {
     }
 }
 
-#[cfg(test)]
-mod console_tests {
-    use super::new_output;
-
-    #[test]
-    fn only_what_came_after_the_last_look_is_new() {
-        assert_eq!(new_output(b"", b"abc"), b"abc");
-        assert_eq!(new_output(b"pass 1\n", b"pass 1\npass 2\n"), b"pass 2\n");
-        // The tail slid: its start is gone.
-        let before: Vec<u8> = (0..1000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
-        let mut now = before[100..].to_vec();
-        now.extend_from_slice(b"new\n");
-        assert_eq!(new_output(&before, &now), b"new\n");
-        assert_eq!(new_output(b"pass 1\n", b"pass 1\n"), b"");
-    }
-}
-
 /// `ferry vm console`.
 pub fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
     block_on(async {
@@ -446,7 +429,10 @@ pub fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout();
         std::io::Write::write_all(&mut out, &seen)?;
         std::io::Write::flush(&mut out)?;
-        while args.follow {
+        if !args.follow {
+            return Ok(());
+        }
+        loop {
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             let now = match vm.console().await {
                 Ok(now) => now,
@@ -457,7 +443,6 @@ pub fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
             std::io::Write::flush(&mut out)?;
             seen = now;
         }
-        Ok(())
     })
 }
 
@@ -609,5 +594,24 @@ pub(crate) fn migrate_options(args: &MigrateArgs) -> ferry_actors::node::client:
         },
         priority: args.priority,
         at_unix_ms: args.at.unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod console_tests {
+    use super::new_output;
+
+    #[test]
+    fn only_what_came_after_the_last_look_is_new() {
+        assert_eq!(new_output(b"", b"abc"), b"abc");
+        assert_eq!(new_output(b"pass 1\n", b"pass 1\npass 2\n"), b"pass 2\n");
+        // The tail slid: its start is gone.
+        let before: Vec<u8> = (0..1000u32)
+            .flat_map(|i| format!("{i}\n").into_bytes())
+            .collect();
+        let mut now = before[100..].to_vec();
+        now.extend_from_slice(b"new\n");
+        assert_eq!(new_output(&before, &now), b"new\n");
+        assert_eq!(new_output(b"pass 1\n", b"pass 1\n"), b"");
     }
 }

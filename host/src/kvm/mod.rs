@@ -595,7 +595,10 @@ impl KvmVm {
                 self.attach_console(Some(&uart))?;
             }
             if let Some(out) = self.console() {
-                out.0.lock().expect("console output").seed(&state.console_tail);
+                out.0
+                    .lock()
+                    .expect("console output")
+                    .seed(&state.console_tail);
             }
         }
         for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
