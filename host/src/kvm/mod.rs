@@ -95,6 +95,25 @@ fn with_apic_id(cpuid: &kvm_bindings::CpuId, id: u64) -> kvm_bindings::CpuId {
     c
 }
 
+/// Leaf 1 ECX: the LAPIC has a TSC-deadline timer.
+const CPUID_TSC_DEADLINE: u32 = 1 << 24;
+/// Leaf 1 ECX: running under a hypervisor (a Linux guest then looks for
+/// KVM's leaves, and its kvmclock).
+const CPUID_HYPERVISOR: u32 = 1 << 31;
+
+/// `cpuid` as a Linux guest needs it: KVM does not report the TSC-deadline
+/// timer it emulates in-kernel, nor the hypervisor bit (as QEMU does, set
+/// both), so the guest neither calibrates the LAPIC timer nor misses
+/// kvmclock.
+fn for_linux(mut cpuid: kvm_bindings::CpuId) -> kvm_bindings::CpuId {
+    for e in cpuid.as_mut_slice() {
+        if e.function == 1 {
+            e.ecx |= CPUID_TSC_DEADLINE | CPUID_HYPERVISOR;
+        }
+    }
+    cpuid
+}
+
 /// Checks that /dev/kvm can be opened; the error says why not.
 pub fn available() -> Result<(), KvmError> {
     Kvm::new()
@@ -258,9 +277,12 @@ impl KvmVm {
             .vm
             .create_pit2(kvm_pit_config::default())
             .map_err(|e| KvmError::Ioctl("KVM_CREATE_PIT2", e))?;
-        let cpuid = kvm
+        let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| KvmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        if boot.is_some() {
+            cpuid = for_linux(cpuid);
+        }
         let msr_indices = Arc::new(
             kvm.get_msr_index_list()
                 .map_err(|e| KvmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?
