@@ -10,41 +10,14 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_host::guest_images;
-use ferry_host::kvm::{self, KvmVm};
+mod common;
 
-fn guest_or_skip(test: &str, mib: u64) -> Option<kvm::linux::LinuxImage> {
-    if let Err(e) = kvm::available() {
-        println!("SKIPPED {test}: {e} (KVM tests need /dev/kvm)");
-        return None;
-    }
-    match guest_images::linux_test_guest("dirtier", mib) {
-        Ok(image) => Some(image),
-        Err(e) if std::env::var_os("FERRY_REQUIRE_GUEST").is_some() => panic!("{test}: {e}"),
-        Err(e) => {
-            println!("SKIPPED {test}: {e}");
-            None
-        }
-    }
-}
+use common::{linux_guest_or_skip as guest_or_skip, newest_dirtier_pass as newest_pass};
+use ferry_host::kvm::{self, KvmVm};
 
 fn console_text(vm: &KvmVm) -> String {
     let out = vm.console().expect("a Linux guest has a console");
     String::from_utf8_lossy(&out.0.lock().expect("console").tail()).into_owned()
-}
-
-/// The newest "ferry-dirtier pass N ok" on the console; panics on a
-/// MISMATCH line.
-fn newest_pass(text: &str) -> u64 {
-    assert!(
-        !text.contains("MISMATCH"),
-        "the dirtier found bad pages:\n{text}"
-    );
-    text.lines()
-        .filter_map(|l| l.strip_prefix("ferry-dirtier pass ")?.strip_suffix(" ok"))
-        .filter_map(|n| n.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
 }
 
 fn wait_for_pass(vm: &KvmVm, pass: u64, limit: Duration) -> Duration {

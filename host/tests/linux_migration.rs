@@ -12,35 +12,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Node, ferry, ferry_status, free_udp_port};
-
-fn guest_or_skip(test: &str) -> Option<ferry_host::kvm::linux::LinuxImage> {
-    if let Err(e) = ferry_host::kvm::available() {
-        println!("SKIPPED {test}: {e} (KVM tests need /dev/kvm)");
-        return None;
-    }
-    match ferry_host::guest_images::linux_test_guest("dirtier", 32) {
-        Ok(image) => Some(image),
-        Err(e) if std::env::var_os("FERRY_REQUIRE_GUEST").is_some() => panic!("{test}: {e}"),
-        Err(e) => {
-            println!("SKIPPED {test}: {e}");
-            None
-        }
-    }
-}
-
-fn newest_pass(console: &str) -> u64 {
-    assert!(
-        !console.contains("MISMATCH"),
-        "the dirtier found bad pages:\n{console}"
-    );
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix("ferry-dirtier pass ")?.strip_suffix(" ok"))
-        .filter_map(|n| n.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
-}
+use common::{Node, ferry, ferry_status, newest_dirtier_pass as newest_pass};
 
 fn console(d: &Path, vm: &str) -> String {
     ferry_status(d, &["vm", "console", vm, "--client", "client.toml"]).0
@@ -64,27 +36,12 @@ fn wait_for_pass(d: &Path, vm: &str, pass: u64, limit: Duration) -> String {
 
 #[test]
 fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
-    let Some(image) = guest_or_skip("a_linux_guest_migrates_live") else {
+    let Some(image) = common::linux_guest_or_skip("a_linux_guest_migrates_live", 32) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let (pa, pb) = (free_udp_port(), free_udp_port());
-    ferry(
-        d,
-        &[
-            "cluster",
-            "init",
-            "--dir",
-            ".",
-            "--host",
-            &format!("host-a=127.0.0.1:{pa}"),
-            "--host",
-            &format!("host-b=127.0.0.1:{pb}"),
-            "--memory-mib",
-            "1024",
-        ],
-    );
+    common::two_hosts(d);
     let _a = Node::start(d, "host-a", &[]);
     let _b = Node::start(d, "host-b", &[]);
     let kernel = image.kernel.display().to_string();

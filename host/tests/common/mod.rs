@@ -46,6 +46,18 @@ pub fn ferry(dir: &Path, args: &[&str]) -> String {
 /// `cluster init` in `dir` for host-a and host-b on free loopback ports,
 /// 1 GiB each, both running synthetic guests.
 pub fn two_synthetic_hosts(dir: &Path) {
+    two_hosts(dir);
+    for name in ["host-a", "host-b"] {
+        let path = dir.join(format!("node-{name}.toml"));
+        let text = std::fs::read_to_string(&path).expect("node file");
+        let text = text.replace("synthetic_guests = false", "synthetic_guests = true");
+        std::fs::write(&path, text).expect("write");
+    }
+}
+
+/// `cluster init` in `dir` for host-a and host-b on free loopback ports,
+/// 1 GiB each (KVM guests where /dev/kvm works).
+pub fn two_hosts(dir: &Path) {
     let (pa, pb) = (free_udp_port(), free_udp_port());
     ferry(
         dir,
@@ -62,12 +74,39 @@ pub fn two_synthetic_hosts(dir: &Path) {
             "1024",
         ],
     );
-    for name in ["host-a", "host-b"] {
-        let path = dir.join(format!("node-{name}.toml"));
-        let text = std::fs::read_to_string(&path).expect("node file");
-        let text = text.replace("synthetic_guests = false", "synthetic_guests = true");
-        std::fs::write(&path, text).expect("write");
+}
+
+/// The Linux test guest running its dirtier on a `mib`-MiB buffer, or
+/// `None` (having said why) where /dev/kvm is missing or the guest is not
+/// built — a failure instead under `FERRY_REQUIRE_GUEST=1`, as in CI.
+pub fn linux_guest_or_skip(test: &str, mib: u64) -> Option<ferry_host::kvm::linux::LinuxImage> {
+    if let Err(e) = ferry_host::kvm::available() {
+        println!("SKIPPED {test}: {e} (KVM tests need /dev/kvm)");
+        return None;
     }
+    match ferry_host::guest_images::linux_test_guest("dirtier", mib) {
+        Ok(image) => Some(image),
+        Err(e) if std::env::var_os("FERRY_REQUIRE_GUEST").is_some() => panic!("{test}: {e}"),
+        Err(e) => {
+            println!("SKIPPED {test}: {e}");
+            None
+        }
+    }
+}
+
+/// The newest "ferry-dirtier pass N ok" in console output; fails the test
+/// on a MISMATCH line.
+pub fn newest_dirtier_pass(console: &str) -> u64 {
+    assert!(
+        !console.contains("MISMATCH"),
+        "the dirtier found bad pages:\n{console}"
+    );
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("ferry-dirtier pass ")?.strip_suffix(" ok"))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 /// A `ferry node` process.
