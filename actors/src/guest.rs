@@ -32,6 +32,9 @@ pub enum GuestError {
     /// Saved state does not fit this guest.
     #[error("bad guest state: {0}")]
     BadState(String),
+    /// The backend cannot do this at all.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The backend failed.
     #[error("{op}: {reason}")]
     Backend {
@@ -156,6 +159,17 @@ pub struct GuestProgress {
     pub exception: Option<u64>,
 }
 
+/// How a guest moved to a new VMM process ([`GuestBackend::upgrade`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpgradeReport {
+    /// From the pause in the old process to the resume in the new one.
+    pub downtime: Duration,
+    /// The process that ran the guest.
+    pub old_pid: u32,
+    /// The process that runs it now.
+    pub new_pid: u32,
+}
+
 /// What a migration needs from a guest.
 pub trait GuestBackend: Send {
     /// Bytes of guest memory.
@@ -219,6 +233,20 @@ pub trait GuestBackend: Send {
     /// do `elapsed` worth of work if it is running. Guests whose vCPUs run
     /// by themselves do nothing here.
     fn run_for(&mut self, elapsed: Duration);
+
+    /// Ends the guest for good (the VM was deleted, or runs on another host
+    /// now): a guest in a process of its own stops it. Dropping a guest
+    /// without this only lets go of it (a node that stops leaves its VMs
+    /// running).
+    fn discard(&mut self) {}
+
+    /// Moves the running guest to a new VMM process on this host, memory
+    /// shared, not copied. Guests without a VMM process refuse.
+    fn upgrade(&mut self) -> Result<UpgradeReport, GuestError> {
+        Err(GuestError::Unsupported(
+            "this guest has no VMM process of its own to upgrade",
+        ))
+    }
 
     /// Connects the guest's disk device to `port`, for a disk of `blocks`
     /// pattern blocks written with `stride` (see

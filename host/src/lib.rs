@@ -13,3 +13,4 @@ pub mod kvm;
 pub mod node;
 pub mod store;
 pub mod telemetry;
+pub mod vmm;

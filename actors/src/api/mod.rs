@@ -399,6 +399,27 @@ impl<'a, T: Transport> VmHandle<'a, T> {
         }
     }
 
+    /// Moves its guest to a new VMM process on the host that runs it
+    /// (memory shared, not copied); the report gives the downtime.
+    pub async fn upgrade(&self) -> Result<crate::guest::UpgradeReport, ClientError> {
+        let node = self.cluster.locate(&self.name).await?;
+        let request = ClientRequest::UpgradeVm {
+            vm: self.name.clone(),
+        };
+        match self.cluster.request(&node, &request, None).await? {
+            ClientReply::Upgraded {
+                downtime_us,
+                old_pid,
+                new_pid,
+            } => Ok(crate::guest::UpgradeReport {
+                downtime: std::time::Duration::from_micros(downtime_us),
+                old_pid,
+                new_pid,
+            }),
+            _ => Err(ClientError::Unexpected(node)),
+        }
+    }
+
     /// The newest output of its serial console (Linux guests), from the
     /// host that runs it.
     pub async fn console(&self) -> Result<Vec<u8>, ClientError> {

@@ -211,6 +211,12 @@ pub enum ClientRequest {
         /// Disks that go elsewhere than `datastore`: (disk, datastore).
         disk_datastores: Vec<(String, String)>,
     },
+    /// Move a VM's guest to a new VMM process on its host (memory
+    /// shared, not copied): `vm upgrade` after the ferry binary changed.
+    UpgradeVm {
+        /// The VM.
+        vm: String,
+    },
     /// The newest output of a VM's serial console (operators only: it may
     /// show what the guest's users typed).
     Console {
@@ -286,6 +292,15 @@ pub enum ClientReply {
     Disks(Vec<DiskView>),
     /// A VM's console output, oldest byte first.
     Console(Vec<u8>),
+    /// A VM moved to a new VMM process.
+    Upgraded {
+        /// Pause to resume, microseconds.
+        downtime_us: u64,
+        /// The process that ran it.
+        old_pid: u32,
+        /// The process that runs it now.
+        new_pid: u32,
+    },
     /// Storage moved on one host (final).
     StorageMoved(Vec<crate::storage::DiskMoveReport>),
     /// Migration records.
@@ -366,6 +381,7 @@ pub fn action(request: &ClientRequest) -> &'static str {
         ClientRequest::MoveStorage { .. } => "vm move-storage",
         ClientRequest::Disks { verify: true, .. } => "vm disks --verify",
         ClientRequest::Console { .. } => "vm console",
+        ClientRequest::UpgradeVm { .. } => "vm upgrade",
         ClientRequest::Disks { .. } => "vm disks",
         ClientRequest::Jobs => "jobs list",
         ClientRequest::CancelJob { .. } => "jobs cancel",
@@ -390,6 +406,7 @@ pub fn subject(request: &ClientRequest) -> (String, String) {
         | ClientRequest::RecoverVm { vm, .. }
         | ClientRequest::Disks { vm, .. }
         | ClientRequest::Console { vm }
+        | ClientRequest::UpgradeVm { vm }
         | ClientRequest::Recommend { vm, .. } => (vm.clone(), String::new()),
         ClientRequest::Migrate { vm, to, .. } => (vm.clone(), to.clone()),
         ClientRequest::MoveStorage { vm, datastore, .. } => (vm.clone(), datastore.clone()),

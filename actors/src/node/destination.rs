@@ -266,7 +266,7 @@ async fn pump<C: Connection>(myself: &ActorRef<DestPump<C>>, s: &mut DestState<C
             (DestOutcome::Adopted | DestOutcome::ResumeFailed(_), Some(vm)) => DestEnd::Adopted(vm),
             (_, vm) => {
                 if let Some(vm) = vm {
-                    vm.stop(None);
+                    super::vm::discard(&vm);
                 }
                 DestEnd::Discarded
             }
@@ -377,7 +377,7 @@ async fn perform<C: Connection>(
             s.ram = None;
             s.hashes = None;
             if let Some(vm) = s.vm.take() {
-                vm.stop(None);
+                super::vm::discard(&vm);
             }
         }
         DestAction::Close => {

@@ -17,6 +17,25 @@ pub trait GuestFactory: Send + Sync + 'static {
 
     /// Whether KVM guests can be made here.
     fn kvm(&self) -> bool;
+
+    /// The guest of `config` that still runs from before this node
+    /// started (its VMM process outlived the previous node), taken up
+    /// again as it is. [`Reattach::NotKept`] for guests that live inside
+    /// the node and so end with it.
+    fn reattach(&self, config: &VmConfig) -> Reattach {
+        let _ = config;
+        Reattach::NotKept
+    }
+}
+
+/// What [`GuestFactory::reattach`] found.
+pub enum Reattach {
+    /// The guest ran on; here it is.
+    Running(Box<dyn GuestBackend>),
+    /// Guests of this kind end with the node: boot it again.
+    NotKept,
+    /// The guest should have run on but is gone: it crashed (why).
+    Lost(String),
 }
 
 /// Makes synthetic guests only.

@@ -90,6 +90,11 @@ pub enum VmMsg {
         /// Whether it runs.
         running: bool,
     },
+    /// The VM is gone from this host for good (deleted, or it runs on
+    /// another host now): end its guest, then the actor.
+    Discard,
+    /// Move the guest to a new VMM process on this host.
+    Upgrade(RpcReplyPort<Result<crate::guest::UpgradeReport, NodeError>>),
 }
 
 /// What the actor is given at spawn.
@@ -141,7 +146,7 @@ impl Actor for VmActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<VmMsg>,
+        myself: ActorRef<VmMsg>,
         msg: VmMsg,
         s: &mut VmState,
     ) -> Result<(), ActorProcessingErr> {
@@ -209,6 +214,17 @@ impl Actor for VmActor {
             }
             VmMsg::Released => s.phase = VmPhase::Released,
             VmMsg::Fenced { generation } => s.generation = generation,
+            VmMsg::Discard => {
+                s.guest.discard();
+                myself.stop(None);
+            }
+            VmMsg::Upgrade(reply) => {
+                let r = match s.phase {
+                    VmPhase::Running | VmPhase::Stopped => s.guest.upgrade().map_err(guest_error),
+                    other => Err(NodeError::Busy(format!("{} is {other:?}", s.config.name))),
+                };
+                let _ = reply.send(r);
+            }
             VmMsg::Adopted {
                 generation,
                 running,
@@ -227,6 +243,14 @@ impl Actor for VmActor {
 
 fn guest_error(e: GuestError) -> NodeError {
     NodeError::Guest(e.to_string())
+}
+
+/// Ends VM `vm` on this host for good, its guest first (a VMM process
+/// stops with it; merely stopping the actor would leave it running).
+pub fn discard(vm: &ActorRef<VmMsg>) {
+    if vm.cast(VmMsg::Discard).is_err() {
+        vm.stop(None);
+    }
 }
 
 /// Runs `job` on the guest of `vm` and returns its result.

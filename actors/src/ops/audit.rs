@@ -8,7 +8,9 @@
 use serde::Serialize;
 
 /// One audited request.
-#[derive(Debug, Clone, PartialEq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct AuditEntry {
     /// When it arrived (ms since the epoch).
     pub at_unix_ms: u64,

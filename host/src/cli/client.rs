@@ -446,6 +446,32 @@ pub fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
     })
 }
 
+/// `ferry vm upgrade`.
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    /// VM name.
+    pub name: String,
+    /// The client file.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `ferry vm upgrade`.
+pub fn upgrade(args: &UpgradeArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let cluster = connect(&args.client)?;
+        let report = cluster.vm(&args.name).upgrade().await?;
+        println!(
+            "{} runs in VMM process {} now (was {}); downtime {:.3} ms, no page copied",
+            args.name,
+            report.new_pid,
+            report.old_pid,
+            report.downtime.as_secs_f64() * 1e3
+        );
+        Ok(())
+    })
+}
+
 /// `ferry vm create`.
 pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
     block_on(async {

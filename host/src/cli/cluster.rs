@@ -207,6 +207,7 @@ fn node_config(name: &str, addr: SocketAddr, memory_mib: u64, vcpus: u32) -> Nod
         synthetic_guests: false,
         otlp_endpoint: None,
         state_db: None,
+        vmm_dir: None,
         budgets: ferry_actors::ops::jobs::Budgets::default(),
         memory_pool_mib: Vec::new(),
         datastores: vec![

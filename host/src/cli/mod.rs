@@ -60,6 +60,17 @@ pub enum Command {
     /// Two nodes on loopback, a guest with a dirty working set, one live
     /// migration and its report.
     Demo(demo::DemoArgs),
+    /// The process that runs one VM; a node starts it, not a user.
+    #[command(hide = true)]
+    Vmm(VmmArgs),
+}
+
+/// `ferry vmm`.
+#[derive(Debug, clap::Args)]
+pub struct VmmArgs {
+    /// The control socket to listen on.
+    #[arg(long)]
+    pub socket: std::path::PathBuf,
 }
 
 /// `ferry migrate`: a migration, or one of its subcommands.
@@ -99,6 +110,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Node(NodeCommand { action: None, run }) = &cli.command {
         return node::run(run);
     }
+    if let Command::Vmm(args) = &cli.command {
+        // Its log is its stderr (a file the node gave it).
+        return crate::vmm::server::run(&args.socket);
+    }
     let who = match cli.command {
         Command::Demo(_) => "demo",
         _ => "ferry-client",
@@ -126,5 +141,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Recommend(args) => ops::recommend(&args),
         Command::Drs(cmd) => drs::drs(&cmd),
         Command::Host(cmd) => ops::host(&cmd),
+        Command::Vmm(args) => crate::vmm::server::run(&args.socket),
     }
 }

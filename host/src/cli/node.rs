@@ -47,7 +47,13 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
         let factory = if config.synthetic_guests {
             HostFactory::synthetic_only()
         } else {
-            HostFactory::probe().with_pool(&config.memory_pool_mib)
+            let vmms = crate::vmm::VmmHome {
+                exe: std::env::current_exe().context("finding the ferry binary for VMMs")?,
+                dir: config.vmm_dir.clone().expect("set at load"),
+            };
+            HostFactory::probe()
+                .with_pool(&config.memory_pool_mib)
+                .with_vmms(vmms)
         };
         if !factory.kvm() && !config.synthetic_guests {
             eprintln!("WARNING: /dev/kvm is not usable here: this node runs synthetic guests only");

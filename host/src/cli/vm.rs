@@ -36,6 +36,10 @@ pub enum VmCommand {
     /// A VM's serial console output (Linux guests), from whichever host
     /// runs it; with --follow, new output as it comes, across migrations.
     Console(super::client::ConsoleArgs),
+    /// Move a running VM to a new VMM process on its host (after the
+    /// ferry binary was upgraded): memory is shared, not copied; prints
+    /// the downtime.
+    Upgrade(super::client::UpgradeArgs),
     /// Run the built-in test guest and show its progress.
     Run(RunArgs),
     /// Write the built-in test guest as a flat boot image (load at 0x7c00,
@@ -113,6 +117,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<()> {
         VmCommand::MoveStorage(args) => super::client::move_storage(&args),
         VmCommand::Disks(args) => super::client::disks(&args),
         VmCommand::Console(args) => super::client::console(&args),
+        VmCommand::Upgrade(args) => super::client::upgrade(&args),
         VmCommand::Run(args) => run_guest(&args),
         VmCommand::Image(args) => {
             let image = image::build(&args.guest.params()?)

@@ -54,6 +54,11 @@ impl Output {
         self.total
     }
 
+    /// Whether the output also goes to a log file.
+    pub fn is_logged(&self) -> bool {
+        self.log.is_some()
+    }
+
     /// The newest `n` bytes (at most).
     pub fn newest(&self, n: usize) -> Vec<u8> {
         let skip = self.tail.len().saturating_sub(n);

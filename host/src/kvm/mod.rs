@@ -121,6 +121,53 @@ pub fn available() -> Result<(), KvmError> {
         .map_err(|e| KvmError::Unavailable(e.to_string()))
 }
 
+/// Guest memory over one mapped region starting at guest address 0.
+pub fn memory_of(region: vm_memory::MmapRegion<AtomicBitmap>) -> Result<Memory, KvmError> {
+    let bytes = region.size() as u64;
+    let region =
+        vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).ok_or(KvmError::Memory {
+            bytes,
+            reason: "region does not fit at guest address 0".into(),
+        })?;
+    Memory::from_regions(vec![region]).map_err(|e| KvmError::Memory {
+        bytes,
+        reason: e.to_string(),
+    })
+}
+
+/// `bytes` of zeroed guest memory in a new memfd, mapped shared: another
+/// process (a VMM, the node) maps the same pages from the file, so guest
+/// memory can be handed over by passing the descriptor.
+pub fn shared_memory(bytes: u64) -> Result<vm_memory::MmapRegion<AtomicBitmap>, KvmError> {
+    let fail = |reason: String| KvmError::Memory { bytes, reason };
+    usize::try_from(bytes).map_err(|_| fail("too large for this host".into()))?;
+    // SAFETY: a plain syscall with a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"ferry-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(fail(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(bytes)
+        .map_err(|e| fail(format!("size the memfd: {e}")))?;
+    map_shared(file)
+}
+
+/// Maps all of the guest memory file `file` (a memfd) shared.
+pub fn map_shared(file: std::fs::File) -> Result<vm_memory::MmapRegion<AtomicBitmap>, KvmError> {
+    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let fail = |reason: String| KvmError::Memory { bytes, reason };
+    if bytes == 0 || !bytes.is_multiple_of(PAGE_BYTES) {
+        return Err(fail("the memory file is empty or not whole pages".into()));
+    }
+    let len = usize::try_from(bytes).map_err(|_| fail("too large for this host".into()))?;
+    vm_memory::MmapRegion::from_file(vm_memory::FileOffset::new(file, 0), len)
+        .map_err(|e| fail(e.to_string()))
+}
+
 /// A KVM virtual machine.
 pub struct KvmVm {
     // Fields drop in order: vCPU threads stop and close their fds first,
@@ -149,15 +196,12 @@ impl KvmVm {
     /// A VM with `memory_bytes` of zeroed memory and `vcpus` paused vCPUs
     /// with the host's supported CPUID. Nothing runs until [`KvmVm::resume`].
     pub fn create(memory_bytes: u64, vcpus: u8) -> Result<Self, KvmError> {
-        let size = usize::try_from(memory_bytes).map_err(|_| KvmError::Memory {
-            bytes: memory_bytes,
-            reason: "too large for this host".into(),
-        })?;
-        let memory =
-            Memory::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| KvmError::Memory {
-                bytes: memory_bytes,
-                reason: e.to_string(),
-            })?;
+        Self::create_on(Self::zeroed(memory_bytes)?, vcpus)
+    }
+
+    /// As [`KvmVm::create`], over `memory` as it is (its contents become
+    /// the guest's memory).
+    pub fn create_on(memory: Memory, vcpus: u8) -> Result<Self, KvmError> {
         Self::create_in(memory, vcpus, None)
     }
 
@@ -168,7 +212,19 @@ impl KvmVm {
         memory_bytes: u64,
         vcpus: u8,
     ) -> Result<Self, KvmError> {
-        let memory = Self::zeroed(memory_bytes)?;
+        Self::with_linux_on(Self::zeroed(memory_bytes)?, image, vcpus)
+    }
+
+    /// As [`KvmVm::with_linux`], in `memory` (zeroed).
+    pub fn with_linux_on(
+        memory: Memory,
+        image: &linux::LinuxImage,
+        vcpus: u8,
+    ) -> Result<Self, KvmError> {
+        let memory_bytes = memory
+            .iter()
+            .map(vm_memory::GuestMemoryRegion::len)
+            .sum::<u64>();
         let entry = linux::load(&memory, memory_bytes, image, vcpus)?;
         let vm = Self::create_in(memory, vcpus, Some(entry))?;
         vm.attach_console(None)?;
@@ -192,6 +248,20 @@ impl KvmVm {
     pub fn console(&self) -> Option<console::Sink> {
         let slot = self.progress.console.0.lock().expect("console");
         slot.as_ref().map(|c| c.output().clone())
+    }
+
+    /// Also keeps the console's output in `path` (appended, size-capped);
+    /// false when the VM has no console (yet). Once is enough: a log
+    /// already kept stays.
+    pub fn log_console_to(&self, path: &std::path::Path) -> std::io::Result<bool> {
+        let slot = self.progress.console.0.lock().expect("console");
+        let Some(c) = slot.as_ref() else {
+            return Ok(false);
+        };
+        if !c.output().0.lock().expect("console output").is_logged() {
+            c.log_to(path.to_owned())?;
+        }
+        Ok(true)
     }
 
     /// The console's UART state and newest output (empty: no console).
@@ -227,17 +297,7 @@ impl KvmVm {
         region: vm_memory::MmapRegion<AtomicBitmap>,
         vcpus: u8,
     ) -> Result<Self, KvmError> {
-        let bytes = region.size() as u64;
-        let region =
-            vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).ok_or(KvmError::Memory {
-                bytes,
-                reason: "region does not fit at guest address 0".into(),
-            })?;
-        let memory = Memory::from_regions(vec![region]).map_err(|e| KvmError::Memory {
-            bytes,
-            reason: e.to_string(),
-        })?;
-        Self::create_in(memory, vcpus, None)
+        Self::create_on(memory_of(region)?, vcpus)
     }
 
     /// The VM around `memory`, its irqchip and paused vCPUs: vCPU 0 at the
@@ -280,9 +340,10 @@ impl KvmVm {
         let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| KvmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        if boot.is_some() {
-            cpuid = for_linux(cpuid);
-        }
+        // Every VM gets the bits a Linux guest needs: a blank VM (a shadow,
+        // an upgrade's successor) may be restored from a Linux guest, and
+        // the test guest does not look.
+        cpuid = for_linux(cpuid);
         let msr_indices = Arc::new(
             kvm.get_msr_index_list()
                 .map_err(|e| KvmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?
@@ -335,9 +396,25 @@ impl KvmVm {
     /// A VM running the built-in test guest with `params` (paused until
     /// [`KvmVm::resume`]).
     pub fn with_test_guest(params: &GuestParams, vcpus: u8) -> Result<Self, KvmError> {
+        Self::with_test_guest_on(Self::zeroed(params.memory_bytes)?, params, vcpus)
+    }
+
+    /// As [`KvmVm::with_test_guest`], in `memory` (zeroed, of the size
+    /// `params` give).
+    pub fn with_test_guest_on(
+        memory: Memory,
+        params: &GuestParams,
+        vcpus: u8,
+    ) -> Result<Self, KvmError> {
         params.check().map_err(|e| KvmError::Image(e.to_string()))?;
         let image = image::build(params).map_err(|e| KvmError::Image(e.to_string()))?;
-        let vm = Self::create(params.memory_bytes, vcpus)?;
+        let vm = Self::create_on(memory, vcpus)?;
+        if vm.memory_bytes != params.memory_bytes {
+            return Err(KvmError::Image(format!(
+                "the test guest wants {} bytes of memory, it was given {}",
+                params.memory_bytes, vm.memory_bytes
+            )));
+        }
         vm.load(image::LOAD_ADDR, &image)?;
         Ok(vm)
     }

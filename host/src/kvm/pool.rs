@@ -4,7 +4,8 @@
 //! (PLATFORM.md): a destination that faults its memory in while pages
 //! arrive moves at that speed, whatever the network does. The pool keeps
 //! zeroed, populated regions of the sizes it was asked for; a shadow VM
-//! takes one, and the pool prepares the next in the background.
+//! takes one, and the pool prepares the next in the background. Regions
+//! live in memfds, so a VMM process can map the same pages.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -123,7 +124,7 @@ impl MemoryPool {
 /// write upwards) in the middle instead of contending with them.
 ///
 /// # Safety
-/// `base..base + len` must be a live, writable private mapping; populating
+/// `base..base + len` must be a live, writable mapping; populating
 /// faults pages in and changes no contents.
 pub unsafe fn populate(base: *mut u8, len: usize) -> Result<(), String> {
     const STEP: usize = 64 << 20;
@@ -151,7 +152,8 @@ pub unsafe fn populate(base: *mut u8, len: usize) -> Result<(), String> {
 
 fn populated(bytes: u64) -> Result<Region, String> {
     let len = usize::try_from(bytes).map_err(|_| "too large".to_owned())?;
-    let region = Region::new(len).map_err(|e| e.to_string())?;
+    // In a memfd, so a VMM process can be handed the same pages.
+    let region = super::shared_memory(bytes).map_err(|e| e.to_string())?;
     let started = Instant::now();
     // SAFETY: exactly the fresh mapping `region` owns.
     unsafe { populate(region.as_ptr(), len) }?;

@@ -98,6 +98,12 @@ pub struct NodeConfig {
     /// log), relative to this file; default `ferry-NAME.db` beside it.
     #[serde(default)]
     pub state_db: Option<PathBuf>,
+    /// Where the node keeps its VMM processes' sockets and logs (one
+    /// process per KVM VM; they outlive the node, which finds them here
+    /// when it starts again), relative to this file; default
+    /// `ferry-NAME-vmm` beside it.
+    #[serde(default)]
+    pub vmm_dir: Option<PathBuf>,
     /// How many migrations may run at once (`host_live`, `host_storage`,
     /// `datastore_storage`, `link`); defaults 8, 2, 8 and 4.
     #[serde(default)]
@@ -170,6 +176,11 @@ impl NodeConfig {
             .clone()
             .unwrap_or_else(|| format!("ferry-{}.db", config.name).into());
         config.state_db = Some(resolve(&base, &db));
+        let vmm_dir = config
+            .vmm_dir
+            .clone()
+            .unwrap_or_else(|| format!("ferry-{}-vmm", config.name).into());
+        config.vmm_dir = Some(resolve(&base, &vmm_dir));
         config
             .budgets
             .check()

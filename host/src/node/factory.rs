@@ -1,17 +1,16 @@
 //! Guests for this host: KVM ones running the built-in test workload
 //! where `/dev/kvm` works, synthetic ones otherwise (or on request).
 
-use std::sync::Arc;
-
 use ferry_actors::guest::{GuestBackend, GuestError};
 use ferry_actors::migration::{GuestKind, VmConfig};
-use ferry_actors::node::factory::{GuestFactory, SyntheticFactory};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use ferry_actors::node::factory::{GuestFactory, Reattach, SyntheticFactory};
 
 use crate::kvm::image::GuestParams;
 use crate::kvm::linux::LinuxImage;
 use crate::kvm::pool::MemoryPool;
 use crate::kvm::{self, KvmVm};
+use crate::vmm::proto::Boot;
+use crate::vmm::{VmmGuest, VmmHome};
 
 /// Makes KVM guests (if KVM works here) and synthetic ones.
 #[derive(Debug, Clone)]
@@ -19,6 +18,7 @@ pub struct HostFactory {
     kvm: bool,
     pool: MemoryPool,
     refill: bool,
+    vmms: Option<VmmHome>,
 }
 
 impl HostFactory {
@@ -28,6 +28,7 @@ impl HostFactory {
             kvm: kvm::available().is_ok(),
             pool: MemoryPool::new(),
             refill: false,
+            vmms: None,
         }
     }
 
@@ -41,12 +42,21 @@ impl HostFactory {
         self
     }
 
+    /// Runs each KVM guest in a VMM process of its own, with its socket
+    /// and logs in `home` (without this, KVM guests run inside the
+    /// calling process, as in-process tests and benchmarks want).
+    pub fn with_vmms(mut self, home: VmmHome) -> Self {
+        self.vmms = Some(home);
+        self
+    }
+
     /// Synthetic guests only.
     pub fn synthetic_only() -> Self {
         Self {
             kvm: false,
             pool: MemoryPool::new(),
             refill: false,
+            vmms: None,
         }
     }
 
@@ -65,6 +75,12 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm::KvmError) -> GuestError {
 
 impl GuestFactory for HostFactory {
     fn boot(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
+        if let (Some(home), Some(boot)) = (&self.vmms, vmm_boot(&config.kind)) {
+            let memory =
+                kvm::shared_memory(config.memory_bytes).map_err(kvm_err("guest memory"))?;
+            let guest = VmmGuest::start(home, &config.name, boot, config.vcpus, memory)?;
+            return Ok(Box::new(guest));
+        }
         match config.kind {
             GuestKind::Kvm { wss_bytes } => {
                 let params = GuestParams::new(config.memory_bytes >> 20, wss_bytes >> 20);
@@ -91,22 +107,50 @@ impl GuestFactory for HostFactory {
     }
 
     fn shadow(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
-        match config.kind {
-            GuestKind::Kvm { .. } | GuestKind::Linux { .. } => {
-                if let Some(region) = self.pool.take(config.memory_bytes) {
-                    if self.refill {
-                        self.pool.refill(config.memory_bytes);
-                    }
-                    let vm = KvmVm::create_with_region(region, config.vcpus)
-                        .map_err(kvm_err("create shadow VM"))?;
-                    return Ok(Box::new(vm));
+        if matches!(config.kind, GuestKind::Synthetic { .. }) {
+            return SyntheticFactory.shadow(config);
+        }
+        let pooled = self.pool.take(config.memory_bytes);
+        if pooled.is_some() && self.refill {
+            self.pool.refill(config.memory_bytes);
+        }
+        if let Some(home) = &self.vmms {
+            let memory = match pooled {
+                Some(region) => region,
+                None => {
+                    let region =
+                        kvm::shared_memory(config.memory_bytes).map_err(kvm_err("guest memory"))?;
+                    prepare_in_background(&region);
+                    region
                 }
-                let vm = KvmVm::create(config.memory_bytes, config.vcpus)
-                    .map_err(kvm_err("create shadow VM"))?;
-                prepare_in_background(&vm);
-                Ok(Box::new(vm))
-            }
-            GuestKind::Synthetic { .. } => SyntheticFactory.shadow(config),
+            };
+            let guest = VmmGuest::start(home, &config.name, Boot::Blank, config.vcpus, memory)?;
+            return Ok(Box::new(guest));
+        }
+        if let Some(region) = pooled {
+            let vm = KvmVm::create_with_region(region, config.vcpus)
+                .map_err(kvm_err("create shadow VM"))?;
+            return Ok(Box::new(vm));
+        }
+        let region = kvm::shared_memory(config.memory_bytes).map_err(kvm_err("guest memory"))?;
+        prepare_in_background(&region);
+        let vm =
+            KvmVm::create_with_region(region, config.vcpus).map_err(kvm_err("create shadow VM"))?;
+        Ok(Box::new(vm))
+    }
+
+    fn reattach(&self, config: &VmConfig) -> Reattach {
+        let (Some(home), Some(_)) = (&self.vmms, vmm_boot(&config.kind)) else {
+            return Reattach::NotKept;
+        };
+        match VmmGuest::attach(home, &config.name) {
+            Ok(Some(guest)) => Reattach::Running(Box::new(guest)),
+            Ok(None) => Reattach::Lost(format!(
+                "no VMM process serves {} (it exited or was killed while the node was down; its log: {})",
+                home.socket(&config.name).display(),
+                home.log(&config.name).display()
+            )),
+            Err(e) => Reattach::Lost(format!("its VMM process does not answer properly: {e}")),
         }
     }
 
@@ -119,19 +163,20 @@ impl GuestFactory for HostFactory {
 /// round arrives: first touch of cold memory is slow on these machines
 /// and must not sit on the receive path. Pages the lanes write first are
 /// simply already present when the populate reaches them.
-fn prepare_in_background(vm: &KvmVm) {
-    let memory = Arc::new(vm.memory().clone());
-    let bytes = vm.memory_bytes();
+fn prepare_in_background(region: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap>) {
+    let Some(file) = region.file_offset().and_then(|f| f.file().try_clone().ok()) else {
+        return;
+    };
     std::thread::spawn(move || {
-        let Ok(host) = memory.get_host_address(GuestAddress(0)) else {
+        // A mapping of its own of the same memfd: faulting it in fills the
+        // file's pages, which every mapping of it then finds present.
+        let Ok(mapping) = kvm::map_shared(file) else {
             return;
         };
-        let Ok(len) = usize::try_from(bytes) else {
-            return;
-        };
+        let bytes = mapping.size();
         let started = std::time::Instant::now();
-        // SAFETY: the whole guest memory mapping, kept alive by `memory`.
-        if let Err(e) = unsafe { crate::kvm::pool::populate(host, len) } {
+        // SAFETY: the whole mapping, owned by `mapping` until the end.
+        if let Err(e) = unsafe { crate::kvm::pool::populate(mapping.as_ptr(), bytes) } {
             tracing::warn!("populating shadow memory: {e}");
             return;
         }
@@ -141,4 +186,24 @@ fn prepare_in_background(vm: &KvmVm) {
             "shadow memory populated"
         );
     });
+}
+
+/// What a VMM boots for a guest of `kind`; `None` for synthetic guests,
+/// which live in the node.
+fn vmm_boot(kind: &GuestKind) -> Option<Boot> {
+    match kind {
+        GuestKind::Kvm { wss_bytes } => Some(Boot::TestGuest {
+            wss_mib: wss_bytes >> 20,
+        }),
+        GuestKind::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => Some(Boot::Linux {
+            kernel: kernel.into(),
+            initrd: initrd.as_ref().map(Into::into),
+            cmdline: cmdline.clone(),
+        }),
+        GuestKind::Synthetic { .. } => None,
+    }
 }

@@ -185,7 +185,7 @@ fn drop_copy<T: Transport>(s: &mut HostState<T>, vm: &str) {
             d.actor.stop(None);
         }
         if let Some(actor) = entry.actor {
-            actor.stop(None);
+            crate::node::vm::discard(&actor);
         }
     }
     inventory::forget(s, vm);

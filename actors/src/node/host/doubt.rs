@@ -165,7 +165,7 @@ pub(super) async fn answered<T: Transport>(
                 d.actor.stop(None);
             }
             if let Some(actor) = entry.actor {
-                actor.stop(None);
+                crate::node::vm::discard(&actor);
             }
             super::leftovers::remove_copies(s, &entry.config, migration_id).await;
         }

@@ -125,6 +125,51 @@ pub(super) async fn restore<T: Transport>(
     }
 }
 
+/// How a stored VM's guest came back when the node started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CameBack {
+    /// Its VMM process ran on and still runs it.
+    Running,
+    /// Its VMM process ran on; the guest is paused.
+    Paused,
+    /// Booted again: its kind of guest ends with the node.
+    Booted,
+    /// Booted again (stopped): it should have run on but was gone.
+    Lost(String),
+}
+
+/// The guest of a stored VM: the one that ran on in its VMM process, or a
+/// new boot. A VM in doubt is paused (its migration may have handed it
+/// over), and a migration's leftovers (dirty log, throttle) are cleared:
+/// the migration died with the node.
+fn take_up(
+    factory: &dyn crate::node::factory::GuestFactory,
+    config: &crate::migration::VmConfig,
+    in_doubt: bool,
+) -> Result<(Box<dyn crate::guest::GuestBackend>, CameBack), crate::guest::GuestError> {
+    use crate::node::factory::Reattach;
+    match factory.reattach(config) {
+        Reattach::Running(mut guest) => {
+            if let Err(e) = guest.stop_dirty_log() {
+                tracing::warn!(vm = %config.name, "clearing the dirty log of a reattached VM: {e}");
+            }
+            guest.set_throttle(0)?;
+            if in_doubt {
+                guest.pause()?;
+            }
+            let came = if guest.is_running() {
+                CameBack::Running
+            } else {
+                CameBack::Paused
+            };
+            tracing::info!(vm = %config.name, ?came, "reattached to the VM's running VMM process");
+            Ok((guest, came))
+        }
+        Reattach::NotKept => Ok((factory.boot(config)?, CameBack::Booted)),
+        Reattach::Lost(why) => Ok((factory.boot(config)?, CameBack::Lost(why))),
+    }
+}
+
 /// What a VM brought back in doubt waits for.
 #[derive(Debug, Clone)]
 enum Pending {
@@ -159,9 +204,30 @@ async fn bring_back<T: Transport>(
     let config = stored.config.clone();
     let factory = s.factory.clone();
     let boot_config = config.clone();
-    let guest = crate::node::offload(move || factory.boot(&boot_config))
-        .await
-        .map_err(|e| NodeError::Guest(e.to_string()))?;
+    let in_doubt = doubt.is_some();
+    let (guest, came_back) =
+        crate::node::offload(move || take_up(&*factory, &boot_config, in_doubt))
+            .await
+            .map_err(|e| NodeError::Guest(e.to_string()))?;
+    if let CameBack::Lost(why) = &came_back {
+        tracing::error!(vm = %config.name, "the VM crashed while the node was down: {why}; it stays stopped");
+        let _ = myself.cast(HostMsg::Audit(Box::new(crate::ops::audit::AuditEntry {
+            at_unix_ms: crate::ops::unix_ms_now(),
+            who: "node (restart)".into(),
+            action: "vm crashed".into(),
+            vm: config.name.clone(),
+            outcome: "failed".into(),
+            detail: format!(
+                "{why}; booted again but left stopped (start it with `ferry vm start`)"
+            ),
+            ..Default::default()
+        })));
+    }
+    let phase = if came_back == CameBack::Running {
+        VmPhase::Running
+    } else {
+        VmPhase::Stopped
+    };
     let mut vm_disks = Vec::new();
     // A VM in doubt leaves its disks closed: the destination may hold
     // them. They open when it comes back.
@@ -182,7 +248,7 @@ async fn bring_back<T: Transport>(
             guest,
             host: s.ctx.name.clone(),
             generation: stored.generation,
-            phase: VmPhase::Stopped,
+            phase,
         },
     )
     .await
@@ -197,7 +263,8 @@ async fn bring_back<T: Transport>(
             Pending::Arrived(from, id) => arrived = Some((from, id)),
         }
     }
-    if stored.running && in_doubt.is_none() {
+    let lost = matches!(came_back, CameBack::Lost(_));
+    if stored.running && in_doubt.is_none() && !lost {
         match actor.call(VmMsg::Start, None).await {
             Ok(ractor::rpc::CallResult::Success(Ok(()))) => disks::set_workload(&vm_disks, true),
             _ => tracing::warn!(vm = %config.name, "restarting the VM failed; it stays stopped"),

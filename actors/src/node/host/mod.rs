@@ -615,7 +615,7 @@ impl<T: Transport> Actor for HostActor<T> {
                         confirm::send_confirmation(&s.ctx, to, name, id);
                     }
                     if let Some(actor) = entry.actor {
-                        actor.stop(None);
+                        crate::node::vm::discard(&actor);
                     }
                 }
             }
@@ -870,6 +870,17 @@ async fn client_request<T: Transport>(
             };
             answer(r);
         }
+        ClientRequest::UpgradeVm { vm } => answer(match s.vm(&vm) {
+            Ok(actor) => match actor.call(VmMsg::Upgrade, None).await {
+                Ok(ractor::rpc::CallResult::Success(r)) => r.map(|u| ClientReply::Upgraded {
+                    downtime_us: u64::try_from(u.downtime.as_micros()).unwrap_or(u64::MAX),
+                    old_pid: u.old_pid,
+                    new_pid: u.new_pid,
+                }),
+                _ => Err(NodeError::Gone("VM actor".into())),
+            },
+            Err(e) => Err(e),
+        }),
         ClientRequest::Console { vm } => answer(match s.vm(&vm) {
             Ok(actor) => match super::vm::with_guest(&actor, |g| g.console()).await {
                 Ok(Some(out)) => Ok(ClientReply::Console(out)),
@@ -1211,7 +1222,7 @@ async fn create_vm<T: Transport>(
         if let Some(entry) = s.vms.remove(&spec.name) {
             disks::remove_all(&s.stores, &entry.config, &entry.disks).await;
             if let Some(actor) = entry.actor {
-                actor.stop(None);
+                crate::node::vm::discard(&actor);
             }
         }
         return Err(e);
@@ -1243,7 +1254,7 @@ async fn delete_vm<T: Transport>(
         disks::remove_all(&s.stores, &entry.config, &entry.disks).await;
     }
     inventory::forget(s, name);
-    vm.stop(None);
+    crate::node::vm::discard(&vm);
     Ok(ClientReply::Ok)
 }
 

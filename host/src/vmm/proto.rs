@@ -1,0 +1,295 @@
+//! The messages between a node and its VMM processes, and their framing
+//! on the VMM's Unix socket.
+//!
+//! A frame is `[u32 header length][u32 payload length][header][payload]`,
+//! little-endian lengths, the header JSON, the payload raw bytes (dirty
+//! bitmaps, saved state, console output, disk data). A file descriptor
+//! (the guest memory memfd) rides on the frame's first bytes as
+//! `SCM_RIGHTS`. Every request gets exactly one reply, in order.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// The largest header a peer may send.
+const MAX_HEADER: u32 = 1 << 20;
+/// The largest payload a peer may send (a saved state or a dirty bitmap
+/// of a 1 TiB guest fits many times).
+const MAX_PAYLOAD: u32 = 256 << 20;
+
+/// What the guest runs at boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Boot {
+    /// The built-in test guest.
+    TestGuest {
+        /// Its working set in MiB.
+        wss_mib: u64,
+    },
+    /// A Linux kernel through its PVH entry.
+    Linux {
+        /// The uncompressed kernel (vmlinux).
+        kernel: PathBuf,
+        /// The initramfs.
+        initrd: Option<PathBuf>,
+        /// The kernel command line.
+        cmdline: String,
+    },
+    /// Nothing: memory as given, vCPUs at reset, waiting for a saved state
+    /// (a migration's shadow, a VMM upgrade's successor).
+    Blank,
+}
+
+/// A request from the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Make the VM over the memory memfd that comes with this frame.
+    Create {
+        /// What to boot.
+        boot: Boot,
+        /// vCPUs.
+        vcpus: u8,
+        /// Whether the guest has a serial console (a blank VM restored
+        /// from a Linux guest's state gets it from the state).
+        console_log: Option<PathBuf>,
+    },
+    /// Describe the VM; the reply carries the memory memfd.
+    Attach,
+    /// Stop the vCPUs.
+    Pause,
+    /// Run the vCPUs.
+    Resume,
+    /// Start dirty logging.
+    StartDirtyLog,
+    /// The dirty pages since the last call (payload: bitmap words).
+    TakeDirty,
+    /// Stop dirty logging.
+    StopDirtyLog,
+    /// The paused VM's vCPU and device state (payload).
+    SaveState,
+    /// Restore the state in the payload into the paused VM.
+    RestoreState,
+    /// Keep the vCPUs off the CPU this share of the time.
+    Throttle(u8),
+    /// How the VM is doing.
+    Status,
+    /// The console's newest output (payload).
+    Console,
+    /// Turn this connection into the guest disk device's channel: the VMM
+    /// sends [`DiskRequest`]s on it and waits for each [`DiskReply`].
+    Disk {
+        /// Pattern blocks of the disk.
+        blocks: u64,
+        /// Write stride.
+        stride: u64,
+    },
+    /// Rename the control socket to this path (an upgrade's successor
+    /// takes the name of the VMM it replaces).
+    MoveSocket(PathBuf),
+    /// Power off and exit.
+    Quit,
+}
+
+/// The VM's condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Whether any vCPU runs.
+    pub running: bool,
+    /// CPU time of the vCPU threads, ns.
+    pub cpu_nanos: u64,
+    /// The workload's pass counter.
+    pub pass: u64,
+    /// A CPU exception the test guest reported.
+    pub exception: Option<u64>,
+}
+
+/// Who the VMM is, as [`Request::Attach`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Its process id.
+    pub pid: u32,
+    /// Guest memory bytes.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+}
+
+/// Why a request failed, by kind (mapped onto `GuestError`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Failure {
+    /// The VM must be paused for this.
+    #[error("the guest must be paused for this")]
+    NotPaused,
+    /// Dirty logging is off.
+    #[error("dirty logging is off")]
+    NotLogging,
+    /// A page outside guest memory.
+    #[error("page {0} is outside guest memory")]
+    OutOfRange(u64),
+    /// A state that does not fit.
+    #[error("bad guest state: {0}")]
+    BadState(String),
+    /// There is no VM yet (or already one, for `Create`).
+    #[error("{0}")]
+    NoVm(String),
+    /// The backend failed.
+    #[error("{op}: {reason}")]
+    Backend {
+        /// What was attempted.
+        op: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A reply to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done; any result is in the payload.
+    Done,
+    /// The vCPUs stopped after this many microseconds.
+    Paused(u64),
+    /// The VM's condition.
+    Status(Status),
+    /// The VMM's identity (the memfd rides along).
+    Attached(Identity),
+    /// It failed.
+    Failed(Failure),
+}
+
+/// A guest disk write, sent by the VMM on a disk channel (payload: data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRequest {
+    /// Byte offset.
+    pub offset: u64,
+    /// The guest's pattern write number.
+    pub seq: u64,
+}
+
+/// The node's answer to a [`DiskRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskReply {
+    /// Durable.
+    Written,
+    /// Failed, and why.
+    Failed(String),
+}
+
+/// Why a frame could not be exchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The socket failed or closed.
+    #[error("VMM socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent something that is not a frame of this protocol.
+    #[error("VMM socket: bad frame: {0}")]
+    Bad(String),
+}
+
+/// Sends one frame, with `fd` attached if given.
+pub fn send<T: Serialize>(
+    stream: &UnixStream,
+    header: &T,
+    payload: &[u8],
+    fd: Option<&File>,
+) -> Result<(), FrameError> {
+    let header = serde_json::to_vec(header).map_err(|e| FrameError::Bad(e.to_string()))?;
+    let lengths =
+        |n: usize| u32::try_from(n).map_err(|_| FrameError::Bad("frame too large".into()));
+    let mut head = Vec::with_capacity(8 + header.len());
+    head.extend_from_slice(&lengths(header.len())?.to_le_bytes());
+    head.extend_from_slice(&lengths(payload.len())?.to_le_bytes());
+    head.extend_from_slice(&header);
+    let mut w = stream;
+    match fd {
+        Some(f) => {
+            let sent = stream
+                .send_with_fd(&head[..8], f.as_raw_fd())
+                .map_err(|e| FrameError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+            w.write_all(&head[sent..])?;
+        }
+        None => w.write_all(&head)?,
+    }
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Receives one frame: its header, payload and any attached file.
+pub fn receive<T: for<'de> Deserialize<'de>>(
+    stream: &UnixStream,
+) -> Result<(T, Vec<u8>, Option<File>), FrameError> {
+    let mut lengths = [0u8; 8];
+    let mut fds = [-1; 1];
+    let mut iov = [libc::iovec {
+        iov_base: lengths.as_mut_ptr().cast(),
+        iov_len: lengths.len(),
+    }];
+    // SAFETY: the iovec points at `lengths`, alive and writable here.
+    let (got, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| FrameError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    // SAFETY: a descriptor the kernel just gave this process, owned by no one else.
+    let file = (nfds > 0).then(|| unsafe { File::from_raw_fd(fds[0]) });
+    if got == 0 {
+        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    let mut r = stream;
+    r.read_exact(&mut lengths[got..])?;
+    let header_len = u32::from_le_bytes(lengths[..4].try_into().expect("4 bytes"));
+    let payload_len = u32::from_le_bytes(lengths[4..].try_into().expect("4 bytes"));
+    if header_len > MAX_HEADER || payload_len > MAX_PAYLOAD {
+        return Err(FrameError::Bad(format!(
+            "a {header_len}-byte header or {payload_len}-byte payload is over the limit"
+        )));
+    }
+    let mut header = vec![0; header_len as usize];
+    r.read_exact(&mut header)?;
+    let mut payload = vec![0; payload_len as usize];
+    r.read_exact(&mut payload)?;
+    let header = serde_json::from_slice(&header).map_err(|e| FrameError::Bad(e.to_string()))?;
+    Ok((header, payload, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_header_payload_and_a_descriptor() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let memfd = tempfile::tempfile().expect("file");
+        memfd.set_len(8192).expect("size");
+        send(&a, &Request::RestoreState, &[7; 5000], Some(&memfd)).expect("send");
+        send(&a, &Request::Throttle(40), &[], None).expect("send");
+        let (r, payload, fd): (Request, _, _) = receive(&b).expect("receive");
+        assert_eq!(r, Request::RestoreState);
+        assert_eq!(payload, vec![7; 5000]);
+        let fd = fd.expect("the descriptor arrived");
+        assert_eq!(fd.metadata().expect("stat").len(), 8192);
+        let (r, payload, fd): (Request, _, _) = receive(&b).expect("receive");
+        assert_eq!(
+            (r, payload.len(), fd.is_none()),
+            (Request::Throttle(40), 0, true)
+        );
+    }
+
+    #[test]
+    fn oversized_or_garbled_frames_are_refused() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let mut w = &a;
+        w.write_all(&u32::MAX.to_le_bytes()).expect("write");
+        w.write_all(&0u32.to_le_bytes()).expect("write");
+        assert!(matches!(receive::<Request>(&b), Err(FrameError::Bad(_))));
+        let (a, b) = UnixStream::pair().expect("pair");
+        let mut w = &a;
+        w.write_all(&3u32.to_le_bytes()).expect("write");
+        w.write_all(&0u32.to_le_bytes()).expect("write");
+        w.write_all(b"{{{").expect("write");
+        assert!(matches!(receive::<Request>(&b), Err(FrameError::Bad(_))));
+        drop(a);
+        assert!(matches!(receive::<Request>(&b), Err(FrameError::Io(_))));
+    }
+}
