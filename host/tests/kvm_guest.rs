@@ -235,6 +235,66 @@ fn state_of_another_shape_is_refused() {
 }
 
 #[test]
+fn a_state_whose_cpuid_this_host_cannot_give_is_refused_by_name() {
+    if !kvm_or_skip("a_state_whose_cpuid_this_host_cannot_give_is_refused_by_name") {
+        return;
+    }
+    let vm = booted(64, 0);
+    vm.pause().expect("pause");
+    let mut state = vm.save_state().expect("save");
+    let lacking = ferry_host::kvm::cpu::known()
+        .find(|f| !vm.cpu_features().contains(*f))
+        .expect("this host lacks some feature of the table");
+    let mut entries = ferry_host::kvm::state::cpuid_entries(&state.vcpus[0]).expect("cpuid");
+    assert!(
+        ferry_host::kvm::cpu::set_feature(&mut entries, lacking),
+        "{lacking}'s leaf is there"
+    );
+    ferry_host::kvm::state::set_cpuid_entries(&mut state.vcpus[0], &entries);
+    let other = KvmVm::create(64 << 20, 1).expect("other");
+    let err = other
+        .restore_state(&state)
+        .expect_err("a CPUID this host cannot give");
+    assert!(err.to_string().contains(lacking), "names {lacking}: {err}");
+}
+
+#[test]
+fn a_cpu_model_this_host_cannot_give_is_refused_and_one_it_can_is_applied() {
+    if !kvm_or_skip("a_cpu_model_this_host_cannot_give_is_refused_and_one_it_can_is_applied") {
+        return;
+    }
+    let host = ferry_host::kvm::cpu::host_model().expect("host model");
+    let lacking = ferry_host::kvm::cpu::known()
+        .find(|f| !host.contains(*f))
+        .expect("this host lacks some feature of the table");
+    let mut model = host.clone();
+    model.insert(lacking.to_owned());
+    let memory = |mib: u64| {
+        ferry_host::kvm::memory_of(ferry_host::kvm::shared_memory(mib << 20).expect("memfd"))
+            .expect("memory")
+    };
+    let err = KvmVm::create_on(memory(16), 1, Some(&model)).expect_err("refused");
+    assert!(err.to_string().contains(lacking), "names {lacking}: {err}");
+    // A smaller model is what the vCPU is given.
+    let small: std::collections::BTreeSet<String> = ["fpu", "sse", "sse2", "lm", "nx", "syscall"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let vm = KvmVm::create_on(memory(16), 1, Some(&small)).expect("VM");
+    let state = vm.save_state().expect("save");
+    let given = ferry_host::kvm::cpu::features_of(
+        &ferry_host::kvm::state::cpuid_entries(&state.vcpus[0]).expect("cpuid"),
+    );
+    assert!(given.contains("sse2") && given.contains("lm"), "{given:?}");
+    if host.contains("cx16") {
+        assert!(
+            !given.contains("cx16"),
+            "features outside the model are cleared: {given:?}"
+        );
+    }
+}
+
+#[test]
 fn throttle_slows_the_guest() {
     if !kvm_or_skip("throttle_slows_the_guest") {
         return;

@@ -38,10 +38,12 @@ fn wait_for_pass(vm: &KvmVm, pass: u64, limit: Duration) -> Duration {
 
 #[test]
 fn the_test_kernel_boots_and_its_dirtier_passes_show_on_the_console() {
-    let Some(image) = guest_or_skip("the_test_kernel_boots", 16) else {
+    let Some(mut image) = guest_or_skip("the_test_kernel_boots", 16) else {
         return;
     };
-    let vm = KvmVm::with_linux(&image, 128 << 20, 1).expect("load the kernel");
+    // The kernel's own lines say how many CPUs it brought up.
+    image.cmdline = image.cmdline.replace(" quiet", "");
+    let vm = KvmVm::with_linux(&image, 128 << 20, 2).expect("load the kernel");
     let started = Instant::now();
     vm.resume().expect("resume");
     wait_for_pass(&vm, 2, Duration::from_secs(90));
@@ -51,6 +53,10 @@ fn the_test_kernel_boots_and_its_dirtier_passes_show_on_the_console() {
         started.elapsed().as_secs_f64()
     );
     assert!(text.contains("ferry-guest: up"), "/init ran:\n{text}");
+    assert!(
+        text.contains("Brought up 1 node, 2 CPUs"),
+        "both vCPUs run (the second started by INIT/SIPI):\n{text}"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 mod backend;
 pub mod console;
+pub mod cpu;
 pub mod image;
 pub mod linux;
 pub mod mptable;
@@ -16,6 +17,7 @@ pub mod pool;
 pub mod state;
 pub mod vcpu;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -110,9 +112,21 @@ fn for_linux(mut cpuid: kvm_bindings::CpuId) -> kvm_bindings::CpuId {
         if e.function == 1 {
             e.ecx |= CPUID_TSC_DEADLINE | CPUID_HYPERVISOR;
         }
+        if e.function == KVM_CPUID_FEATURES {
+            e.eax &= !(KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD);
+        }
     }
     cpuid
 }
+
+/// KVM's paravirtual feature leaf.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// IPIs by hypercall: on PVM a guest sending one spins in
+/// `__send_ipi_mask` for good (an SMP guest never finishes bringing up
+/// its second CPU), so guests send IPIs through the LAPIC.
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+/// Yielding to a preempted vCPU by hypercall, which goes with it.
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 
 /// Checks that /dev/kvm can be opened; the error says why not.
 pub fn available() -> Result<(), KvmError> {
@@ -179,6 +193,8 @@ pub struct KvmVm {
     progress: Arc<GuestProgress>,
     dirty_logging: bool,
     ticker: Option<std::thread::JoinHandle<()>>,
+    /// The CPU features this host's KVM gives guests.
+    supported: Arc<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for KvmVm {
@@ -196,13 +212,18 @@ impl KvmVm {
     /// A VM with `memory_bytes` of zeroed memory and `vcpus` paused vCPUs
     /// with the host's supported CPUID. Nothing runs until [`KvmVm::resume`].
     pub fn create(memory_bytes: u64, vcpus: u8) -> Result<Self, KvmError> {
-        Self::create_on(Self::zeroed(memory_bytes)?, vcpus)
+        Self::create_on(Self::zeroed(memory_bytes)?, vcpus, None)
     }
 
     /// As [`KvmVm::create`], over `memory` as it is (its contents become
-    /// the guest's memory).
-    pub fn create_on(memory: Memory, vcpus: u8) -> Result<Self, KvmError> {
-        Self::create_in(memory, vcpus, None)
+    /// the guest's memory), with the CPU `model`'s features only (`None`:
+    /// all KVM supports).
+    pub fn create_on(
+        memory: Memory,
+        vcpus: u8,
+        model: Option<&BTreeSet<String>>,
+    ) -> Result<Self, KvmError> {
+        Self::create_in(memory, vcpus, None, model)
     }
 
     /// A VM booting the Linux kernel `image` with `memory_bytes` of memory
@@ -212,21 +233,23 @@ impl KvmVm {
         memory_bytes: u64,
         vcpus: u8,
     ) -> Result<Self, KvmError> {
-        Self::with_linux_on(Self::zeroed(memory_bytes)?, image, vcpus)
+        Self::with_linux_on(Self::zeroed(memory_bytes)?, image, vcpus, None)
     }
 
-    /// As [`KvmVm::with_linux`], in `memory` (zeroed).
+    /// As [`KvmVm::with_linux`], in `memory` (zeroed), with the CPU
+    /// `model`'s features only.
     pub fn with_linux_on(
         memory: Memory,
         image: &linux::LinuxImage,
         vcpus: u8,
+        model: Option<&BTreeSet<String>>,
     ) -> Result<Self, KvmError> {
         let memory_bytes = memory
             .iter()
             .map(vm_memory::GuestMemoryRegion::len)
             .sum::<u64>();
         let entry = linux::load(&memory, memory_bytes, image, vcpus)?;
-        let vm = Self::create_in(memory, vcpus, Some(entry))?;
+        let vm = Self::create_in(memory, vcpus, Some(entry), model)?;
         vm.attach_console(None)?;
         Ok(vm)
     }
@@ -297,7 +320,7 @@ impl KvmVm {
         region: vm_memory::MmapRegion<AtomicBitmap>,
         vcpus: u8,
     ) -> Result<Self, KvmError> {
-        Self::create_on(memory_of(region)?, vcpus)
+        Self::create_on(memory_of(region)?, vcpus, None)
     }
 
     /// The VM around `memory`, its irqchip and paused vCPUs: vCPU 0 at the
@@ -306,6 +329,7 @@ impl KvmVm {
         memory: Memory,
         vcpus: u8,
         boot: Option<linux::BootEntry>,
+        model: Option<&BTreeSet<String>>,
     ) -> Result<Self, KvmError> {
         let memory_bytes = memory
             .iter()
@@ -323,6 +347,7 @@ impl KvmVm {
             progress: Arc::new(GuestProgress::default()),
             dirty_logging: false,
             ticker: None,
+            supported: Arc::new(BTreeSet::new()),
         };
         this_vm.set_memory_region(0)?;
         this_vm
@@ -344,6 +369,17 @@ impl KvmVm {
         // an upgrade's successor) may be restored from a Linux guest, and
         // the test guest does not look.
         cpuid = for_linux(cpuid);
+        let supported = Arc::new(cpu::features_of(cpuid.as_slice()));
+        if let Some(model) = model {
+            let lacking = cpu::missing(model, &supported);
+            if !lacking.is_empty() {
+                return Err(KvmError::BadState(format!(
+                    "this host's KVM lacks CPU features of the VM's model: {}",
+                    lacking.join(", ")
+                )));
+            }
+            cpu::restrict(&mut cpuid, model);
+        }
         let msr_indices = Arc::new(
             kvm.get_msr_index_list()
                 .map_err(|e| KvmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?
@@ -351,6 +387,7 @@ impl KvmVm {
                 .to_vec(),
         );
         let mut this_vm = this_vm;
+        this_vm.supported = supported;
         let mut handles = Vec::new();
         for id in 0..u64::from(vcpus.max(1)) {
             let fd = this_vm
@@ -359,6 +396,17 @@ impl KvmVm {
                 .map_err(|e| KvmError::Ioctl("KVM_CREATE_VCPU", e))?;
             fd.set_cpuid2(&with_apic_id(&cpuid, id))
                 .map_err(|e| KvmError::Ioctl("KVM_SET_CPUID2", e))?;
+            if id == 0 {
+                // What a vCPU reports back may hold more than KVM lists
+                // as supported (PVM reports the host's bits): a state
+                // saved elsewhere on such a host carries those too.
+                let given = fd
+                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| KvmError::Ioctl("KVM_GET_CPUID2", e))?;
+                let mut all = (*this_vm.supported).clone();
+                all.extend(cpu::features_of(given.as_slice()));
+                this_vm.supported = Arc::new(all);
+            }
             if let Some(entry) = &boot {
                 linux::wire_lapic(&fd)?;
                 if id == 0 {
@@ -396,19 +444,20 @@ impl KvmVm {
     /// A VM running the built-in test guest with `params` (paused until
     /// [`KvmVm::resume`]).
     pub fn with_test_guest(params: &GuestParams, vcpus: u8) -> Result<Self, KvmError> {
-        Self::with_test_guest_on(Self::zeroed(params.memory_bytes)?, params, vcpus)
+        Self::with_test_guest_on(Self::zeroed(params.memory_bytes)?, params, vcpus, None)
     }
 
     /// As [`KvmVm::with_test_guest`], in `memory` (zeroed, of the size
-    /// `params` give).
+    /// `params` give), with the CPU `model`'s features only.
     pub fn with_test_guest_on(
         memory: Memory,
         params: &GuestParams,
         vcpus: u8,
+        model: Option<&BTreeSet<String>>,
     ) -> Result<Self, KvmError> {
         params.check().map_err(|e| KvmError::Image(e.to_string()))?;
         let image = image::build(params).map_err(|e| KvmError::Image(e.to_string()))?;
-        let vm = Self::create_on(memory, vcpus)?;
+        let vm = Self::create_on(memory, vcpus, model)?;
         if vm.memory_bytes != params.memory_bytes {
             return Err(KvmError::Image(format!(
                 "the test guest wants {} bytes of memory, it was given {}",
@@ -459,6 +508,12 @@ impl KvmVm {
             bytes: self.memory_bytes,
             reason,
         })
+    }
+
+    /// The CPU features this host's KVM gives this VM's vCPUs (a restored
+    /// state may use no other).
+    pub fn cpu_features(&self) -> &BTreeSet<String> {
+        &self.supported
     }
 
     /// Guest memory size.
@@ -674,6 +729,16 @@ impl KvmVm {
                 self.memory_bytes,
                 self.vcpus.len()
             )));
+        }
+        for v in &state.vcpus {
+            let wanted = cpu::features_of(&state::cpuid_entries(v)?);
+            let lacking = cpu::missing(&wanted, &self.supported);
+            if !lacking.is_empty() {
+                return Err(KvmError::BadState(format!(
+                    "the saved CPUID has CPU features this host's KVM lacks: {}",
+                    lacking.join(", ")
+                )));
+            }
         }
         state::restore_devices(&self.vm, state)?;
         if !state.console.is_empty() {

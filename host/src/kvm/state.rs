@@ -257,17 +257,26 @@ pub(crate) fn save_vcpu(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState,
     })
 }
 
-/// Restores a vCPU that has not run since it was created (or is paused).
-pub(crate) fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), KvmError> {
+/// The CPUID entries a saved vCPU ran with.
+pub fn cpuid_entries(s: &VcpuState) -> Result<Vec<kvm_cpuid_entry2>, KvmError> {
     let entry_bytes = size_of::<kvm_cpuid_entry2>();
     if !s.cpuid.len().is_multiple_of(entry_bytes) {
         return Err(KvmError::BadState("cpuid: partial entry".into()));
     }
-    let entries = s
-        .cpuid
+    s.cpuid
         .chunks(entry_bytes)
         .map(|c| parse::<kvm_cpuid_entry2>("cpuid entry", c))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+/// Replaces the CPUID entries of a saved vCPU.
+pub fn set_cpuid_entries(s: &mut VcpuState, entries: &[kvm_cpuid_entry2]) {
+    s.cpuid = entries.iter().flat_map(raw).collect();
+}
+
+/// Restores a vCPU that has not run since it was created (or is paused).
+pub(crate) fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), KvmError> {
+    let entries = cpuid_entries(s)?;
     let cpuid = CpuId::from_entries(&entries).map_err(|e| KvmError::BadState(e.to_string()))?;
     vcpu.set_cpuid2(&cpuid).map_err(op("KVM_SET_CPUID2"))?;
     let msr_entries: Vec<kvm_msr_entry> = s

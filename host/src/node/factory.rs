@@ -78,7 +78,14 @@ impl GuestFactory for HostFactory {
         if let (Some(home), Some(boot)) = (&self.vmms, vmm_boot(&config.kind)) {
             let memory =
                 kvm::shared_memory(config.memory_bytes).map_err(kvm_err("guest memory"))?;
-            let guest = VmmGuest::start(home, &config.name, boot, config.vcpus, memory)?;
+            let guest = VmmGuest::start_with_model(
+                home,
+                &config.name,
+                boot,
+                config.vcpus,
+                cpu_model(config),
+                memory,
+            )?;
             return Ok(Box::new(guest));
         }
         match config.kind {
@@ -186,6 +193,18 @@ fn prepare_in_background(region: &vm_memory::MmapRegion<vm_memory::bitmap::Atomi
             "shadow memory populated"
         );
     });
+}
+
+/// The CPU model of `config`: its features that a model can hold (`None`
+/// when it names none: everything KVM supports).
+fn cpu_model(config: &VmConfig) -> Option<Vec<String>> {
+    let model: Vec<String> = config
+        .cpu_features
+        .iter()
+        .filter(|f| kvm::cpu::is_known(f))
+        .cloned()
+        .collect();
+    (!model.is_empty()).then_some(model)
 }
 
 /// What a VMM boots for a guest of `kind`; `None` for synthetic guests,

@@ -77,8 +77,13 @@ impl<T: Transport> Node<T> {
     }
 }
 
-/// This host's CPU features, from `/proc/cpuinfo`'s flags.
+/// This host's CPU features: those its KVM gives guests, or (without
+/// KVM) `/proc/cpuinfo`'s flags.
 pub fn cpu_features() -> BTreeSet<String> {
+    // Where KVM works, what it can give guests (the `host` CPU model).
+    if let Ok(model) = crate::kvm::cpu::host_model() {
+        return model;
+    }
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {

@@ -187,6 +187,19 @@ impl VmmGuest {
         vcpus: u8,
         memory: MmapRegion<AtomicBitmap>,
     ) -> Result<Self, GuestError> {
+        Self::start_with_model(home, name, boot, vcpus, None, memory)
+    }
+
+    /// As [`Self::start`], the guest seeing only the CPU features of
+    /// `cpu_model` (`None`: all this host's KVM supports).
+    pub fn start_with_model(
+        home: &VmmHome,
+        name: &str,
+        boot: Boot,
+        vcpus: u8,
+        cpu_model: Option<Vec<String>>,
+        memory: MmapRegion<AtomicBitmap>,
+    ) -> Result<Self, GuestError> {
         let socket = home.socket(name);
         let memfd = memfd_of(&memory)?;
         let (conn, pid) = launch(home, name, &socket)?;
@@ -194,6 +207,7 @@ impl VmmGuest {
             boot,
             vcpus,
             console_log: Some(home.console_log(name)),
+            cpu_model,
         };
         if let Err(e) = exchange(&conn, "create the VM", &create, &[], Some(&memfd)) {
             let _ = exchange(&conn, "quit", &Request::Quit, &[], None);

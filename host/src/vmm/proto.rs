@@ -53,9 +53,13 @@ pub enum Request {
         boot: Boot,
         /// vCPUs.
         vcpus: u8,
-        /// Whether the guest has a serial console (a blank VM restored
-        /// from a Linux guest's state gets it from the state).
+        /// Where the serial console's output is kept (a blank VM
+        /// restored from a Linux guest's state gets its console from the
+        /// state).
         console_log: Option<PathBuf>,
+        /// The CPU model: the features the guest sees (`None`: all this
+        /// host's KVM supports).
+        cpu_model: Option<Vec<String>>,
     },
     /// Describe the VM; the reply carries the memory memfd.
     Attach,

@@ -164,6 +164,7 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
         boot,
         vcpus,
         console_log,
+        cpu_model,
     } = request
     {
         if slot.is_some() {
@@ -172,7 +173,8 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
         let Some(memfd) = fd else {
             return failed(Failure::NoVm("create needs the guest memory memfd".into()));
         };
-        return match create(boot, vcpus, console_log.as_deref(), memfd) {
+        let model = cpu_model.map(|m| m.into_iter().collect());
+        return match create(boot, vcpus, console_log.as_deref(), model.as_ref(), memfd) {
             Ok(running) => {
                 *slot = Some(running);
                 done(Vec::new())
@@ -278,6 +280,7 @@ fn create(
     boot: Boot,
     vcpus: u8,
     console_log: Option<&Path>,
+    model: Option<&std::collections::BTreeSet<String>>,
     memfd: File,
 ) -> Result<Running, kvm::KvmError> {
     let region = kvm::map_shared(memfd.try_clone().map_err(|e| kvm::KvmError::Memory {
@@ -292,7 +295,7 @@ fn create(
     let vm = match boot {
         Boot::TestGuest { wss_mib } => {
             let params = GuestParams::new(bytes >> 20, wss_mib);
-            KvmVm::with_test_guest_on(memory, &params, vcpus)?
+            KvmVm::with_test_guest_on(memory, &params, vcpus, model)?
         }
         Boot::Linux {
             kernel,
@@ -304,9 +307,9 @@ fn create(
                 initrd,
                 cmdline,
             };
-            KvmVm::with_linux_on(memory, &image, vcpus)?
+            KvmVm::with_linux_on(memory, &image, vcpus, model)?
         }
-        Boot::Blank => KvmVm::create_on(memory, vcpus)?,
+        Boot::Blank => KvmVm::create_on(memory, vcpus, model)?,
     };
     let running = Running {
         vm,

@@ -34,6 +34,8 @@ pub fn replace(guest: &mut VmmGuest) -> Result<UpgradeReport, GuestError> {
         boot: Boot::Blank,
         vcpus,
         console_log: Some(home.console_log(&name)),
+        // The state brings the guest's CPUID along.
+        cpu_model: None,
     };
     let abandon = |conn: &std::os::unix::net::UnixStream| {
         let _ = ask(conn, "quit", &Request::Quit, &[], None);
