@@ -44,7 +44,12 @@ fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
     common::two_hosts(d);
     let _a = Node::start(d, "host-a", &[]);
     let _b = Node::start(d, "host-b", &[]);
+    let baseline = ferry(d, &["cluster", "cpu-baseline", "--client", "client.toml"]);
+    println!("cluster CPU baseline: {baseline}");
+    assert!(baseline.contains("sse2"), "{baseline}");
     let kernel = image.kernel.display().to_string();
+    // Without `quiet`, the kernel says how many CPUs it brought up.
+    let cmdline = image.cmdline.replace(" quiet", "");
     let initrd = image.initrd.as_ref().expect("initrd").display().to_string();
     ferry(
         d,
@@ -56,12 +61,16 @@ fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
             "host-a",
             "--memory",
             "256",
+            "--vcpus",
+            "2",
+            "--cpu-model",
+            "baseline",
             "--kernel",
             &kernel,
             "--initrd",
             &initrd,
             "--cmdline",
-            &image.cmdline,
+            &cmdline,
             "--client",
             "client.toml",
         ],
@@ -72,6 +81,10 @@ fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
     println!(
         "booted to dirtier pass 2 in {:.1} s:\n{before}",
         booted.elapsed().as_secs_f64()
+    );
+    assert!(
+        before.contains("Brought up 1 node, 2 CPUs"),
+        "both vCPUs run:\n{before}"
     );
     let at_migration = newest_pass(&before);
 

@@ -38,8 +38,14 @@ pub struct CreateArgs {
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// CPU features the guest uses (comma-separated; default: the node's).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "cpu_model")]
     pub cpu_features: Vec<String>,
+    /// CPU model: `host` (every feature the node's KVM supports, the
+    /// default) or `baseline` (the features every node of the cluster
+    /// supports, as `ferry cluster cpu-baseline` prints: the VM can move
+    /// to any of them).
+    #[arg(long, value_parser = ["host", "baseline"])]
+    pub cpu_model: Option<String>,
     /// Use the synthetic guest even where KVM works.
     #[arg(long)]
     pub synthetic: bool,
@@ -472,6 +478,44 @@ pub fn upgrade(args: &UpgradeArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The CPU features every answering node supports, and the nodes that
+/// did not answer.
+pub(crate) async fn cpu_baseline(
+    cluster: &Cluster<QuicTransport>,
+) -> (std::collections::BTreeSet<String>, Vec<String>) {
+    let mut hosts = Vec::new();
+    let mut silent = Vec::new();
+    for node in cluster.node_names() {
+        match cluster.host_load(&node).await {
+            Ok(load) => hosts.push(load.cpu_features.into_iter().collect()),
+            Err(e) => {
+                eprintln!("{node}: no answer: {e}");
+                silent.push(node);
+            }
+        }
+    }
+    (crate::kvm::cpu::baseline(&hosts), silent)
+}
+
+/// `ferry cluster cpu-baseline`.
+pub fn print_cpu_baseline(args: &ClientArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let cluster = connect(args)?;
+        let (baseline, silent) = cpu_baseline(&cluster).await;
+        anyhow::ensure!(
+            silent.len() < cluster.node_names().len(),
+            "no node answered"
+        );
+        println!("{}", baseline.into_iter().collect::<Vec<_>>().join(","));
+        anyhow::ensure!(
+            silent.is_empty(),
+            "partial baseline: {} did not answer",
+            silent.join(", ")
+        );
+        Ok(())
+    })
+}
+
 /// `ferry vm create`.
 pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
     block_on(async {
@@ -479,6 +523,17 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
         let node = match &args.node {
             Some(n) => n.clone(),
             None => cluster.node_names().first().cloned().unwrap_or_default(),
+        };
+        let cpu_features = if args.cpu_model.as_deref() == Some("baseline") {
+            let (baseline, silent) = cpu_baseline(&cluster).await;
+            anyhow::ensure!(
+                silent.is_empty(),
+                "the baseline needs every node, and {} did not answer",
+                silent.join(", ")
+            );
+            baseline.into_iter().collect()
+        } else {
+            args.cpu_features.clone()
         };
         cluster
             .create_vm(
@@ -489,7 +544,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
                     vcpus: args.vcpus,
                     wss_mib: args.wss,
                     synthetic: args.synthetic,
-                    cpu_features: args.cpu_features.clone(),
+                    cpu_features,
                     disks: args
                         .disk_mib
                         .iter()

@@ -13,6 +13,10 @@ use crate::node::config::{CapacityConfig, ClientConfig, DatastoreConfig, NodeCon
 /// Cluster commands.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
+    /// Print the CPU features every node supports (comma-separated): the
+    /// CPU model of VMs that may run on any host (`vm create --cpu-model
+    /// baseline`).
+    CpuBaseline(super::client::ClientArgs),
     /// Make a CA, host and user certificates, `node-NAME.toml` per host and
     /// `client.toml`, in one directory.
     Init(InitArgs),
@@ -96,6 +100,7 @@ fn parse_user(s: &str) -> Result<(String, Role), String> {
 pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Init(args) => init(&args),
+        ClusterCommand::CpuBaseline(args) => super::client::print_cpu_baseline(&args),
         ClusterCommand::AddHost { name, addr, dir } => add_host(&dir, &name, addr),
         ClusterCommand::AddUser { name, role, dir } => add_user(&dir, &name, role),
     }

@@ -1,6 +1,6 @@
 //! Complete VM state, saved from a paused VM and restored into another.
 //!
-//! Per vCPU: regs, sregs, FPU, XSAVE, XCRs, debug registers, LAPIC, the MSRs
+//! Per vCPU: regs, sregs, FPU, XSAVE (of the host's size), TSC frequency, XCRs, debug registers, LAPIC, the MSRs
 //! KVM lists as supported, vCPU events, MP state and CPUID. Per VM: both
 //! PICs, the IOAPIC, the PIT and kvmclock. Every KVM structure travels as
 //! its raw bytes (kvm-bindings derives zerocopy's `IntoBytes`/`FromBytes`
@@ -25,7 +25,7 @@ use super::KvmError;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// Version of the state layout below.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 
 /// One vCPU's state.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -38,6 +38,11 @@ pub struct VcpuState {
     pub fpu: Vec<u8>,
     /// kvm_xsave (legacy 4 KiB area).
     pub xsave: Vec<u8>,
+    /// The XSAVE area beyond the legacy 4 KiB (`KVM_GET_XSAVE2`), where
+    /// the host's KVM keeps more (AMX, ...); empty where it does not.
+    pub xsave_extra: Vec<u8>,
+    /// The vCPU's TSC frequency in kHz (0: KVM did not say).
+    pub tsc_khz: u32,
     /// kvm_xcrs.
     pub xcrs: Vec<u8>,
     /// kvm_debugregs.
@@ -236,17 +241,98 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, KvmError
     Ok(out)
 }
 
+/// Bytes of the XSAVE area this host's KVM keeps per vCPU
+/// (`KVM_CAP_XSAVE2`), at least the legacy 4 KiB.
+fn xsave_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        let reported = kvm_ioctls::Kvm::new()
+            .map(|k| k.check_extension_int(kvm_ioctls::Cap::Xsave2))
+            .unwrap_or(0);
+        usize::try_from(reported)
+            .unwrap_or(0)
+            .max(size_of::<kvm_xsave>())
+    })
+}
+
+/// An `Xsave` of this host's size, `extra` (bytes beyond the legacy
+/// area) copied in and the rest zero.
+fn xsave2_buffer(legacy: kvm_xsave, extra: &[u8]) -> Result<kvm_bindings::Xsave, KvmError> {
+    let words = (xsave_bytes() - size_of::<kvm_xsave>()).div_ceil(4);
+    let mut x =
+        kvm_bindings::Xsave::new(words).map_err(|e| KvmError::BadState(format!("xsave: {e:?}")))?;
+    // SAFETY: only the fixed header part is replaced; the length stays.
+    unsafe { x.as_mut_fam_struct() }.xsave = legacy;
+    for (dst, src) in x.as_mut_slice().iter_mut().zip(extra.chunks_exact(4)) {
+        *dst = u32::from_le_bytes(src.try_into().expect("4 bytes"));
+    }
+    Ok(x)
+}
+
+/// The vCPU's XSAVE area: the legacy 4 KiB and what lies beyond.
+fn save_xsave(vcpu: &VcpuFd) -> Result<(Vec<u8>, Vec<u8>), KvmError> {
+    if xsave_bytes() == size_of::<kvm_xsave>() {
+        return Ok((
+            raw(&vcpu.get_xsave().map_err(op("KVM_GET_XSAVE"))?),
+            Vec::new(),
+        ));
+    }
+    let mut x = xsave2_buffer(kvm_xsave::default(), &[])?;
+    // SAFETY: `x` is allocated with the size KVM_CAP_XSAVE2 reported.
+    unsafe { vcpu.get_xsave2(&mut x) }.map_err(op("KVM_GET_XSAVE2"))?;
+    let extra = x.as_slice().iter().flat_map(|w| w.to_le_bytes()).collect();
+    Ok((raw(&x.as_fam_struct_ref().xsave), extra))
+}
+
+/// Writes a saved XSAVE area back.
+fn restore_xsave(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), KvmError> {
+    let legacy = parse::<kvm_xsave>("xsave", &s.xsave)?;
+    let need = size_of::<kvm_xsave>() + s.xsave_extra.len();
+    if need > xsave_bytes() || !s.xsave_extra.len().is_multiple_of(4) {
+        return Err(KvmError::BadState(format!(
+            "the guest's XSAVE area is {need} bytes; this host's KVM keeps {}",
+            xsave_bytes()
+        )));
+    }
+    if xsave_bytes() == size_of::<kvm_xsave>() {
+        // SAFETY: a complete legacy kvm_xsave, what this ioctl expects.
+        return unsafe { vcpu.set_xsave(&legacy) }.map_err(op("KVM_SET_XSAVE"));
+    }
+    let x = xsave2_buffer(legacy, &s.xsave_extra)?;
+    // SAFETY: `x` has the size KVM_CAP_XSAVE2 reported, so KVM reads
+    // nothing past it.
+    unsafe { vcpu.set_xsave2(&x) }.map_err(op("KVM_SET_XSAVE2"))
+}
+
+/// Runs the vCPU's TSC at the saved frequency (a guest calibrated its
+/// clocks against it at boot).
+fn restore_tsc_khz(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), KvmError> {
+    let here = vcpu.get_tsc_khz().unwrap_or(0);
+    if s.tsc_khz == 0 || here == s.tsc_khz {
+        return Ok(());
+    }
+    vcpu.set_tsc_khz(s.tsc_khz).map_err(|e| {
+        KvmError::BadState(format!(
+            "the guest's TSC runs at {} kHz; this host runs at {here} kHz and cannot scale it ({e})",
+            s.tsc_khz
+        ))
+    })
+}
+
 /// Saves a paused vCPU.
 pub(crate) fn save_vcpu(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, KvmError> {
     let cpuid = vcpu
         .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(op("KVM_GET_CPUID2"))?;
     let cpuid_bytes = cpuid.as_slice().iter().flat_map(raw).collect();
+    let (xsave, xsave_extra) = save_xsave(vcpu)?;
     Ok(VcpuState {
         regs: raw(&vcpu.get_regs().map_err(op("KVM_GET_REGS"))?),
         sregs: raw(&vcpu.get_sregs().map_err(op("KVM_GET_SREGS"))?),
         fpu: fpu_bytes(&vcpu.get_fpu().map_err(op("KVM_GET_FPU"))?),
-        xsave: raw(&vcpu.get_xsave().map_err(op("KVM_GET_XSAVE"))?),
+        xsave,
+        xsave_extra,
+        tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
         xcrs: raw(&vcpu.get_xcrs().map_err(op("KVM_GET_XCRS"))?),
         debugregs: raw(&vcpu.get_debug_regs().map_err(op("KVM_GET_DEBUGREGS"))?),
         lapic: raw(&vcpu.get_lapic().map_err(op("KVM_GET_LAPIC"))?),
@@ -279,6 +365,7 @@ pub(crate) fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), KvmError>
     let entries = cpuid_entries(s)?;
     let cpuid = CpuId::from_entries(&entries).map_err(|e| KvmError::BadState(e.to_string()))?;
     vcpu.set_cpuid2(&cpuid).map_err(op("KVM_SET_CPUID2"))?;
+    restore_tsc_khz(vcpu, s)?;
     let msr_entries: Vec<kvm_msr_entry> = s
         .msrs
         .iter()
@@ -304,10 +391,7 @@ pub(crate) fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), KvmError>
         .map_err(op("KVM_SET_REGS"))?;
     vcpu.set_fpu(&fpu_from_bytes(&s.fpu)?)
         .map_err(op("KVM_SET_FPU"))?;
-    let xsave = parse::<kvm_xsave>("xsave", &s.xsave)?;
-    // SAFETY: `xsave` is a complete legacy kvm_xsave read back from KVM's
-    // own KVM_GET_XSAVE, which is what this ioctl expects.
-    unsafe { vcpu.set_xsave(&xsave) }.map_err(op("KVM_SET_XSAVE"))?;
+    restore_xsave(vcpu, s)?;
     vcpu.set_xcrs(&parse::<kvm_xcrs>("xcrs", &s.xcrs)?)
         .map_err(op("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&parse::<kvm_debugregs>("debugregs", &s.debugregs)?)

@@ -83,7 +83,7 @@ impl GuestFactory for HostFactory {
                 &config.name,
                 boot,
                 config.vcpus,
-                cpu_model(config),
+                cpu_model(config)?,
                 memory,
             )?;
             return Ok(Box::new(guest));
@@ -195,16 +195,17 @@ fn prepare_in_background(region: &vm_memory::MmapRegion<vm_memory::bitmap::Atomi
     });
 }
 
-/// The CPU model of `config`: its features that a model can hold (`None`
-/// when it names none: everything KVM supports).
-fn cpu_model(config: &VmConfig) -> Option<Vec<String>> {
-    let model: Vec<String> = config
-        .cpu_features
-        .iter()
-        .filter(|f| kvm::cpu::is_known(f))
-        .cloned()
-        .collect();
-    (!model.is_empty()).then_some(model)
+/// The CPU model of `config` (`None` when it names no feature:
+/// everything KVM supports); a feature no model can hold is refused by
+/// name.
+fn cpu_model(config: &VmConfig) -> Result<Option<Vec<String>>, GuestError> {
+    if let Some(unknown) = config.cpu_features.iter().find(|f| !kvm::cpu::is_known(f)) {
+        return Err(GuestError::BadState(format!(
+            "unknown CPU feature {unknown:?}; a CPU model holds these: {}",
+            kvm::cpu::known().collect::<Vec<_>>().join(",")
+        )));
+    }
+    Ok((!config.cpu_features.is_empty()).then(|| config.cpu_features.clone()))
 }
 
 /// What a VMM boots for a guest of `kind`; `None` for synthetic guests,
