@@ -234,6 +234,12 @@ pub trait GuestBackend: Send {
     /// by themselves do nothing here.
     fn run_for(&mut self, elapsed: Duration);
 
+    /// Why the guest died under its VMM (its process crashed or was
+    /// killed), if it did. Guests inside the node never do on their own.
+    fn crashed(&self) -> Option<String> {
+        None
+    }
+
     /// Ends the guest for good (the VM was deleted, or runs on another host
     /// now): a guest in a process of its own stops it. Dropping a guest
     /// without this only lets go of it (a node that stops leaves its VMs

@@ -230,11 +230,15 @@ fn state_of_another_shape_is_refused() {
     let same = KvmVm::create(64 << 20, 1).expect("same shape");
     let mut big_xsave = state.clone();
     big_xsave.vcpus[0].xsave_extra = vec![0; 1 << 20];
-    let err = same.restore_state(&big_xsave).expect_err("XSAVE area too large");
+    let err = same
+        .restore_state(&big_xsave)
+        .expect_err("XSAVE area too large");
     assert!(err.to_string().contains("XSAVE area"), "{err}");
     let mut slow_tsc = state.clone();
     slow_tsc.vcpus[0].tsc_khz = 1;
-    let err = same.restore_state(&slow_tsc).expect_err("a TSC no host can run");
+    let err = same
+        .restore_state(&slow_tsc)
+        .expect_err("a TSC no host can run");
     assert!(err.to_string().contains("TSC runs at 1 kHz"), "{err}");
     vm.resume().expect("resume");
     assert!(

@@ -147,6 +147,40 @@ fn guests_outlive_a_killed_node_and_are_reattached_and_upgraded() {
     assert_eq!(phase, "Running");
     wait_listed_pass(d, "kept", pass + 2);
 
+    // A VMM that dies under a running node is a VM crash: seen, audited,
+    // left stopped; `vm start` boots it again.
+    create_and_start(d, "victim");
+    wait_listed_pass(d, "victim", 1);
+    let victim = pid_of("victim");
+    // SAFETY: signalling a process this test's node started.
+    unsafe { libc::kill(i32::try_from(victim).expect("pid"), libc::SIGKILL) };
+    let start = Instant::now();
+    loop {
+        let list = ferry(d, &["vm", "list", "--client", "client.toml"]);
+        if list.contains("crashed: its VMM process") {
+            assert_eq!(listed(d, "victim").0, "Stopped", "{list}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the crash went unseen:\n{list}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    while !ferry(d, &["audit", "--vm", "victim", "--client", "client.toml"]).contains("vm crashed")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the crash is audited"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ferry(d, &["vm", "start", "victim", "--client", "client.toml"]);
+    assert_eq!(listed(d, "victim").0, "Running");
+    assert_ne!(pid_of("victim"), victim, "booted in a new VMM process");
+    wait_listed_pass(d, "victim", 2);
+
     ferry(d, &["vm", "stop", "kept", "--client", "client.toml"]);
     ferry(d, &["vm", "delete", "kept", "--client", "client.toml"]);
     let start = Instant::now();

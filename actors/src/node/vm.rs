@@ -55,6 +55,10 @@ pub struct VmInfo {
     /// yet; `vm recover` settles it); empty when it is not.
     #[serde(default)]
     pub in_doubt: String,
+    /// Why the VM's guest died (its VMM process crashed); empty when it
+    /// did not. `vm start` boots it again.
+    #[serde(default)]
+    pub crashed: String,
 }
 
 /// Work to run on the guest inside the VM actor.
@@ -93,6 +97,8 @@ pub enum VmMsg {
     /// The VM is gone from this host for good (deleted, or it runs on
     /// another host now): end its guest, then the actor.
     Discard,
+    /// A freshly booted guest in place of one that crashed (stopped).
+    Replace(Box<dyn GuestBackend>),
     /// Move the guest to a new VMM process on this host.
     Upgrade(RpcReplyPort<Result<crate::guest::UpgradeReport, NodeError>>),
 }
@@ -122,6 +128,8 @@ pub struct VmState {
     generation: u64,
     phase: VmPhase,
     last_tick: tokio::time::Instant,
+    /// Why the guest died, once it has.
+    crash: Option<String>,
 }
 
 impl Actor for VmActor {
@@ -141,6 +149,7 @@ impl Actor for VmActor {
             generation: args.generation,
             phase: args.phase,
             last_tick: tokio::time::Instant::now(),
+            crash: None,
         })
     }
 
@@ -157,6 +166,7 @@ impl Actor for VmActor {
         let now = tokio::time::Instant::now();
         s.guest.run_for(now - s.last_tick);
         s.last_tick = now;
+        notice_crash(s);
         match msg {
             VmMsg::Start(reply) => {
                 let r = match s.phase {
@@ -191,6 +201,7 @@ impl Actor for VmActor {
                     mac: crate::migration::wire::mac_string(&s.config.mac),
                     cpu_ms: u64::try_from(s.guest.cpu_time().as_millis()).unwrap_or(u64::MAX),
                     in_doubt: String::new(),
+                    crashed: s.crash.clone().unwrap_or_default(),
                 });
             }
             VmMsg::Guest(job) => job(s.guest.as_mut()),
@@ -218,6 +229,11 @@ impl Actor for VmActor {
                 s.guest.discard();
                 myself.stop(None);
             }
+            VmMsg::Replace(guest) => {
+                s.guest = guest;
+                s.crash = None;
+                s.phase = VmPhase::Stopped;
+            }
             VmMsg::Upgrade(reply) => {
                 let r = match s.phase {
                     VmPhase::Running | VmPhase::Stopped => s.guest.upgrade().map_err(guest_error),
@@ -238,6 +254,19 @@ impl Actor for VmActor {
             }
         }
         Ok(())
+    }
+}
+
+/// Takes note, once, that the guest died under its VMM: the VM is
+/// stopped from then on (a migration of it fails on its own).
+fn notice_crash(s: &mut VmState) {
+    if s.crash.is_some() || !matches!(s.phase, VmPhase::Running | VmPhase::Stopped) {
+        return;
+    }
+    if let Some(why) = s.guest.crashed() {
+        tracing::error!(vm = %s.config.name, "the VM crashed: {why}");
+        s.crash = Some(why);
+        s.phase = VmPhase::Stopped;
     }
 }
 

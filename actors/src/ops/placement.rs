@@ -40,6 +40,8 @@ pub struct VmLoad {
     pub cpu_busy_milli: u32,
     /// Its disks.
     pub disks: Vec<super::sdrs::DiskLoad>,
+    /// Why its guest died (empty: it did not).
+    pub crashed: String,
 }
 
 /// What one host reports about itself.
@@ -357,6 +359,7 @@ pub(crate) mod tests {
             disk_locations: Vec::new(),
             cpu_busy_milli: 0,
             disks: Vec::new(),
+            crashed: String::new(),
         }
     }
 

@@ -15,6 +15,8 @@ pub enum BenchCommand {
     Migrate(super::bench_migrate::MigrateArgs),
     /// Storage moves by each method against a plain copy of the same file.
     Storage(super::bench_storage::StorageArgs),
+    /// A running guest moved to a new VMM process (`vm upgrade`): downtime.
+    Upgrade(super::bench_upgrade::UpgradeArgs),
 }
 
 /// Options of `ferry bench transport`.
@@ -50,6 +52,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Kvm(args) => super::bench_kvm::run(&args),
         BenchCommand::Migrate(args) => super::bench_migrate::run(&args),
         BenchCommand::Storage(args) => super::bench_storage::run(&args),
+        BenchCommand::Upgrade(args) => super::bench_upgrade::run(&args),
     }
 }
 

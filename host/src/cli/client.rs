@@ -613,6 +613,9 @@ pub fn list(args: &ClientArgs) -> anyhow::Result<()> {
                         if !v.in_doubt.is_empty() {
                             println!("{:<16} in doubt: {}", "", v.in_doubt);
                         }
+                        if !v.crashed.is_empty() {
+                            println!("{:<16} crashed: {}", "", v.crashed);
+                        }
                     }
                 }
                 Err(e) => eprintln!("{node}: unreachable: {e}"),

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_kvm;
 pub mod bench_migrate;
 pub mod bench_storage;
+pub mod bench_upgrade;
 pub mod client;
 pub mod cluster;
 pub mod demo;

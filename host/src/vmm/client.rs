@@ -459,6 +459,12 @@ impl GuestBackend for VmmGuest {
         Ok(true)
     }
 
+    fn crashed(&self) -> Option<String> {
+        self.status()
+            .err()
+            .map(|e| format!("its VMM process {} is gone ({e})", self.pid))
+    }
+
     fn discard(&mut self) {
         if let Err(e) = self.call("quit", &Request::Quit, &[]) {
             tracing::warn!(vm = %self.name, pid = self.pid, "stopping the VMM: {e}");

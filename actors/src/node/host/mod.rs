@@ -265,6 +265,8 @@ impl<T> Default for HostActor<T> {
 /// The actor's state.
 pub struct HostState<T: Transport> {
     ctx: Arc<NodeCtx<T>>,
+    /// VMs whose crash the audit log has (until they boot again).
+    crashes_audited: std::collections::BTreeSet<String>,
     /// Guest CPU time and disk writes, as rates for DRS.
     rates: std::sync::Mutex<crate::ops::rates::Rates>,
     capacity: Capacity,
@@ -353,6 +355,7 @@ impl<T: Transport> Actor for HostActor<T> {
             .collect();
         let setting = |k: &str| stored.settings.get(k).cloned().unwrap_or_default();
         Ok(HostState {
+            crashes_audited: std::collections::BTreeSet::new(),
             rates: std::sync::Mutex::new(crate::ops::rates::Rates::new(RATE_WINDOW_MIN)),
             ctx: args.ctx,
             capacity: args.capacity,
@@ -455,7 +458,8 @@ impl<T: Transport> Actor for HostActor<T> {
                 });
             }
             HostMsg::SampleLoad => {
-                let _ = ops::load(s).await;
+                let load = ops::load(s).await;
+                audit_crashes(&myself, s, &load);
                 if s.store_broken.is_some() {
                     // Probe: the host takes migrations again once its
                     // store writes again.
@@ -839,7 +843,11 @@ async fn client_request<T: Transport>(
     match request {
         ClientRequest::CreateVm(spec) => answer(create_vm(myself, s, spec).await),
         ClientRequest::StartVm(name) => {
-            let r = match s.vm(&name) {
+            let booted = match s.vm(&name) {
+                Ok(vm) => reboot_if_crashed(myself, s, &name, &vm).await,
+                Err(e) => Err(e),
+            };
+            let r = match booted.and_then(|()| s.vm(&name)) {
                 Ok(vm) => call(&vm, VmMsg::Start).await.map(|()| {
                     disks::set_workload(&s.vms[&name].disks, true);
                     ClientReply::Ok
@@ -1228,6 +1236,69 @@ async fn create_vm<T: Transport>(
         return Err(e);
     }
     Ok(ClientReply::Ok)
+}
+
+/// Audits each VM whose guest was found dead, once per crash.
+fn audit_crashes<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    load: &crate::ops::placement::HostLoad,
+) {
+    for vm in &load.vms {
+        if vm.crashed.is_empty() || !s.crashes_audited.insert(vm.name.clone()) {
+            continue;
+        }
+        let _ = myself.cast(HostMsg::Audit(Box::new(crate::ops::audit::AuditEntry {
+            at_unix_ms: crate::ops::unix_ms_now(),
+            who: "node".into(),
+            action: "vm crashed".into(),
+            vm: vm.name.clone(),
+            outcome: "failed".into(),
+            detail: format!(
+                "{}; it stays stopped (`ferry vm start` boots it again)",
+                vm.crashed
+            ),
+            ..Default::default()
+        })));
+    }
+}
+
+/// Boots a new guest for VM `name` if its guest crashed (its VMM process
+/// died), so `vm start` starts it again; audited.
+async fn reboot_if_crashed<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    name: &str,
+    vm: &ActorRef<VmMsg>,
+) -> Result<(), NodeError> {
+    let info: VmInfo = match vm.call(VmMsg::Info, None).await {
+        Ok(ractor::rpc::CallResult::Success(i)) => i,
+        _ => return Err(NodeError::Gone("VM actor".into())),
+    };
+    if info.crashed.is_empty() {
+        return Ok(());
+    }
+    let factory = s.factory.clone();
+    let config = s.vms[name].config.clone();
+    let guest = super::offload(move || factory.boot(&config))
+        .await
+        .map_err(|e| NodeError::Guest(e.to_string()))?;
+    vm.cast(VmMsg::Replace(guest))
+        .map_err(|_| NodeError::Gone("VM actor".into()))?;
+    s.crashes_audited.remove(name);
+    if let Some(entry) = s.vms.get_mut(name) {
+        super::vm_disks::attach_to_guest(vm, &mut entry.disks).await;
+    }
+    let _ = myself.cast(HostMsg::Audit(Box::new(crate::ops::audit::AuditEntry {
+        at_unix_ms: crate::ops::unix_ms_now(),
+        who: "node".into(),
+        action: "vm boot after crash".into(),
+        vm: name.to_owned(),
+        outcome: "ok".into(),
+        detail: info.crashed,
+        ..Default::default()
+    })));
+    Ok(())
 }
 
 async fn delete_vm<T: Transport>(

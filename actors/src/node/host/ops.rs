@@ -33,9 +33,9 @@ pub(super) async fn load<T: Transport>(s: &HostState<T>) -> HostLoad {
         let Some(actor) = &entry.actor else {
             continue;
         };
-        let (running, cpu_ms) = match actor.call(VmMsg::Info, None).await {
-            Ok(ractor::rpc::CallResult::Success(i)) => (i.running, i.cpu_ms),
-            _ => (false, 0),
+        let (running, cpu_ms, crashed) = match actor.call(VmMsg::Info, None).await {
+            Ok(ractor::rpc::CallResult::Success(i)) => (i.running, i.cpu_ms, i.crashed),
+            _ => (false, 0, String::new()),
         };
         let name = &entry.config.name;
         let cpu_key = format!("cpu {name}");
@@ -74,6 +74,7 @@ pub(super) async fn load<T: Transport>(s: &HostState<T>) -> HostLoad {
             disk_locations,
             cpu_busy_milli: as_u32(busy),
             disks,
+            crashed,
         });
     }
     s.rates
