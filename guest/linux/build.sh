@@ -3,6 +3,7 @@
 #   vmlinux       Linux 6.1 from Debian's linux-source-6.1, tinyconfig plus
 #                 ./config, with ./patches (PVM platform fixes; see
 #                 ../../../shared/PLATFORM.md), booted through its PVH entry
+#   bzImage       the same kernel, compressed, for the 64-bit boot protocol
 #   initrd.cpio   an uncompressed initramfs: busybox (busybox-static), ./init
 #                 and the static test programs in ./programs
 # The cache directory is keyed by the hash of these inputs, so an edit
@@ -12,7 +13,7 @@
 #   FERRY_GUEST_CACHE=/some/dir ... # cache root (default ~/.cache/ferry/guest)
 #
 # Needs Debian's linux-source-6.1 busybox-static build-essential flex bison
-# bc libelf-dev cpio: installed with apt-get when missing.
+# bc libelf-dev cpio lz4: installed with apt-get when missing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${FERRY_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry/guest}"
@@ -20,7 +21,7 @@ src_tar=/usr/src/linux-source-6.1.tar.xz
 busybox=/bin/busybox
 
 # What the build needs, from Debian (installed when missing).
-packages="linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio"
+packages="linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio lz4"
 missing_pkgs=$(for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing_pkgs" ]; then
   echo "build.sh: installing $(echo $missing_pkgs)" >&2
@@ -33,12 +34,12 @@ for f in "$src_tar" "$busybox"; do
 done
 
 # Bump when the steps below change what they build.
-build_version=1
+build_version=2
 key=$( (cd "$here" && echo "$build_version" && cat config init patches/*.patch programs/*.c; \
         dpkg-query -W -f='${Version}' linux-source-6.1 busybox-static 2>/dev/null || true) \
       | sha256sum | cut -c1-12)
 out="$cache/linux/$key"
-if [ -s "$out/vmlinux" ] && [ -s "$out/initrd.cpio" ]; then
+if [ -s "$out/vmlinux" ] && [ -s "$out/bzImage" ] && [ -s "$out/initrd.cpio" ]; then
   ln -sfn "$key" "$cache/linux/current"
   echo "$out"
   exit 0
@@ -75,7 +76,7 @@ done < "$here/config"
 [ "$missing" = 0 ] || exit 1
 
 echo "build.sh: compiling the kernel on $(nproc) cores" >&2
-make -C "$tree" -s -j"$(nproc)" vmlinux >&2
+make -C "$tree" -s -j"$(nproc)" vmlinux bzImage >&2
 
 echo "build.sh: the initramfs" >&2
 root="$work/root"
@@ -91,6 +92,7 @@ done
 mkdir -p "$out.tmp"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$out.tmp/initrd.cpio"
 cp "$tree/vmlinux" "$out.tmp/vmlinux"
+cp "$tree/arch/x86/boot/bzImage" "$out.tmp/bzImage"
 strip --strip-debug "$out.tmp/vmlinux" 2>/dev/null || true
 cp "$here/config" "$out.tmp/config.fragment"
 rm -rf "$out"

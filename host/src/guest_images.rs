@@ -21,8 +21,18 @@ pub fn cache_root() -> PathBuf {
 /// starts: `dirtier`, `shell` or `halt`) and a `mib`-MiB dirtier buffer.
 /// The error says how to build it.
 pub fn linux_test_guest(run: &str, mib: u64) -> Result<LinuxImage, String> {
+    test_guest_with("vmlinux", run, mib)
+}
+
+/// As [`linux_test_guest`], the kernel as a bzImage (booted through the
+/// 64-bit boot protocol instead of the PVH entry).
+pub fn linux_test_guest_bzimage(run: &str, mib: u64) -> Result<LinuxImage, String> {
+    test_guest_with("bzImage", run, mib)
+}
+
+fn test_guest_with(kernel_file: &str, run: &str, mib: u64) -> Result<LinuxImage, String> {
     let dir = cache_root().join("linux").join("current");
-    let kernel = dir.join("vmlinux");
+    let kernel = dir.join(kernel_file);
     let initrd = dir.join("initrd.cpio");
     if !kernel.is_file() || !initrd.is_file() {
         return Err(format!(

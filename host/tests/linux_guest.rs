@@ -1,5 +1,6 @@
 //! The project's Linux test guest (guest/linux/build.sh) under ferry's KVM
-//! backend: it boots through its PVH entry, prints on the serial console,
+//! backend: it boots through its PVH entry (and, as a bzImage, through the
+//! 64-bit boot protocol), prints on the serial console,
 //! and its user-space dirtier runs pass after pass; its state and memory
 //! move into a second VM, where the passes go on.
 //!
@@ -57,6 +58,25 @@ fn the_test_kernel_boots_and_its_dirtier_passes_show_on_the_console() {
         text.contains("Brought up 1 node, 2 CPUs"),
         "both vCPUs run (the second started by INIT/SIPI):\n{text}"
     );
+}
+
+#[test]
+fn the_test_kernel_boots_as_a_bzimage_through_the_64_bit_protocol() {
+    if guest_or_skip("the_test_kernel_boots_as_a_bzimage", 16).is_none() {
+        return;
+    }
+    let image = ferry_host::guest_images::linux_test_guest_bzimage("dirtier", 16)
+        .expect("build.sh builds the bzImage with the vmlinux");
+    let vm = KvmVm::with_linux(&image, 128 << 20, 1).expect("load the bzImage");
+    let started = Instant::now();
+    vm.resume().expect("resume");
+    wait_for_pass(&vm, 2, Duration::from_secs(150));
+    let text = console_text(&vm);
+    println!(
+        "bzImage (decompressed by its own stub): dirtier pass 2 after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(text.contains("ferry-guest: up"), "/init ran:\n{text}");
 }
 
 #[test]

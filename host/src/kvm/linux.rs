@@ -1,12 +1,14 @@
 //! Booting a Linux kernel: the ELF `vmlinux` through its PVH entry (the
-//! rust-vmm `linux-loader` crate reads the ELF and finds the entry note),
+//! rust-vmm `linux-loader` crate reads the ELF and finds the entry note;
+//! a bzImage goes through the 64-bit boot protocol, [`super::bzimage`]),
 //! an initramfs as the first PVH module, the command line, an e820 map in
 //! the `hvm_start_info`, and an MP table ([`super::mptable`]) for the
 //! CPUs and the IOAPIC (the test kernel has no ACPI).
 //!
 //! Guest physical layout:
 //! - `0x500` boot GDT, `0x6000` start info, `0x6100` memory map,
-//!   `0x6200` module list, `0x20000` command line;
+//!   `0x6200` module list, `0x7000` zero page and `0x9000..0xf000` page
+//!   tables (bzImage), `0x20000` command line;
 //! - `0x9fc00..0x100000` reserved (MP table at its start);
 //! - the kernel where its ELF headers say (16 MiB for the test kernel);
 //! - the initramfs at the top of memory.
@@ -34,7 +36,7 @@ const MODLIST_ADDR: u64 = 0x6200;
 const CMDLINE_ADDR: u64 = 0x20000;
 /// Longest command line accepted.
 pub const CMDLINE_MAX: usize = 4095;
-const HIGH_MEMORY: u64 = 0x10_0000;
+pub(super) const HIGH_MEMORY: u64 = 0x10_0000;
 /// Guest memory a Linux guest may have: it must stay below the TSS and
 /// the 32-bit device hole.
 pub const MEMORY_MAX: u64 = 3 << 30;
@@ -55,18 +57,75 @@ pub struct LinuxImage {
 
 /// Where the boot vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BootEntry {
-    /// The PVH entry point (32-bit protected mode, paging off).
-    pub rip: u64,
-    /// The `hvm_start_info` (in `rbx`).
-    pub start_info: u64,
+pub enum BootEntry {
+    /// The PVH entry (32-bit protected mode, paging off), `rbx` at the
+    /// `hvm_start_info`.
+    Pvh {
+        /// Entry point.
+        rip: u64,
+        /// The start info.
+        start_info: u64,
+    },
+    /// A bzImage's 64-bit entry (long mode, identity-mapped), `rsi` at the
+    /// zero page (`boot_params`).
+    Long {
+        /// Entry point (`startup_64`).
+        rip: u64,
+        /// The zero page.
+        boot_params: u64,
+    },
 }
 
-fn image_err(what: impl std::fmt::Display) -> KvmError {
+/// Guest memory as the e820 map gives it: (address, size, kind).
+pub(super) fn e820(memory_bytes: u64) -> [(u64, u64, u32); 3] {
+    [
+        (0, mptable::MPTABLE_ADDR, E820_RAM),
+        (
+            mptable::MPTABLE_ADDR,
+            HIGH_MEMORY - mptable::MPTABLE_ADDR,
+            E820_RESERVED,
+        ),
+        (HIGH_MEMORY, memory_bytes - HIGH_MEMORY, E820_RAM),
+    ]
+}
+
+/// Writes `bytes` at guest address `at`.
+pub(super) fn write(memory: &Memory, bytes: &[u8], at: u64) -> Result<(), KvmError> {
+    memory
+        .write_slice(bytes, GuestAddress(at))
+        .map_err(|e| image_err(format!("writing at {at:#x}: {e}")))
+}
+
+/// Puts the initrd at the top of memory, below `limit`, above
+/// `kernel_end`; its (address, length).
+pub(super) fn place_initrd(
+    memory: &Memory,
+    path: &std::path::Path,
+    limit: u64,
+    kernel_end: u64,
+) -> Result<(u64, u64), KvmError> {
+    let initrd =
+        std::fs::read(path).map_err(|e| image_err(format!("initrd {}: {e}", path.display())))?;
+    let len = initrd.len() as u64;
+    let at = limit.saturating_sub(len) & !0xfff;
+    if at < kernel_end {
+        return Err(image_err(format!(
+            "the initrd ({} MiB) and kernel do not fit {} MiB of memory",
+            len >> 20,
+            limit >> 20
+        )));
+    }
+    write(memory, &initrd, at)?;
+    Ok((at, len))
+}
+
+pub(super) fn image_err(what: impl std::fmt::Display) -> KvmError {
     KvmError::Image(what.to_string())
 }
 
-/// Loads `image` into `memory` (`memory_bytes` long) for `vcpus` CPUs.
+/// Loads `image` into `memory` (`memory_bytes` long) for `vcpus` CPUs:
+/// an ELF `vmlinux` through its PVH entry, a bzImage through the 64-bit
+/// boot protocol.
 pub fn load(
     memory: &Memory,
     memory_bytes: u64,
@@ -86,7 +145,26 @@ pub fn load(
     }
     let mut kernel = std::fs::File::open(&image.kernel)
         .map_err(|e| image_err(format!("kernel {}: {e}", image.kernel.display())))?;
-    let loaded = Elf::load(memory, None, &mut kernel, Some(GuestAddress(HIGH_MEMORY)))
+    let mut magic = [0u8; 4];
+    let _ = std::io::Read::read(&mut kernel, &mut magic);
+    let mut cmdline = image.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    write(memory, &cmdline, CMDLINE_ADDR)?;
+    write(memory, &mptable::build(vcpus.max(1)), mptable::MPTABLE_ADDR)?;
+    if magic == *b"\x7fELF" {
+        load_pvh(memory, memory_bytes, image, &mut kernel)
+    } else {
+        super::bzimage::load(memory, memory_bytes, image, &mut kernel, CMDLINE_ADDR)
+    }
+}
+
+fn load_pvh(
+    memory: &Memory,
+    memory_bytes: u64,
+    image: &LinuxImage,
+    kernel: &mut std::fs::File,
+) -> Result<BootEntry, KvmError> {
+    let loaded = Elf::load(memory, None, kernel, Some(GuestAddress(HIGH_MEMORY)))
         .map_err(|e| image_err(format!("kernel {}: {e}", image.kernel.display())))?;
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
         return Err(image_err(format!(
@@ -94,47 +172,18 @@ pub fn load(
             image.kernel.display()
         )));
     };
-    let write = |bytes: &[u8], at: u64| {
-        memory
-            .write_slice(bytes, GuestAddress(at))
-            .map_err(|e| image_err(format!("writing at {at:#x}: {e}")))
-    };
-    let mut cmdline = image.cmdline.as_bytes().to_vec();
-    cmdline.push(0);
-    write(&cmdline, CMDLINE_ADDR)?;
-    write(&mptable::build(vcpus.max(1)), mptable::MPTABLE_ADDR)?;
-    write(&boot_gdt(), GDT_ADDR)?;
-
+    write(memory, &boot_gdt(), GDT_ADDR)?;
     let mut modules = 0;
     if let Some(path) = &image.initrd {
-        let initrd = std::fs::read(path)
-            .map_err(|e| image_err(format!("initrd {}: {e}", path.display())))?;
-        let len = initrd.len() as u64;
-        let at = memory_bytes.saturating_sub(len) & !0xfff;
-        if at < loaded.kernel_end {
-            return Err(image_err(format!(
-                "the initrd ({} MiB) and kernel do not fit {} MiB of memory",
-                len >> 20,
-                memory_bytes >> 20
-            )));
-        }
-        write(&initrd, at)?;
+        let (at, len) = place_initrd(memory, path, memory_bytes, loaded.kernel_end)?;
         let mut entry = Vec::with_capacity(32);
         entry.extend_from_slice(&at.to_le_bytes());
         entry.extend_from_slice(&len.to_le_bytes());
         entry.extend_from_slice(&[0; 16]); // no module command line
-        write(&entry, MODLIST_ADDR)?;
+        write(memory, &entry, MODLIST_ADDR)?;
         modules = 1;
     }
-    let map = [
-        (0, mptable::MPTABLE_ADDR, E820_RAM),
-        (
-            mptable::MPTABLE_ADDR,
-            HIGH_MEMORY - mptable::MPTABLE_ADDR,
-            E820_RESERVED,
-        ),
-        (HIGH_MEMORY, memory_bytes - HIGH_MEMORY, E820_RAM),
-    ];
+    let map = e820(memory_bytes);
     let mut memmap = Vec::new();
     for (addr, size, kind) in map {
         memmap.extend_from_slice(&addr.to_le_bytes());
@@ -142,7 +191,7 @@ pub fn load(
         memmap.extend_from_slice(&kind.to_le_bytes());
         memmap.extend_from_slice(&0u32.to_le_bytes());
     }
-    write(&memmap, MEMMAP_ADDR)?;
+    write(memory, &memmap, MEMMAP_ADDR)?;
     let mut info = Vec::with_capacity(56);
     info.extend_from_slice(&PVH_MAGIC.to_le_bytes());
     info.extend_from_slice(&1u32.to_le_bytes()); // version 1: memory map
@@ -154,11 +203,19 @@ pub fn load(
     info.extend_from_slice(&MEMMAP_ADDR.to_le_bytes());
     info.extend_from_slice(&u32::try_from(map.len()).expect("3").to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());
-    write(&info, START_INFO_ADDR)?;
-    Ok(BootEntry {
+    write(memory, &info, START_INFO_ADDR)?;
+    Ok(BootEntry::Pvh {
         rip: entry.0,
         start_info: START_INFO_ADDR,
     })
+}
+
+/// Puts the boot vCPU at `entry`.
+pub fn enter(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), KvmError> {
+    match *entry {
+        BootEntry::Pvh { rip, start_info } => enter_pvh(vcpu, rip, start_info),
+        BootEntry::Long { rip, boot_params } => super::bzimage::enter(vcpu, rip, boot_params),
+    }
 }
 
 /// Null, 32-bit code (0x08), data (0x10), TSS (0x18).
@@ -192,7 +249,7 @@ fn flat(selector: u16, type_: u8) -> kvm_segment {
 
 /// Puts the boot vCPU at the PVH entry: 32-bit protected mode, paging
 /// off, flat segments, `rbx` at the start info.
-pub fn enter_pvh(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), KvmError> {
+fn enter_pvh(vcpu: &VcpuFd, rip: u64, start_info: u64) -> Result<(), KvmError> {
     let mut sregs: kvm_sregs = vcpu
         .get_sregs()
         .map_err(|e| KvmError::Ioctl("KVM_GET_SREGS", e))?;
@@ -217,11 +274,16 @@ pub fn enter_pvh(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), KvmError> {
     let mut regs = vcpu
         .get_regs()
         .map_err(|e| KvmError::Ioctl("KVM_GET_REGS", e))?;
-    regs.rip = entry.rip;
-    regs.rbx = entry.start_info;
+    regs.rip = rip;
+    regs.rbx = start_info;
     regs.rflags = 2;
     vcpu.set_regs(&regs)
         .map_err(|e| KvmError::Ioctl("KVM_SET_REGS", e))?;
+    reset_fpu(vcpu)
+}
+
+/// The FPU as after `fninit`, SSE exceptions masked.
+pub(super) fn reset_fpu(vcpu: &VcpuFd) -> Result<(), KvmError> {
     let mut fpu = vcpu
         .get_fpu()
         .map_err(|e| KvmError::Ioctl("KVM_GET_FPU", e))?;

@@ -8,6 +8,7 @@
 //!   writes), the in-kernel irqchip and PIT, vCPUs, and the dirty log.
 
 mod backend;
+pub mod bzimage;
 pub mod console;
 pub mod cpu;
 pub mod image;
@@ -410,7 +411,7 @@ impl KvmVm {
             if let Some(entry) = &boot {
                 linux::wire_lapic(&fd)?;
                 if id == 0 {
-                    linux::enter_pvh(&fd, entry)?;
+                    linux::enter(&fd, entry)?;
                 }
             } else if id == 0 {
                 // Real mode at 0000:7c00, as a BIOS hands over to a boot sector.
