@@ -222,6 +222,15 @@ pub trait GuestBackend: Send {
         None
     }
 
+    /// Types `bytes` into the guest's serial console; how many it took
+    /// (its receive FIFO may be full: send the rest later).
+    fn console_input(&mut self, bytes: &[u8]) -> Result<usize, GuestError> {
+        let _ = bytes;
+        Err(GuestError::Unsupported(
+            "this guest has no serial console (only Linux guests do)",
+        ))
+    }
+
     /// CPU time the guest's vCPUs have used since it was built (DRS
     /// weighs hosts by it).
     fn cpu_time(&self) -> Duration;

@@ -4,6 +4,8 @@
 //! a new VMM process with its memory shared, not copied. Skipped, saying
 //! so, where /dev/kvm is missing.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -201,5 +203,61 @@ fn upgrade_moves_a_running_guest_to_a_new_vmm_without_copying_memory() {
         .expect("attach")
         .expect("the successor took the socket's name");
     assert_eq!(again.pid(), report.new_pid);
+    guest.discard();
+}
+
+#[test]
+fn an_operator_types_into_a_linux_guests_console_through_its_vmm() {
+    let Some(dirtier) =
+        common::linux_guest_or_skip("an_operator_types_into_a_linux_guests_console", 16)
+    else {
+        return;
+    };
+    let image = ferry_host::kvm::linux::LinuxImage {
+        cmdline: dirtier
+            .cmdline
+            .replace("ferry_run=dirtier", "ferry_run=shell"),
+        ..dirtier
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let home = home(dir.path());
+    let memory = kvm::shared_memory(128 << 20).expect("memfd");
+    let boot = Boot::Linux {
+        kernel: image.kernel,
+        initrd: image.initrd,
+        cmdline: image.cmdline,
+    };
+    let mut guest = VmmGuest::start(&home, "shell", boot, 1, memory).expect("VMM");
+    guest.resume().expect("resume");
+    let console =
+        |g: &VmmGuest| String::from_utf8_lossy(&g.console().unwrap_or_default()).into_owned();
+    let wait_for = |g: &VmmGuest, text: &str, limit: Duration| {
+        let start = Instant::now();
+        while !console(g).contains(text) {
+            assert!(
+                start.elapsed() < limit,
+                "no {text:?} within {limit:?}:\n{}",
+                console(g)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(&guest, "ferry-guest: up", Duration::from_secs(120));
+    // The shell needs a moment to start reading after /init says it is up.
+    std::thread::sleep(Duration::from_secs(2));
+    let line = b"echo ferry-$((6*7))\n";
+    let mut rest: &[u8] = line;
+    while !rest.is_empty() {
+        let took = guest.console_input(rest).expect("input");
+        rest = &rest[took..];
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Only the shell's answer holds the product (the echoed line does not).
+    wait_for(&guest, "ferry-42", Duration::from_secs(60));
+    let log = std::fs::read_to_string(home.console_log("shell")).expect("console.log");
+    assert!(
+        log.contains("ferry-42"),
+        "the console log keeps the output too"
+    );
     guest.discard();
 }

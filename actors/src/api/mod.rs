@@ -420,6 +420,21 @@ impl<'a, T: Transport> VmHandle<'a, T> {
         }
     }
 
+    /// Types `bytes` into its serial console (Linux guests), on the host
+    /// that runs it; how many the console took (its FIFO holds 64: send
+    /// the rest a moment later).
+    pub async fn console_input(&self, bytes: &[u8]) -> Result<usize, ClientError> {
+        let node = self.cluster.locate(&self.name).await?;
+        let request = ClientRequest::ConsoleInput {
+            vm: self.name.clone(),
+            bytes: bytes.to_vec(),
+        };
+        match self.cluster.request(&node, &request, None).await? {
+            ClientReply::Taken(n) => Ok(usize::try_from(n).unwrap_or(0)),
+            _ => Err(ClientError::Unexpected(node)),
+        }
+    }
+
     /// The newest output of its serial console (Linux guests), from the
     /// host that runs it.
     pub async fn console(&self) -> Result<Vec<u8>, ClientError> {

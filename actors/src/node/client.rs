@@ -223,6 +223,13 @@ pub enum ClientRequest {
         /// The VM.
         vm: String,
     },
+    /// Type into a VM's serial console (operators only).
+    ConsoleInput {
+        /// The VM.
+        vm: String,
+        /// What to type.
+        bytes: Vec<u8>,
+    },
     /// A VM's disks; with `verify`, each is checked against the synthetic
     /// workload's pattern (every acknowledged write present).
     Disks {
@@ -292,6 +299,8 @@ pub enum ClientReply {
     Disks(Vec<DiskView>),
     /// A VM's console output, oldest byte first.
     Console(Vec<u8>),
+    /// Console input taken: how many bytes.
+    Taken(u64),
     /// A VM moved to a new VMM process.
     Upgraded {
         /// Pause to resume, microseconds.
@@ -382,6 +391,7 @@ pub fn action(request: &ClientRequest) -> &'static str {
         ClientRequest::Disks { verify: true, .. } => "vm disks --verify",
         ClientRequest::Console { .. } => "vm console",
         ClientRequest::UpgradeVm { .. } => "vm upgrade",
+        ClientRequest::ConsoleInput { .. } => "vm console input",
         ClientRequest::Disks { .. } => "vm disks",
         ClientRequest::Jobs => "jobs list",
         ClientRequest::CancelJob { .. } => "jobs cancel",
@@ -407,6 +417,7 @@ pub fn subject(request: &ClientRequest) -> (String, String) {
         | ClientRequest::Disks { vm, .. }
         | ClientRequest::Console { vm }
         | ClientRequest::UpgradeVm { vm }
+        | ClientRequest::ConsoleInput { vm, .. }
         | ClientRequest::Recommend { vm, .. } => (vm.clone(), String::new()),
         ClientRequest::Migrate { vm, to, .. } => (vm.clone(), to.clone()),
         ClientRequest::MoveStorage { vm, datastore, .. } => (vm.clone(), datastore.clone()),

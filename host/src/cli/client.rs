@@ -405,9 +405,13 @@ fn linux_spec(args: &CreateArgs) -> anyhow::Result<Option<ferry_actors::node::cl
 pub struct ConsoleArgs {
     /// VM name.
     pub name: String,
-    /// Keep printing new output until interrupted.
+    /// Keep printing new output until interrupted; lines typed on stdin
+    /// go to the guest.
     #[arg(long, short)]
     pub follow: bool,
+    /// Type this line (a newline is added) into the console first.
+    #[arg(long)]
+    pub send: Option<String>,
     /// The client file.
     #[command(flatten)]
     pub client: ClientArgs,
@@ -431,6 +435,11 @@ pub fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
     block_on(async {
         let cluster = connect(&args.client)?;
         let vm = cluster.vm(&args.name);
+        if let Some(line) = &args.send {
+            type_into(&vm, format!("{line}\n").as_bytes()).await?;
+            // Give the guest a moment to answer before the output is read.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
         let mut seen = vm.console().await?;
         let mut out = std::io::stdout();
         std::io::Write::write_all(&mut out, &seen)?;
@@ -438,7 +447,11 @@ pub fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
         if !args.follow {
             return Ok(());
         }
+        let mut typed = stdin_lines();
         loop {
+            while let Ok(line) = typed.try_recv() {
+                type_into(&vm, &line).await?;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             let now = match vm.console().await {
                 Ok(now) => now,
@@ -450,6 +463,41 @@ pub fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
             seen = now;
         }
     })
+}
+
+/// Types `bytes` into the VM's console, a FIFO-full at a time.
+async fn type_into(
+    vm: &ferry_actors::api::VmHandle<'_, QuicTransport>,
+    mut bytes: &[u8],
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !bytes.is_empty() {
+        let took = vm.console_input(bytes).await?;
+        bytes = &bytes[took.min(bytes.len())..];
+        if took == 0 {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the guest's console took no input for 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Lines typed on stdin, read on a thread of their own.
+fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(mut line) = line else { return };
+            line.push('\n');
+            if tx.send(line.into_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// `ferry vm upgrade`.

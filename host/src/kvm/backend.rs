@@ -137,6 +137,12 @@ impl GuestBackend for KvmVm {
             .map(|out| out.0.lock().expect("console output").tail())
     }
 
+    fn console_input(&mut self, bytes: &[u8]) -> Result<usize, GuestError> {
+        KvmVm::console_input(self, bytes).ok_or(GuestError::Unsupported(
+            "this guest has no serial console (only Linux guests do)",
+        ))
+    }
+
     fn run_for(&mut self, _elapsed: Duration) {
         // The vCPU threads run the guest on their own.
     }

@@ -268,6 +268,13 @@ impl KvmVm {
         Ok(())
     }
 
+    /// Types `bytes` into the console (as far as its receive FIFO takes
+    /// them); `None` when the VM has no console.
+    pub fn console_input(&self, bytes: &[u8]) -> Option<usize> {
+        let mut slot = self.progress.console.0.lock().expect("console");
+        slot.as_mut().map(|c| c.input(bytes))
+    }
+
     /// What the guest printed on its console, if it has one.
     pub fn console(&self) -> Option<console::Sink> {
         let slot = self.progress.console.0.lock().expect("console");

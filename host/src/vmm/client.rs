@@ -423,6 +423,15 @@ impl GuestBackend for VmmGuest {
             .filter(|b| !b.is_empty())
     }
 
+    fn console_input(&mut self, bytes: &[u8]) -> Result<usize, GuestError> {
+        match self.call("console input", &Request::ConsoleInput, bytes)?.0 {
+            Reply::Taken(n) => Ok(usize::try_from(n).unwrap_or(0)),
+            other => Err(backend("console input")(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
     fn cpu_time(&self) -> Duration {
         self.status()
             .map_or(Duration::ZERO, |s| Duration::from_nanos(s.cpu_nanos))

@@ -83,6 +83,8 @@ pub enum Request {
     Status,
     /// The console's newest output (payload).
     Console,
+    /// Type the payload into the console.
+    ConsoleInput,
     /// Turn this connection into the guest disk device's channel: the VMM
     /// sends [`DiskRequest`]s on it and waits for each [`DiskReply`].
     Disk {
@@ -161,6 +163,8 @@ pub enum Reply {
     Status(Status),
     /// The VMM's identity (the memfd rides along).
     Attached(Identity),
+    /// How many bytes were taken.
+    Taken(u64),
     /// It failed.
     Failed(Failure),
 }

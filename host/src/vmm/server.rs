@@ -246,6 +246,8 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
             (Reply::Status(status), Vec::new(), None)
         }),
         Request::Console => Ok(done(GuestBackend::console(vm).unwrap_or_default())),
+        Request::ConsoleInput => GuestBackend::console_input(vm, payload)
+            .map(|n| (Reply::Taken(n as u64), Vec::new(), None)),
         Request::Create { .. }
         | Request::MoveSocket(_)
         | Request::Disk { .. }

@@ -889,6 +889,16 @@ async fn client_request<T: Transport>(
             },
             Err(e) => Err(e),
         }),
+        ClientRequest::ConsoleInput { vm, bytes } => answer(match s.vm(&vm) {
+            Ok(actor) => {
+                match super::vm::with_guest(&actor, move |g| g.console_input(&bytes)).await {
+                    Ok(Ok(n)) => Ok(ClientReply::Taken(n as u64)),
+                    Ok(Err(e)) => Err(NodeError::BadRequest(format!("{vm}: {e}"))),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }),
         ClientRequest::Console { vm } => answer(match s.vm(&vm) {
             Ok(actor) => match super::vm::with_guest(&actor, |g| g.console()).await {
                 Ok(Some(out)) => Ok(ClientReply::Console(out)),
