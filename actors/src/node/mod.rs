@@ -25,6 +25,7 @@ pub mod scheduler;
 pub mod share;
 pub mod source;
 pub mod trace;
+pub mod values;
 pub mod vm;
 pub mod vm_disks;
 

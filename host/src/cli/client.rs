@@ -20,10 +20,18 @@ pub struct ClientArgs {
     pub client: PathBuf,
 }
 
+/// A VM name from the command line, refused before any node is asked.
+fn vm_name(value: &str) -> Result<String, String> {
+    ferry_actors::node::values::check_name("VM name", value)
+        .map(|()| value.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 /// Options of `ferry vm create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// VM name.
+    /// VM name: 1 to 64 letters, digits, '-', '_' or '.'.
+    #[arg(value_parser = vm_name)]
     pub name: String,
     /// Node to create it on (default: the first in the client file).
     #[arg(long)]

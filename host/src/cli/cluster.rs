@@ -77,6 +77,7 @@ fn parse_host(s: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=ADDR, e.g. host-a=127.0.0.1:7701"))?;
+    ferry_actors::node::values::check_name("host name", name).map_err(|e| e.to_string())?;
     let addr = addr
         .parse()
         .map_err(|e| format!("{addr:?} is not an address: {e}"))?;
@@ -87,6 +88,7 @@ fn parse_user(s: &str) -> Result<(String, Role), String> {
     let (name, role) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=ROLE, e.g. alice=operator"))?;
+    ferry_actors::node::values::check_name("user name", name).map_err(|e| e.to_string())?;
     let role = match role {
         "admin" => Role::Admin,
         "operator" => Role::Operator,
@@ -101,8 +103,14 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Init(args) => init(&args),
         ClusterCommand::CpuBaseline(args) => super::client::print_cpu_baseline(&args),
-        ClusterCommand::AddHost { name, addr, dir } => add_host(&dir, &name, addr),
-        ClusterCommand::AddUser { name, role, dir } => add_user(&dir, &name, role),
+        ClusterCommand::AddHost { name, addr, dir } => {
+            ferry_actors::node::values::check_name("host name", &name)?;
+            add_host(&dir, &name, addr)
+        }
+        ClusterCommand::AddUser { name, role, dir } => {
+            ferry_actors::node::values::check_name("user name", &name)?;
+            add_user(&dir, &name, role)
+        }
     }
 }
 

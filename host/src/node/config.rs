@@ -137,6 +137,10 @@ pub struct ClientConfig {
     pub nodes: Vec<Peer>,
 }
 
+/// The most guest memory a node file may offer: 1 PiB (its bytes fit a
+/// u64 many times over).
+pub const CAPACITY_MIB_MAX: u64 = 1 << 30;
+
 fn read(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -210,6 +214,24 @@ impl NodeConfig {
             "{}: capacity must be positive",
             path.display()
         );
+        anyhow::ensure!(
+            config.capacity.memory_mib <= CAPACITY_MIB_MAX,
+            "{}: capacity.memory_mib = {} is more than a host can have (at most {CAPACITY_MIB_MAX} MiB, 1 PiB)",
+            path.display(),
+            config.capacity.memory_mib
+        );
+        let names = std::iter::once(("node name", &config.name))
+            .chain(config.peers.iter().map(|p| ("peer name", &p.name)))
+            .chain(
+                config
+                    .datastores
+                    .iter()
+                    .map(|d| ("datastore name", &d.name)),
+            );
+        for (what, name) in names {
+            ferry_actors::node::values::check_name(what, name)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         Ok((config, creds))
     }
 }

@@ -1128,11 +1128,10 @@ async fn create_vm<T: Transport>(
     s: &mut HostState<T>,
     spec: VmSpec,
 ) -> Result<ClientReply, NodeError> {
-    if spec.name.is_empty() || spec.name.len() > 64 {
-        return Err(NodeError::BadRequest(
-            "a VM name is 1 to 64 characters".into(),
-        ));
-    }
+    let bad = |e: crate::node::values::ValueError| NodeError::BadRequest(e.to_string());
+    crate::node::values::check_name("VM name", &spec.name).map_err(bad)?;
+    let memory_bytes = crate::node::values::memory_bytes(spec.memory_mib).map_err(bad)?;
+    let vcpus = crate::node::values::check_vcpus(spec.vcpus).map_err(bad)?;
     if s.vms.contains_key(&spec.name) {
         return Err(NodeError::Exists(spec.name));
     }
@@ -1142,15 +1141,14 @@ async fn create_vm<T: Transport>(
             s.ctx.name
         )));
     }
-    if spec.memory_mib < 2 || spec.wss_mib + 1 > spec.memory_mib {
+    if spec.wss_mib >= spec.memory_mib {
         return Err(NodeError::BadRequest(format!(
             "{} MiB of memory cannot hold a {} MiB working set above 1 MiB",
             spec.memory_mib, spec.wss_mib
         )));
     }
-    let memory_bytes = spec.memory_mib << 20;
     let used = s.usage();
-    if used.memory_bytes + memory_bytes > s.capacity.memory_bytes {
+    if used.memory_bytes.saturating_add(memory_bytes) > s.capacity.memory_bytes {
         return Err(NodeError::NoCapacity(format!(
             "{} MiB wanted, {} MiB free",
             spec.memory_mib,
@@ -1196,7 +1194,7 @@ async fn create_vm<T: Transport>(
     let config = VmConfig {
         name: spec.name.clone(),
         memory_bytes,
-        vcpus: spec.vcpus.max(1),
+        vcpus,
         cpu_features,
         mac: mac_for(&spec.name),
         kind,

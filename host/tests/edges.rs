@@ -1,0 +1,79 @@
+//! Bad values a new user might give are refused with an error that names
+//! the value and what is allowed: VM names outside the safe set, sizes
+//! that would wrap, zero vCPUs, a node file offering more memory than a
+//! host can have. Both edges refuse: the CLI before asking a node, and the
+//! node for a request that skipped the CLI.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Node, ferry_status};
+
+fn refused(d: &Path, args: &[&str], says: &str) {
+    let (out, ok, err) = ferry_status(d, args);
+    assert!(!ok, "ferry {args:?} was accepted:\n{out}");
+    assert!(
+        err.contains(says),
+        "ferry {args:?} should say {says:?}:\n{err}"
+    );
+}
+
+#[test]
+fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    common::two_synthetic_hosts(d);
+    let _a = Node::start(d, "host-a", &[]);
+    let _b = Node::start(d, "host-b", &[]);
+    let create = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "vm",
+            "create",
+            name,
+            "--node",
+            "host-a",
+            "--client",
+            "client.toml",
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>, says: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(d, &args, says);
+    };
+    for name in ["..", ".", "a/b", "a b", "a\nb", "q\"uote"] {
+        run(create(name, &[]), "is not allowed: use 1 to 64 letters");
+    }
+    run(
+        create("big", &["--memory", "17592186044928"]),
+        "memory (MiB) 17592186044928 is out of range",
+    );
+    run(
+        create("none", &["--vcpus", "0"]),
+        "vCPUs 0 is out of range: 1 to 64",
+    );
+    // Nothing was created by any of them.
+    let (list, ok, _) = ferry_status(d, &["vm", "list", "--client", "client.toml"]);
+    assert!(ok);
+    assert_eq!(list.lines().count(), 1, "only the header:\n{list}");
+
+    // A node file whose capacity would wrap when turned into bytes.
+    let path = d.join("node-host-a.toml");
+    let text = std::fs::read_to_string(&path).expect("node file");
+    let start = text.find("memory_mib = ").expect("capacity");
+    let end = start + text[start..].find('\n').expect("line end");
+    let wrapped = format!(
+        "{}memory_mib = {}{}",
+        &text[..start],
+        (1u64 << 44) + 1024,
+        &text[end..]
+    );
+    std::fs::write(d.join("node-wrapped.toml"), wrapped).expect("write");
+    refused(
+        d,
+        &["node", "--config", "node-wrapped.toml"],
+        "capacity.memory_mib = 17592186045440 is more than a host can have",
+    );
+}
