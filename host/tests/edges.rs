@@ -76,4 +76,53 @@ fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
         &["node", "--config", "node-wrapped.toml"],
         "capacity.memory_mib = 17592186045440 is more than a host can have",
     );
+    // A node key written after `[[peers]]` belongs to the peer in TOML: it
+    // is refused by name instead of being ignored.
+    std::fs::write(
+        d.join("node-late-key.toml"),
+        format!("{text}state_db = \"other.db\"\n"),
+    )
+    .expect("write");
+    refused(
+        d,
+        &["node", "--config", "node-late-key.toml"],
+        "unknown field `state_db`",
+    );
+}
+
+#[test]
+fn cluster_init_keeps_private_keys_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    common::ferry(
+        d,
+        &[
+            "cluster",
+            "init",
+            "--dir",
+            "c",
+            "--host",
+            "host-a=127.0.0.1:7701",
+        ],
+    );
+    let mode = |p: &str| std::fs::metadata(d.join(p)).expect(p).permissions().mode() & 0o777;
+    assert_eq!(mode("c"), 0o700, "the cluster directory");
+    for key in ["c/ca.key", "c/host-a.key"] {
+        assert_eq!(mode(key), 0o600, "{key}");
+    }
+    assert_eq!(mode("c/ca.pem"), 0o644, "certificates stay readable");
+    let keys: Vec<_> = std::fs::read_dir(d.join("c"))
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "key"))
+        .map(|e| {
+            (
+                e.file_name(),
+                e.metadata().expect("stat").permissions().mode() & 0o777,
+            )
+        })
+        .collect();
+    assert!(keys.len() >= 3, "CA, host and user keys: {keys:?}");
+    assert!(keys.iter().all(|(_, m)| *m == 0o600), "{keys:?}");
 }

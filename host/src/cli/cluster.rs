@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::DirBuilderExt;
+
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferry_transport::Role;
@@ -135,7 +137,7 @@ fn issue(dir: &Path, ca: &ClusterCa, name: &str, role: Role) -> anyhow::Result<(
     );
     let cert = ca.issue(name, role)?;
     write_new(&dir.join(format!("{name}.pem")), &cert.cert_pem)?;
-    write_new(&dir.join(format!("{name}.key")), &cert.key_pem)?;
+    write_key(&dir.join(format!("{name}.key")), &cert.key_pem)?;
     Ok(())
 }
 
@@ -242,10 +244,21 @@ fn node_config(name: &str, addr: SocketAddr, memory_mib: u64, vcpus: u32) -> Nod
 }
 
 fn write_new(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_new_mode(path, text, 0o644)
+}
+
+/// A private key: readable by its owner only.
+fn write_key(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_new_mode(path, text, 0o600)
+}
+
+fn write_new_mode(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(mode)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(text.as_bytes())?;
@@ -254,11 +267,19 @@ fn write_new(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 fn init(args: &InitArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
+    if !args.dir.exists() {
+        // A directory of its own holds the CA's and every host's private
+        // key: its owner's only. (An existing one keeps its mode; the
+        // keys in it are private anyway.)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&args.dir)
+            .with_context(|| format!("creating {}", args.dir.display()))?;
+    }
     let ca = ClusterCa::generate("ferry")?;
     write_new(&args.dir.join("ca.pem"), &ca.cert_pem())?;
-    write_new(&args.dir.join("ca.key"), &ca.key_pem())?;
+    write_key(&args.dir.join("ca.key"), &ca.key_pem())?;
     let peers: Vec<Peer> = args
         .hosts
         .iter()
@@ -270,7 +291,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     for (name, addr) in &args.hosts {
         let cert = ca.issue(name, Role::Host)?;
         write_new(&args.dir.join(format!("{name}.pem")), &cert.cert_pem)?;
-        write_new(&args.dir.join(format!("{name}.key")), &cert.key_pem)?;
+        write_key(&args.dir.join(format!("{name}.key")), &cert.key_pem)?;
         let mut config = node_config(name, *addr, args.memory_mib, args.vcpus);
         config.peers = peers.iter().filter(|p| &p.name != name).cloned().collect();
         write_new(
@@ -281,7 +302,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     for (i, (name, role)) in args.users.iter().enumerate() {
         let cert = ca.issue(name, *role)?;
         write_new(&args.dir.join(format!("{name}.pem")), &cert.cert_pem)?;
-        write_new(&args.dir.join(format!("{name}.key")), &cert.key_pem)?;
+        write_key(&args.dir.join(format!("{name}.key")), &cert.key_pem)?;
         if i == 0 {
             let client = ClientConfig {
                 ca: "ca.pem".into(),

@@ -30,8 +30,10 @@ use ferry_transport::pki::Credentials;
 use ferry_transport::quic::QuicAddr;
 use serde::{Deserialize, Serialize};
 
-/// A peer or node address book entry.
+/// A peer or node address book entry. Unknown keys are refused: in TOML a
+/// node key written after a `[[peers]]` table lands in that peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Peer {
     /// Host name (its certificate's).
     pub name: String,
