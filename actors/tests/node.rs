@@ -191,12 +191,12 @@ async fn no_capacity_is_refused_and_the_vm_stays() {
 async fn non_convergence_aborts_with_the_vm_running_on_the_source() {
     let w = world(1024, &["sse2", "avx512f"]).await;
     running_vm(&w, "busy-1", 16, 8, &[]).await;
-    // A zero budget can never be met (resume alone costs something).
+    // A 1 ms budget can never be met (resume alone is counted at 1 ms).
     let report = w
         .cluster
         .vm("busy-1")
         .migrate_to("b")
-        .downtime_ms(0)
+        .downtime_ms(1)
         .auto_converge(false)
         .time_limit_s(1)
         .await
@@ -220,7 +220,7 @@ async fn broken_connection_mid_migration_leaves_the_vm_on_the_source() {
         .cluster
         .vm("web-2")
         .migrate_to("b")
-        .downtime_ms(0)
+        .downtime_ms(1)
         .auto_converge(false)
         .time_limit_s(30)
         .on_progress(move |p| {
@@ -581,7 +581,7 @@ async fn a_cancelled_migration_leaves_the_vm_running_on_the_source() {
         w2.cluster
             .vm("busy-1")
             .migrate_to("b")
-            .downtime_ms(0)
+            .downtime_ms(1)
             .auto_converge(false)
             .time_limit_s(60)
             .await

@@ -54,6 +54,45 @@ fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
         create("none", &["--vcpus", "0"]),
         "vCPUs 0 is out of range: 1 to 64",
     );
+    // Migrations: a downtime budget no switchover can meet, a start time
+    // in the past or absurdly far ahead.
+    common::ferry(
+        d,
+        &[
+            "vm",
+            "create",
+            "web-1",
+            "--node",
+            "host-a",
+            "--memory",
+            "64",
+            "--wss",
+            "8",
+            "--client",
+            "client.toml",
+        ],
+    );
+    let migrate = |extra: &[&str], says: &str| {
+        let mut args = vec![
+            "migrate",
+            "web-1",
+            "--to",
+            "host-b",
+            "--client",
+            "client.toml",
+        ];
+        args.extend_from_slice(extra);
+        refused(d, &args, says);
+    };
+    migrate(
+        &["--downtime-ms", "0"],
+        "a downtime budget of 0 ms cannot be met",
+    );
+    migrate(&["--at", "1970-01-01T00:00:00Z"], "is in the past");
+    migrate(&["--at", "+9999999999d"], "is more than a year ahead");
+    let (jobs, ok, err) = ferry_status(d, &["jobs", "list", "--client", "client.toml"]);
+    assert!(ok, "jobs list works:\n{jobs}\n{err}");
+    common::ferry(d, &["vm", "delete", "web-1", "--client", "client.toml"]);
     // Nothing was created by any of them.
     let (list, ok, _) = ferry_status(d, &["vm", "list", "--client", "client.toml"]);
     assert!(ok);

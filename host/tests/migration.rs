@@ -137,7 +137,7 @@ async fn non_convergence_aborts_and_the_guest_runs_on() {
         .client
         .vm("busy-1")
         .migrate_to("host-b")
-        .downtime_ms(0)
+        .downtime_ms(1)
         .auto_converge(false)
         .time_limit_s(2)
         .await
@@ -159,7 +159,7 @@ async fn broken_connection_mid_migration_leaves_the_guest_on_the_source() {
         .client
         .vm("web-2")
         .migrate_to("host-b")
-        .downtime_ms(0)
+        .downtime_ms(1)
         .auto_converge(false)
         .time_limit_s(60)
         .on_progress(move |p| {

@@ -76,9 +76,19 @@ impl MigrationOptions {
         if self.rounds_max == 0 {
             return Err("rounds_max must be at least 1".into());
         }
+        if !self.cold && self.downtime_max < DOWNTIME_MAX_MIN {
+            return Err(format!(
+                "a downtime budget of {} ms cannot be met (a switchover takes time of its own): give at least {} ms",
+                self.downtime_max.as_millis(),
+                DOWNTIME_MAX_MIN.as_millis()
+            ));
+        }
         Ok(())
     }
 }
+
+/// The smallest downtime budget a live migration may be given.
+pub const DOWNTIME_MAX_MIN: Duration = Duration::from_millis(1);
 
 /// Downtime predicted for switching over with `dirty_bytes` left to send
 /// at `bandwidth_bytes_per_s`, plus `state_bytes` of device state and the

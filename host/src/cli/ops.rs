@@ -15,15 +15,38 @@ use super::client::{ClientArgs, MigrateArgs, block_on, connect, migrate_options}
 /// A time: RFC 3339 (`2026-12-01T02:00:00Z`) or `+DURATION` from now
 /// (`+30m`), as ms since the epoch.
 pub fn parse_time(s: &str) -> Result<u64, String> {
-    if let Some(rel) = s.strip_prefix('+') {
+    parse_time_at(s, unix_ms_now())
+}
+
+/// How far ahead a job may be scheduled.
+const AHEAD_MS_MAX: u64 = 366 * 24 * 3600 * 1000;
+/// How far in the past a given time may lie and still mean "now" (clocks
+/// and typing take a moment).
+const PAST_MS_SLACK: u64 = 60 * 1000;
+
+/// [`parse_time`] with the clock at `now_ms`: times in the past (beyond a
+/// minute) or more than a year ahead are refused.
+fn parse_time_at(s: &str, now_ms: u64) -> Result<u64, String> {
+    let at = if let Some(rel) = s.strip_prefix('+') {
         let d = humantime::parse_duration(rel).map_err(|e| format!("{s:?}: {e}"))?;
-        return Ok(unix_ms_now() + u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    } else {
+        let t = humantime::parse_rfc3339_weak(s)
+            .map_err(|e| format!("{s:?}: {e} (use e.g. 2026-12-01T02:00:00Z or +30m)"))?;
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_err(|_| format!("{s:?} is before 1970"))?
+    };
+    if at.saturating_add(PAST_MS_SLACK) < now_ms {
+        return Err(format!(
+            "{s:?} is in the past ({}); leave out --at to run now",
+            when(at)
+        ));
     }
-    let t = humantime::parse_rfc3339_weak(s)
-        .map_err(|e| format!("{s:?}: {e} (use e.g. 2026-12-01T02:00:00Z or +30m)"))?;
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .map_err(|_| format!("{s:?} is before 1970"))
+    if at > now_ms.saturating_add(AHEAD_MS_MAX) {
+        return Err(format!("{s:?} is more than a year ahead"));
+    }
+    Ok(at)
 }
 
 /// A past time: RFC 3339, or a duration ago (`1h`).
@@ -35,8 +58,14 @@ fn parse_since(s: &str) -> Result<u64, String> {
 }
 
 fn when(ms: u64) -> String {
+    /// 9999-12-31T23:59:59Z: RFC 3339 has four-digit years.
+    const LAST_MS: u64 = 253_402_300_799_000;
     if ms == 0 {
         return "-".into();
+    }
+    if ms > LAST_MS {
+        // A time stored by an older ferry that took any --at.
+        return format!("{ms} ms after 1970");
     }
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_seconds(t).to_string()
@@ -374,4 +403,25 @@ pub fn host(cmd: &HostCommand) -> anyhow::Result<()> {
     anyhow::ensure!(left == 0, "{host} still has {left} VMs: see the jobs above");
     println!("{host} is empty ({} VMs moved)", jobs.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_in_the_past_or_absurdly_far_are_refused_and_any_stored_one_prints() {
+        let now = 1_800_000_000_000;
+        assert_eq!(parse_time_at("+30m", now), Ok(now + 30 * 60 * 1000));
+        let e = parse_time_at("+9999999999d", now).expect_err("absurd");
+        assert!(e.contains("more than a year ahead"), "{e}");
+        let e = parse_time_at("1970-01-01T00:00:00Z", now).expect_err("past");
+        assert!(e.contains("in the past"), "{e}");
+        assert!(parse_time_at("2027-06-01T02:00:00Z", now).is_ok());
+        assert!(parse_time_at("next tuesday", now).is_err());
+        // `jobs list` printed such a time with a panic.
+        assert_eq!(when(u64::MAX), format!("{} ms after 1970", u64::MAX));
+        assert_eq!(when(0), "-");
+        assert_eq!(when(1_000), "1970-01-01T00:00:01Z");
+    }
 }
