@@ -24,8 +24,8 @@ fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     common::two_synthetic_hosts(d);
-    let _a = Node::start(d, "host-a", &[]);
-    let _b = Node::start(d, "host-b", &[]);
+    let a = Node::start(d, "host-a", &[]);
+    let b = Node::start(d, "host-b", &[]);
     let create = |name: &str, extra: &[&str]| {
         let mut args = vec![
             "vm",
@@ -97,6 +97,31 @@ fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
     let (list, ok, _) = ferry_status(d, &["vm", "list", "--client", "client.toml"]);
     assert!(ok);
     assert_eq!(list.lines().count(), 1, "only the header:\n{list}");
+
+    // A refused request says nothing of having started.
+    common::ferry(
+        d,
+        &[
+            "cluster", "add-user", "vera", "--role", "viewer", "--dir", ".",
+        ],
+    );
+    let (_, ok, err) = ferry_status(
+        d,
+        &[
+            "host",
+            "maintenance",
+            "enter",
+            "host-a",
+            "--client",
+            "client-vera.toml",
+        ],
+    );
+    assert!(!ok, "a viewer cannot take a host out of service");
+    assert!(err.contains("viewer"), "refused for the role:\n{err}");
+    assert!(
+        !err.contains("maintenance mode"),
+        "claimed to enter it:\n{err}"
+    );
 
     // A node file whose capacity would wrap when turned into bytes.
     let path = d.join("node-host-a.toml");

@@ -651,8 +651,14 @@ pub fn list(args: &ClientArgs) -> anyhow::Result<()> {
             "{:<16} {:<10} {:<13} {:>8} {:>5} {:>4} {:>10}  mac",
             "name", "host", "phase", "MiB", "vCPU", "gen", "passes"
         );
-        for node in cluster.node_names() {
-            match cluster.list_vms(&node).await {
+        // Every node at once: a node that does not answer costs its
+        // timeout once, not once per node before it.
+        let nodes = cluster.node_names();
+        let answers =
+            futures::future::join_all(nodes.iter().map(|node| cluster.list_vms(node))).await;
+        let mut silent = Vec::new();
+        for (node, answer) in nodes.iter().zip(answers) {
+            match answer {
                 Ok(vms) => {
                     for v in vms {
                         println!(
@@ -674,8 +680,24 @@ pub fn list(args: &ClientArgs) -> anyhow::Result<()> {
                         }
                     }
                 }
-                Err(e) => eprintln!("{node}: unreachable: {e}"),
+                Err(e) => {
+                    eprintln!("{node}: unreachable: {e}");
+                    silent.push(node.as_str());
+                }
             }
+        }
+        anyhow::ensure!(
+            silent.len() < nodes.len(),
+            "no node answered ({})",
+            silent.join(", ")
+        );
+        if !silent.is_empty() {
+            eprintln!(
+                "partial list: {} of {} nodes did not answer ({})",
+                silent.len(),
+                nodes.len(),
+                silent.join(", ")
+            );
         }
         Ok(())
     })

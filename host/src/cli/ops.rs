@@ -374,8 +374,10 @@ pub fn host(cmd: &HostCommand) -> anyhow::Result<()> {
                 None
             }
             HostCommand::Maintenance { .. } => {
-                eprintln!("{host}: entering maintenance mode, migrating its VMs away");
-                Some(cluster.enter_maintenance(host).await?)
+                let jobs = cluster.enter_maintenance(host).await?;
+                // Said once the host took it (the role check comes first).
+                eprintln!("{host}: in maintenance mode, its VMs migrating away");
+                Some(jobs)
             }
             HostCommand::Degraded {
                 reason, healthy, ..
