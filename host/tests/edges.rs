@@ -152,6 +152,22 @@ fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
         &["node", "--config", "node-late-key.toml"],
         "unknown field `state_db`",
     );
+
+    // `vm list` with a node down lists the rest and says which did not
+    // answer; with none answering it fails.
+    drop(b);
+    let (_, ok, err) = ferry_status(d, &["vm", "list", "--client", "client.toml"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("partial list: 1 of 2 nodes did not answer (host-b)"),
+        "{err}"
+    );
+    drop(a);
+    refused(
+        d,
+        &["vm", "list", "--client", "client.toml"],
+        "no node answered",
+    );
 }
 
 #[test]
