@@ -96,6 +96,25 @@ pub struct IssuedCert {
     pub key_pem: String,
 }
 
+/// How long a cluster CA is valid.
+pub const CA_DAYS: i64 = 10 * 365;
+/// How long a host's or user's certificate is valid (issue a new one
+/// before: `ferry cluster add-host`/`add-user`).
+pub const ISSUED_DAYS: i64 = 2 * 365;
+
+/// From an hour ago (clocks differ a little) to `days` from now.
+fn validity(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now =
+        time::OffsetDateTime::from_unix_timestamp(now).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    (
+        now - time::Duration::hours(1),
+        now + time::Duration::days(days),
+    )
+}
+
 impl ClusterCa {
     /// A new CA for the cluster `cluster`.
     pub fn generate(cluster: &str) -> Result<Self, PkiError> {
@@ -106,6 +125,7 @@ impl ClusterCa {
         dn.push(DnType::OrganizationName, "ferry");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        (params.not_before, params.not_after) = validity(CA_DAYS);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
@@ -149,6 +169,7 @@ impl ClusterCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        (params.not_before, params.not_after) = validity(ISSUED_DAYS);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(IssuedCert {
@@ -285,6 +306,20 @@ mod tests {
         assert!(creds.identity().subject.contains("CN=host-a"));
         let user = ca.credentials("alice", Role::Viewer).expect("creds");
         assert_eq!(user.identity().role, Role::Viewer);
+    }
+
+    #[test]
+    fn certificates_live_for_years_not_centuries() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let issued = ca.issue("host-a", Role::Host).expect("issue");
+        let days = |pem: &str| {
+            let p = CertificateParams::from_ca_cert_pem(pem).expect("parse");
+            let now = validity(0).1;
+            assert!(p.not_before < now && p.not_before > now - time::Duration::days(1));
+            (p.not_after - p.not_before).whole_days()
+        };
+        assert_eq!(days(&ca.cert_pem()), CA_DAYS);
+        assert_eq!(days(&issued.cert_pem), ISSUED_DAYS);
     }
 
     #[test]
