@@ -2,7 +2,8 @@
 //! the value and what is allowed: VM names outside the safe set, sizes
 //! that would wrap, zero vCPUs, a node file offering more memory than a
 //! host can have. Both edges refuse: the CLI before asking a node, and the
-//! node for a request that skipped the CLI.
+//! node for a request that skipped the CLI. Commands that ask every node
+//! show what the answering ones said and name the silent ones.
 
 mod common;
 
@@ -162,6 +163,19 @@ fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
         err.contains("partial list: 1 of 2 nodes did not answer (host-b)"),
         "{err}"
     );
+    for args in [&["jobs", "list"][..], &["audit"][..]] {
+        let mut args = args.to_vec();
+        args.extend(["--client", "client.toml"]);
+        let (_, ok, err) = ferry_status(d, &args);
+        assert!(
+            ok,
+            "{args:?} shows what the nodes that answered have: {err}"
+        );
+        assert!(
+            err.contains("partial answer: host-b did not answer"),
+            "{args:?}: {err}"
+        );
+    }
     drop(a);
     refused(
         d,

@@ -75,7 +75,11 @@ pub struct Cluster<T: Transport> {
     transport: Arc<T>,
     nodes: Vec<(String, T::Addr)>,
     conns: tokio::sync::Mutex<HashMap<String, T::Connection>>,
+    connect_timeout: std::time::Duration,
 }
+
+/// How long a client waits for a node to take its connection, by default.
+pub const CONNECT_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl<T: Transport> Cluster<T> {
     /// A client that reaches `nodes` (name, address) through `transport`.
@@ -84,7 +88,15 @@ impl<T: Transport> Cluster<T> {
             transport,
             nodes,
             conns: tokio::sync::Mutex::new(HashMap::new()),
+            connect_timeout: CONNECT_TIMEOUT_DEFAULT,
         }
+    }
+
+    /// Waits at most `timeout` for a node to take a connection (a node
+    /// that is down costs this, once per command).
+    pub fn with_connect_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
     }
 
     /// The nodes' names.
@@ -93,8 +105,8 @@ impl<T: Transport> Cluster<T> {
     }
 
     async fn conn(&self, node: &str) -> Result<T::Connection, ClientError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(node)
+        // Not held while connecting: requests to several nodes go out at once.
+        if let Some(c) = self.conns.lock().await.get(node)
             && !c.is_closed()
         {
             return Ok(c.clone());
@@ -109,16 +121,30 @@ impl<T: Transport> Cluster<T> {
             node: node.to_owned(),
             reason,
         };
-        let conn = self
-            .transport
-            .connect(&addr)
-            .await
-            .map_err(|e| link(e.to_string()))?;
         let name = self.transport.local_identity().name.clone();
-        ferry_transport::session::open(conn.clone(), &name)
+        let open = async {
+            let conn = self
+                .transport
+                .connect(&addr)
+                .await
+                .map_err(|e| link(e.to_string()))?;
+            ferry_transport::session::open(conn.clone(), &name)
+                .await
+                .map_err(|e| link(e.to_string()))?;
+            Ok::<_, ClientError>(conn)
+        };
+        let conn = tokio::time::timeout(self.connect_timeout, open)
             .await
-            .map_err(|e| link(e.to_string()))?;
-        conns.insert(node.to_owned(), conn.clone());
+            .map_err(|_| {
+                link(format!(
+                    "no answer within {} ms (is the node running?)",
+                    self.connect_timeout.as_millis()
+                ))
+            })??;
+        self.conns
+            .lock()
+            .await
+            .insert(node.to_owned(), conn.clone());
         Ok(conn)
     }
 

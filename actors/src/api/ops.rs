@@ -15,6 +15,27 @@ use crate::ops::jobs::{Job, Priority};
 use crate::ops::placement::{HostLoad, HostScore};
 use crate::ops::sdrs::{DiskMove, StoragePlan, StorageRules, plan as storage_plan};
 
+/// What one request to every node brought back: the answers, and the
+/// nodes that did not answer, with why.
+#[derive(Debug)]
+pub struct FanOut<R> {
+    /// (node, answer), in node order.
+    pub answers: Vec<(String, R)>,
+    /// (node, why) of each node that did not answer.
+    pub silent: Vec<(String, ClientError)>,
+}
+
+impl<R> FanOut<R> {
+    /// The first failure when no node answered at all (a partial answer
+    /// is still an answer: show it with [`Self::silent`]).
+    pub fn require_any(mut self) -> Result<Self, ClientError> {
+        if self.answers.is_empty() && !self.silent.is_empty() {
+            return Err(self.silent.swap_remove(0).1);
+        }
+        Ok(self)
+    }
+}
+
 /// One line of a batch: a VM and where it goes (`auto`: placement picks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchItem {
@@ -92,15 +113,32 @@ impl<T: Transport> Cluster<T> {
         .await
     }
 
-    /// Every node's jobs: (node, job).
-    pub async fn all_jobs(&self) -> Result<Vec<(String, Job)>, ClientError> {
-        let mut all = Vec::new();
-        for node in self.node_names() {
-            for job in self.jobs(&node).await? {
-                all.push((node.clone(), job));
+    /// Asks every node at once with `ask`: a node that does not answer
+    /// costs its timeout once, not once per node before it.
+    pub async fn from_all<R, F, Fut>(&self, ask: F) -> FanOut<R>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<R, ClientError>>,
+    {
+        let nodes = self.node_names();
+        let replies = futures::future::join_all(nodes.iter().cloned().map(ask)).await;
+        let mut out = FanOut {
+            answers: Vec::new(),
+            silent: Vec::new(),
+        };
+        for (node, reply) in nodes.into_iter().zip(replies) {
+            match reply {
+                Ok(r) => out.answers.push((node, r)),
+                Err(e) => out.silent.push((node, e)),
             }
         }
-        Ok(all)
+        out
+    }
+
+    /// Every answering node's jobs, and the nodes that did not answer.
+    pub async fn all_jobs(&self) -> FanOut<Vec<Job>> {
+        self.from_all(|node| async move { self.jobs(&node).await })
+            .await
     }
 
     /// Calls off job `id` of `node` (a running one's migration is
@@ -137,28 +175,25 @@ impl<T: Transport> Cluster<T> {
 
     /// The audit logs of every node that answers, merged, oldest first.
     pub async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, ClientError> {
-        let mut all = Vec::new();
-        let mut first_error = None;
-        for node in self.node_names() {
-            match self
-                .expect(&node, &ClientRequest::Audit(query.clone()), |r| match r {
-                    ClientReply::Audit(a) => Some(a),
-                    _ => None,
-                })
-                .await
-            {
-                Ok(a) => all.extend(a),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        if all.is_empty()
-            && let Some(e) = first_error
-        {
-            return Err(e);
-        }
-        Ok(merge(all, query.limit))
+        self.audit_from_all(query).await.require_any().map(|f| {
+            merge(
+                f.answers.into_iter().flat_map(|(_, a)| a).collect(),
+                query.limit,
+            )
+        })
+    }
+
+    /// Every answering node's audit entries matching `query`, and the
+    /// nodes that did not answer.
+    pub async fn audit_from_all(&self, query: &AuditQuery) -> FanOut<Vec<AuditEntry>> {
+        self.from_all(|node| async move {
+            self.expect(&node, &ClientRequest::Audit(query.clone()), |r| match r {
+                ClientReply::Audit(a) => Some(a),
+                _ => None,
+            })
+            .await
+        })
+        .await
     }
 
     /// `node`'s load.

@@ -18,6 +18,10 @@ pub struct ClientArgs {
     /// Client file (certificate and nodes), as `ferry cluster init` writes it.
     #[arg(long, env = "FERRY_CLIENT", default_value = "client.toml")]
     pub client: PathBuf,
+    /// How long to wait for each node to take the connection, ms (all
+    /// nodes are asked at once: a node that is down costs this once).
+    #[arg(long, env = "FERRY_CONNECT_TIMEOUT_MS", default_value_t = 3000)]
+    pub connect_timeout_ms: u64,
 }
 
 /// A VM name from the command line, refused before any node is asked.
@@ -375,7 +379,10 @@ pub(crate) fn connect(args: &ClientArgs) -> anyhow::Result<Cluster<QuicTransport
             .iter()
             .map(|n| (n.name.clone(), n.quic()))
             .collect(),
-    ))
+    )
+    .with_connect_timeout(std::time::Duration::from_millis(
+        args.connect_timeout_ms.max(1),
+    )))
 }
 
 pub(crate) fn block_on<T>(

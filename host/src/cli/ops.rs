@@ -49,6 +49,13 @@ fn parse_time_at(s: &str, now_ms: u64) -> Result<u64, String> {
     Ok(at)
 }
 
+/// Names the nodes that did not answer (the answer shown is partial).
+fn say_silent(silent: &[(String, ferry_actors::api::ClientError)]) {
+    for (node, e) in silent {
+        eprintln!("partial answer: {node} did not answer: {e}");
+    }
+}
+
 /// A past time: RFC 3339, or a duration ago (`1h`).
 fn parse_since(s: &str) -> Result<u64, String> {
     match humantime::parse_duration(s) {
@@ -176,7 +183,13 @@ pub enum JobsCommand {
 pub fn jobs(cmd: &JobsCommand) -> anyhow::Result<()> {
     match cmd {
         JobsCommand::List { json, client } => {
-            let jobs = block_on(async { Ok(connect(client)?.all_jobs().await?) })?;
+            let fanned = block_on(async { Ok(connect(client)?.all_jobs().await.require_any()?) })?;
+            say_silent(&fanned.silent);
+            let jobs: Vec<(String, Job)> = fanned
+                .answers
+                .into_iter()
+                .flat_map(|(node, jobs)| jobs.into_iter().map(move |j| (node.clone(), j)))
+                .collect();
             if *json {
                 let rows: Vec<serde_json::Value> = jobs
                     .iter()
@@ -253,7 +266,17 @@ pub fn audit(args: &AuditArgs) -> anyhow::Result<()> {
         limit: args.last,
         reads: args.reads,
     };
-    let entries = block_on(async { Ok(connect(&args.client)?.audit(&query).await?) })?;
+    let fanned = block_on(async {
+        Ok(connect(&args.client)?
+            .audit_from_all(&query)
+            .await
+            .require_any()?)
+    })?;
+    say_silent(&fanned.silent);
+    let entries = ferry_actors::ops::audit::merge(
+        fanned.answers.into_iter().flat_map(|(_, a)| a).collect(),
+        query.limit,
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(());
