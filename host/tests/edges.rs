@@ -154,6 +154,19 @@ fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
         "unknown field `state_db`",
     );
 
+    // A key that is not the certificate's is named as such (it read
+    // "tls configuration").
+    std::fs::write(
+        d.join("node-wrong-key.toml"),
+        text.replace("host-a.key", "host-b.key"),
+    )
+    .expect("write");
+    refused(
+        d,
+        &["node", "--config", "node-wrong-key.toml"],
+        "the private key does not belong to the certificate for CN=host-a",
+    );
+
     // `vm list` with a node down lists the rest and says which did not
     // answer; with none answering it fails.
     drop(b);

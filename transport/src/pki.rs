@@ -38,8 +38,16 @@ pub enum PkiError {
         reason: String,
     },
     /// rustls refused the configuration.
-    #[error("tls configuration")]
+    #[error("tls configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The private key is not the certificate's.
+    #[error(
+        "the private key does not belong to the certificate for {subject}: give the key that was issued with it"
+    )]
+    KeyMismatch {
+        /// The certificate's subject.
+        subject: String,
+    },
     /// The client verifier could not be built.
     #[error("client certificate verifier: {0}")]
     Verifier(String),
@@ -234,6 +242,17 @@ impl Credentials {
             });
         }
         let identity = identity_from_der(first).map_err(PkiError::Identity)?;
+        let signing = crypto_provider()
+            .key_provider
+            .load_private_key(key.clone_key())?;
+        let certified = rustls::sign::CertifiedKey::new(vec![first.clone()], signing);
+        if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+            certified.keys_match()
+        {
+            return Err(PkiError::KeyMismatch {
+                subject: identity.subject.clone(),
+            });
+        }
         Ok(Self {
             chain,
             key,
@@ -320,6 +339,18 @@ mod tests {
         };
         assert_eq!(days(&ca.cert_pem()), CA_DAYS);
         assert_eq!(days(&issued.cert_pem), ISSUED_DAYS);
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_saying_so() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let a = ca.issue("host-a", Role::Host).expect("issue");
+        let b = ca.issue("host-b", Role::Host).expect("issue");
+        let e =
+            Credentials::from_pem(&a.cert_pem, &b.key_pem, &ca.cert_pem()).expect_err("mismatch");
+        assert!(matches!(e, PkiError::KeyMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("CN=host-a"), "{e}");
+        Credentials::from_pem(&a.cert_pem, &a.key_pem, &ca.cert_pem()).expect("matching pair");
     }
 
     #[test]
