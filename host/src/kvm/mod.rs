@@ -136,6 +136,11 @@ pub fn available() -> Result<(), KvmError> {
         .map_err(|e| KvmError::Unavailable(e.to_string()))
 }
 
+/// Bytes of guest memory `memory` holds.
+pub fn memory_len(memory: &Memory) -> u64 {
+    memory.iter().map(vm_memory::GuestMemoryRegion::len).sum()
+}
+
 /// Guest memory over one mapped region starting at guest address 0.
 pub fn memory_of(region: vm_memory::MmapRegion<AtomicBitmap>) -> Result<Memory, KvmError> {
     let bytes = region.size() as u64;
@@ -245,10 +250,7 @@ impl KvmVm {
         vcpus: u8,
         model: Option<&BTreeSet<String>>,
     ) -> Result<Self, KvmError> {
-        let memory_bytes = memory
-            .iter()
-            .map(vm_memory::GuestMemoryRegion::len)
-            .sum::<u64>();
+        let memory_bytes = memory_len(&memory);
         let entry = linux::load(&memory, memory_bytes, image, vcpus)?;
         let vm = Self::create_in(memory, vcpus, Some(entry), model)?;
         vm.attach_console(None)?;
@@ -339,10 +341,7 @@ impl KvmVm {
         boot: Option<linux::BootEntry>,
         model: Option<&BTreeSet<String>>,
     ) -> Result<Self, KvmError> {
-        let memory_bytes = memory
-            .iter()
-            .map(vm_memory::GuestMemoryRegion::len)
-            .sum::<u64>();
+        let memory_bytes = memory_len(&memory);
         let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(e.to_string()))?;
         let vm = kvm
             .create_vm()

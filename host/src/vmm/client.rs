@@ -219,7 +219,7 @@ impl VmmGuest {
             name: name.to_owned(),
             home: home.clone(),
             control: Mutex::new(conn),
-            memory_bytes: memory.iter().map(vm_memory::GuestMemoryRegion::len).sum(),
+            memory_bytes: kvm::memory_len(&memory),
             memory,
             vcpus,
             pid,

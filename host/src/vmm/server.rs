@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use ferry_actors::disk::{DiskError, DiskPort};
 use ferry_actors::guest::{GuestBackend, GuestError};
-use vm_memory::GuestMemoryBackend;
 
 use super::proto::{self, Boot, DiskReply, DiskRequest, Failure, Identity, Reply, Request, Status};
 use crate::kvm::image::GuestParams;
@@ -290,10 +289,7 @@ fn create(
         reason: e.to_string(),
     })?)?;
     let memory = kvm::memory_of(region)?;
-    let bytes = memory
-        .iter()
-        .map(vm_memory::GuestMemoryRegion::len)
-        .sum::<u64>();
+    let bytes = kvm::memory_len(&memory);
     let vm = match boot {
         Boot::TestGuest { wss_mib } => {
             let params = GuestParams::new(bytes >> 20, wss_mib);
