@@ -8,6 +8,7 @@
 pub mod chart;
 pub mod cli;
 pub mod datastore;
+pub mod decoders;
 pub mod guest_images;
 pub mod kvm;
 pub mod node;

@@ -44,6 +44,7 @@ pub mod message;
 pub mod pki;
 pub mod pool;
 pub mod quic;
+pub mod revocation;
 pub mod session;
 pub mod stream;
 pub mod transport;

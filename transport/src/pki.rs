@@ -13,9 +13,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
 use crate::identity::{PeerIdentity, Role, identity_from_der};
@@ -48,8 +49,17 @@ pub enum PkiError {
         /// The certificate's subject.
         subject: String,
     },
-    /// The client verifier could not be built.
-    #[error("client certificate verifier: {0}")]
+    /// The revocation list names our own certificate.
+    #[error(
+        "the certificate for {subject} is revoked: ask an admin for a new one (ferry cluster rotate NAME)"
+    )]
+    OwnRevoked {
+        /// Our certificate's subject.
+        subject: String,
+    },
+    /// A certificate verifier could not be built (a revocation list not
+    /// signed by the cluster CA, for one).
+    #[error("certificate verifier: {0}")]
     Verifier(String),
     /// A name that cannot be a certificate name.
     #[error("invalid name {0:?}: use letters, digits, '-' and '.'")]
@@ -150,6 +160,10 @@ impl ClusterCa {
         Ok(Self { cert, key })
     }
 
+    pub(crate) fn signer(&self) -> (&rcgen::Certificate, &KeyPair) {
+        (&self.cert, &self.key)
+    }
+
     /// The CA certificate.
     pub fn cert_pem(&self) -> String {
         self.cert.pem()
@@ -201,6 +215,7 @@ pub struct Credentials {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     ca: Vec<CertificateDer<'static>>,
+    revocations: Vec<CertificateRevocationListDer<'static>>,
     identity: PeerIdentity,
 }
 
@@ -210,6 +225,7 @@ impl Clone for Credentials {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             ca: self.ca.clone(),
+            revocations: self.revocations.clone(),
             identity: self.identity.clone(),
         }
     }
@@ -257,8 +273,72 @@ impl Credentials {
             chain,
             key,
             ca,
+            revocations: Vec::new(),
             identity,
         })
+    }
+
+    /// These credentials, refusing every certificate that the revocation
+    /// list `crl_pem` (signed by the cluster CA) names, at each handshake.
+    pub fn with_revocations(mut self, crl_pem: &str) -> Result<Self, PkiError> {
+        self.revocations = CertificateRevocationListDer::pem_slice_iter(crl_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PkiError::Pem {
+                what: "revocation list",
+                reason: e.to_string(),
+            })?;
+        if self.revocations.is_empty() {
+            return Err(PkiError::Pem {
+                what: "revocation list",
+                reason: "no revocation list in the file".into(),
+            });
+        }
+        self.check_own_certificate()?;
+        Ok(self)
+    }
+
+    /// Checks our own certificate against the CA and the revocation list
+    /// as a peer would: a list the CA did not sign (which would make every
+    /// peer's status unknown, so refused) or one naming us fails here, at
+    /// load, rather than at every handshake.
+    fn check_own_certificate(&self) -> Result<(), PkiError> {
+        let verifier = self.server_verifier()?;
+        let (leaf, rest) = self.chain.split_first().ok_or(PkiError::Pem {
+            what: "certificate",
+            reason: "no certificate in the file".into(),
+        })?;
+        let name = rustls::pki_types::ServerName::try_from(self.identity.name.clone())
+            .map_err(|e| PkiError::Identity(e.to_string()))?;
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            verifier.as_ref(),
+            leaf,
+            rest,
+            &name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
+                PkiError::OwnRevoked {
+                    subject: self.identity.subject.clone(),
+                }
+            }
+            other => PkiError::Tls(other),
+        })
+    }
+
+    fn server_verifier(&self) -> Result<Arc<WebPkiServerVerifier>, PkiError> {
+        let mut verifier =
+            WebPkiServerVerifier::builder_with_provider(self.roots()?, crypto_provider());
+        if !self.revocations.is_empty() {
+            verifier = verifier
+                .with_crls(self.revocations.clone())
+                .only_check_end_entity_revocation();
+        }
+        verifier
+            .build()
+            .map_err(|e| PkiError::Verifier(e.to_string()))
     }
 
     /// Who these credentials say we are.
@@ -278,7 +358,14 @@ impl Credentials {
     /// signed by the cluster CA.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, PkiError> {
         let provider = crypto_provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
+        let mut verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone());
+        if !self.revocations.is_empty() {
+            verifier = verifier
+                .with_crls(self.revocations.clone())
+                .only_check_end_entity_revocation();
+        }
+        let verifier = verifier
             .build()
             .map_err(|e| PkiError::Verifier(e.to_string()))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -294,7 +381,7 @@ impl Credentials {
     pub fn client_config(&self) -> Result<rustls::ClientConfig, PkiError> {
         let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(self.roots()?)
+            .with_webpki_verifier(self.server_verifier()?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![ALPN.to_vec()];
         Ok(config)

@@ -117,7 +117,8 @@ pub const LOOPBACK_MTU_BYTES: u16 = 16_000;
 #[derive(Debug, Clone)]
 pub struct QuicTransport {
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// Replaced whole by [`QuicTransport::reload`].
+    client: Arc<std::sync::RwLock<quinn::ClientConfig>>,
     transport: Arc<quinn::TransportConfig>,
     identity: PeerIdentity,
 }
@@ -134,12 +135,7 @@ impl QuicTransport {
         tuning: &QuicTuning,
     ) -> Result<Self, TransportError> {
         let transport = Arc::new(tuning.transport_config());
-        let server_tls = creds.server_config().map_err(|e| setup("server tls")(&e))?;
-        let server_quic = QuicServerConfig::try_from(server_tls).map_err(|e| setup("quic")(&e))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_quic));
-        server.transport_config(transport.clone());
-        let client_tls = creds.client_config().map_err(|e| setup("client tls")(&e))?;
-        let client = client_config(client_tls, transport.clone())?;
+        let (server, client) = configs(creds, &transport)?;
 
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
@@ -155,10 +151,30 @@ impl QuicTransport {
         .map_err(|e| setup("endpoint")(&e))?;
         Ok(Self {
             endpoint,
-            client,
+            client: Arc::new(std::sync::RwLock::new(client)),
             transport,
             identity: creds.identity().clone(),
         })
+    }
+
+    /// Serves and dials with `creds` from now on (a renewed certificate, a
+    /// new revocation list); connections already up are kept. Refuses
+    /// credentials for another name.
+    pub fn reload(&self, creds: &Credentials) -> Result<(), TransportError> {
+        if creds.identity().name != self.identity.name {
+            return Err(TransportError::Setup(format!(
+                "new credentials are for {}, this endpoint is {}",
+                creds.identity().name,
+                self.identity.name
+            )));
+        }
+        let (server, client) = configs(creds, &self.transport)?;
+        self.endpoint.set_server_config(Some(server));
+        *self
+            .client
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        Ok(())
     }
 
     /// The bound UDP address.
@@ -206,6 +222,18 @@ impl QuicTransport {
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"endpoint closed");
     }
+}
+
+fn configs(
+    creds: &Credentials,
+    transport: &Arc<quinn::TransportConfig>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let server_tls = creds.server_config().map_err(|e| setup("server tls")(&e))?;
+    let server_quic = QuicServerConfig::try_from(server_tls).map_err(|e| setup("quic")(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_quic));
+    server.transport_config(transport.clone());
+    let client_tls = creds.client_config().map_err(|e| setup("client tls")(&e))?;
+    Ok((server, client_config(client_tls, transport.clone())?))
 }
 
 fn client_config(
@@ -284,6 +312,7 @@ pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
             _ if !from_peer => "",
             116 => " (peer requires a client certificate signed by the cluster CA)",
             42 | 48 => " (peer does not trust our certificate: signed by another CA?)",
+            44 => " (our certificate is revoked: ask an admin for a new one)",
             _ => "",
         };
         Some(format!("TLS alert {name}{hint}"))
@@ -313,7 +342,12 @@ impl Transport for QuicTransport {
     type Connection = QuicConnection;
 
     async fn connect(&self, addr: &QuicAddr) -> Result<QuicConnection, TransportError> {
-        self.dial(addr, self.client.clone()).await
+        let client = self
+            .client
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        self.dial(addr, client).await
     }
 
     async fn accept(&self) -> Result<QuicConnection, TransportError> {

@@ -20,10 +20,10 @@ pub enum SessionError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// Reading the handshake failed.
-    #[error("read handshake")]
+    #[error("read handshake: {0}")]
     Read(#[from] ReadError),
     /// Writing the handshake failed.
-    #[error("write handshake")]
+    #[error("write handshake: {0}")]
     Write(#[from] WriteError),
     /// The versions do not match.
     #[error("{0}")]

@@ -158,3 +158,109 @@ async fn in_memory_outsider_is_rejected_like_quic() {
         "{err}"
     );
 }
+
+fn revoking(ca: &ClusterCa, cert_pem: &str) -> String {
+    use ferry_transport::revocation::{RevocationList, Revoked, certificate_serial};
+    let list = RevocationList {
+        number: 1,
+        revoked: vec![Revoked {
+            serial: certificate_serial(cert_pem).expect("serial"),
+            at_unix: 1_796_000_000,
+        }],
+    };
+    ca.sign_list(&list, 1_796_000_000).expect("signed list")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_is_refused_once_the_server_reloads_its_list() {
+    use ferry_transport::pki::Credentials;
+    let ca = ClusterCa::generate("test").expect("ca");
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let tuning = QuicTuning::loopback();
+    let host = ca.issue("host-a", Role::Host).expect("host");
+    let host_creds =
+        || Credentials::from_pem(&host.cert_pem, &host.key_pem, &ca.cert_pem()).expect("creds");
+    let server = QuicTransport::bind(loopback, &host_creds(), &tuning).expect("bind");
+    let alice = ca.issue("alice", Role::Operator).expect("alice");
+    let alice_creds =
+        Credentials::from_pem(&alice.cert_pem, &alice.key_pem, &ca.cert_pem()).expect("creds");
+    let client = QuicTransport::bind(loopback, &alice_creds, &tuning).expect("bind");
+    let addr = QuicAddr {
+        socket: server.local_addr().expect("addr"),
+        name: "host-a".into(),
+    };
+    let (s, c) = tokio::join!(server.accept(), client.connect(&addr));
+    c.expect("alice connects before the revocation");
+    s.expect("accepted");
+
+    let list = revoking(&ca, &alice.cert_pem);
+    server
+        .reload(&host_creds().with_revocations(&list).expect("list loads"))
+        .expect("reload");
+    let (client_err, server_err) = tokio::join!(
+        client_attempt(client.connect(&addr)),
+        expect_rejection(&server)
+    );
+    assert!(server_err.contains("Revoked"), "server said: {server_err}");
+    assert!(
+        client_err.contains("revoked: ask an admin"),
+        "client saw: {client_err}"
+    );
+    // Other users still get in.
+    let bob = ca.credentials("bob", Role::Viewer).expect("bob");
+    let bob = QuicTransport::bind(loopback, &bob, &tuning).expect("bind");
+    let (s, c) = tokio::join!(server.accept(), bob.connect(&addr));
+    c.expect("bob connects");
+    assert_eq!(
+        ferry_transport::Connection::peer(&s.expect("accept")).name,
+        "bob"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refuses_a_revoked_node() {
+    let ca = ClusterCa::generate("test").expect("ca");
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let tuning = QuicTuning::loopback();
+    let host = ca.issue("host-a", Role::Host).expect("host");
+    let server_creds =
+        ferry_transport::pki::Credentials::from_pem(&host.cert_pem, &host.key_pem, &ca.cert_pem())
+            .expect("creds");
+    let server = QuicTransport::bind(loopback, &server_creds, &tuning).expect("bind");
+    let client_creds = ca
+        .credentials("alice", Role::Operator)
+        .expect("creds")
+        .with_revocations(&revoking(&ca, &host.cert_pem))
+        .expect("list loads");
+    let client = QuicTransport::bind(loopback, &client_creds, &tuning).expect("bind");
+    let addr = QuicAddr {
+        socket: server.local_addr().expect("addr"),
+        name: "host-a".into(),
+    };
+    let (client_err, _) = tokio::join!(client_attempt(client.connect(&addr)), async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), server.accept()).await;
+    });
+    assert!(client_err.contains("Revoked"), "client saw: {client_err}");
+}
+
+#[test]
+fn a_list_naming_ourselves_or_signed_by_another_ca_is_refused_at_load() {
+    use ferry_transport::pki::{Credentials, PkiError};
+    let ca = ClusterCa::generate("test").expect("ca");
+    let alice = ca.issue("alice", Role::Operator).expect("alice");
+    let creds =
+        || Credentials::from_pem(&alice.cert_pem, &alice.key_pem, &ca.cert_pem()).expect("creds");
+    let err = creds()
+        .with_revocations(&revoking(&ca, &alice.cert_pem))
+        .expect_err("our own certificate is on the list");
+    assert!(matches!(err, PkiError::OwnRevoked { .. }), "{err}");
+    let other = ClusterCa::generate("other").expect("ca");
+    let foreign = other
+        .sign_list(&Default::default(), 1_796_000_000)
+        .expect("list");
+    let err = creds()
+        .with_revocations(&foreign)
+        .expect_err("a list the CA did not sign");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    assert!(creds().with_revocations("no list here").is_err());
+}

@@ -35,6 +35,36 @@ pub enum ClusterCommand {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Withdraw a host's or user's certificate: it goes into the cluster's
+    /// revocation list (`crl.pem`), which every node checks at each
+    /// handshake and reads again when it changes; its files are set aside.
+    Revoke {
+        /// Host or user name.
+        name: String,
+        /// The cluster directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Give a host or user a new key and certificate (same name and role),
+    /// before the old one expires or after it was revoked; a node picks
+    /// its new one up without restarting.
+    Rotate {
+        /// Host or user name.
+        name: String,
+        /// Also revoke the old certificate (after a key was exposed).
+        #[arg(long)]
+        revoke_old: bool,
+        /// The cluster directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// List the certificates in the cluster directory: role, end of
+    /// validity, revoked or not.
+    Certs {
+        /// The cluster directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Issue a user certificate with a role, and `client-NAME.toml` to use
     /// it (`FERRY_CLIENT=client-NAME.toml ferry ...`).
     AddUser {
@@ -109,6 +139,13 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             ferry_actors::node::values::check_name("host name", &name)?;
             add_host(&dir, &name, addr)
         }
+        ClusterCommand::Revoke { name, dir } => super::certs::revoke(&dir, &name),
+        ClusterCommand::Rotate {
+            name,
+            revoke_old,
+            dir,
+        } => super::certs::rotate(&dir, &name, revoke_old),
+        ClusterCommand::Certs { dir } => super::certs::list(&dir),
         ClusterCommand::AddUser { name, role, dir } => {
             ferry_actors::node::values::check_name("user name", &name)?;
             add_user(&dir, &name, role)
@@ -116,7 +153,7 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     }
 }
 
-fn load_ca(dir: &Path) -> anyhow::Result<ClusterCa> {
+pub(super) fn load_ca(dir: &Path) -> anyhow::Result<ClusterCa> {
     let read = |f: &str| {
         std::fs::read_to_string(dir.join(f)).with_context(|| {
             format!(
@@ -169,6 +206,7 @@ fn add_host(dir: &Path, name: &str, addr: SocketAddr) -> anyhow::Result<()> {
         addr,
     };
     let mut config = node_config(name, addr, 16384, 16);
+    config.crl = crl_of(dir);
     config.peers = peers.clone();
     write_new(
         &dir.join(format!("node-{name}.toml")),
@@ -203,12 +241,20 @@ fn add_user(dir: &Path, name: &str, role: Role) -> anyhow::Result<()> {
         ca: "ca.pem".into(),
         cert: format!("{name}.pem").into(),
         key: format!("{name}.key").into(),
+        crl: crl_of(dir),
         nodes: client.nodes,
     };
     let file = format!("client-{name}.toml");
     write_new(&dir.join(&file), &toml::to_string_pretty(&mine)?)?;
     println!("{name} ({role}): {name}.pem and {file}; use it with FERRY_CLIENT={file}");
     Ok(())
+}
+
+/// The revocation list for a new node or client file: the directory's,
+/// if it has one (clusters made before revocation have none).
+fn crl_of(dir: &Path) -> Option<PathBuf> {
+    let file = super::certs::CRL_FILE;
+    dir.join(file).exists().then(|| file.into())
 }
 
 fn node_config(name: &str, addr: SocketAddr, memory_mib: u64, vcpus: u32) -> NodeConfig {
@@ -218,6 +264,7 @@ fn node_config(name: &str, addr: SocketAddr, memory_mib: u64, vcpus: u32) -> Nod
         ca: "ca.pem".into(),
         cert: format!("{name}.pem").into(),
         key: format!("{name}.key").into(),
+        crl: Some(super::certs::CRL_FILE.into()),
         capacity: CapacityConfig { memory_mib, vcpus },
         synthetic_guests: false,
         otlp_endpoint: None,
@@ -280,6 +327,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     let ca = ClusterCa::generate("ferry")?;
     write_new(&args.dir.join("ca.pem"), &ca.cert_pem())?;
     write_key(&args.dir.join("ca.key"), &ca.key_pem())?;
+    super::certs::write_empty_list(&args.dir, &ca)?;
     let peers: Vec<Peer> = args
         .hosts
         .iter()
@@ -308,6 +356,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
                 ca: "ca.pem".into(),
                 cert: format!("{name}.pem").into(),
                 key: format!("{name}.key").into(),
+                crl: Some(super::certs::CRL_FILE.into()),
                 nodes: peers.clone(),
             };
             write_new(
@@ -317,7 +366,7 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "cluster in {}: ca.pem (keep ca.key off the nodes), {} node files, client.toml for {}",
+        "cluster in {}: ca.pem (keep ca.key off the nodes), crl.pem, {} node files, client.toml for {}",
         args.dir.display(),
         args.hosts.len(),
         args.users.first().map_or("nobody", |u| u.0.as_str())

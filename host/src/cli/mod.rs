@@ -7,6 +7,7 @@ pub mod bench_kvm;
 pub mod bench_migrate;
 pub mod bench_storage;
 pub mod bench_upgrade;
+pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod demo;

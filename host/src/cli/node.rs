@@ -44,6 +44,7 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
             QuicTuning::default()
         };
         let transport = Arc::new(QuicTransport::bind(config.listen, &creds, &tuning)?);
+        crate::node::reload::spawn(config.credential_files(), transport.clone())?;
         let factory = if config.synthetic_guests {
             HostFactory::synthetic_only()
         } else {

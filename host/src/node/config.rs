@@ -75,6 +75,12 @@ pub struct NodeConfig {
     pub cert: PathBuf,
     /// Its key (PEM).
     pub key: PathBuf,
+    /// The cluster's revocation list (PEM, from `ferry cluster revoke`):
+    /// certificates it names are refused at the handshake. The node reads
+    /// it again, with its certificate and key, when one of them changes
+    /// or on SIGHUP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
     /// What VMs may use.
     pub capacity: CapacityConfig,
     /// Use synthetic guests even where KVM works.
@@ -135,6 +141,10 @@ pub struct ClientConfig {
     pub cert: PathBuf,
     /// Its key (PEM).
     pub key: PathBuf,
+    /// The cluster's revocation list (PEM): nodes whose certificates it
+    /// names are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
     /// The nodes.
     pub nodes: Vec<Peer>,
 }
@@ -155,24 +165,101 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn credentials(base: &Path, ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Credentials> {
-    let (ca, cert, key) = (resolve(base, ca), resolve(base, cert), resolve(base, key));
-    Credentials::from_pem(&read(&cert)?, &read(&key)?, &read(&ca)?)
-        .with_context(|| format!("loading the certificate {}", cert.display()))
+/// The folder a config file is in, as an absolute path: what the file
+/// names is relative to it, and stays so if the working folder changes.
+fn folder_of(path: &Path) -> anyhow::Result<PathBuf> {
+    let path = std::path::absolute(path).with_context(|| format!("locating {}", path.display()))?;
+    Ok(path.parent().unwrap_or(Path::new("/")).to_owned())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<(T, PathBuf)> {
-    let text = read(path)?;
-    let value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let base = path.parent().unwrap_or(Path::new(".")).to_owned();
-    Ok((value, base))
+/// The files an endpoint's credentials come from, as absolute paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialFiles {
+    /// Cluster CA certificate.
+    pub ca: PathBuf,
+    /// The endpoint's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The revocation list, if any.
+    pub crl: Option<PathBuf>,
+}
+
+impl CredentialFiles {
+    fn resolved(base: &Path, ca: &Path, cert: &Path, key: &Path, crl: Option<&Path>) -> Self {
+        Self {
+            ca: resolve(base, ca),
+            cert: resolve(base, cert),
+            key: resolve(base, key),
+            crl: crl.map(|c| resolve(base, c)),
+        }
+    }
+
+    /// Makes the paths a config file gives (relative to `base`) absolute in
+    /// place, and loads the credentials they name.
+    fn take(
+        base: &Path,
+        [ca, cert, key]: [&mut PathBuf; 3],
+        crl: &mut Option<PathBuf>,
+    ) -> anyhow::Result<Credentials> {
+        let files = Self::resolved(base, ca, cert, key, crl.as_deref());
+        let creds = files.load()?;
+        (*ca, *cert, *key, *crl) = (files.ca, files.cert, files.key, files.crl);
+        Ok(creds)
+    }
+
+    /// Reads and checks the credentials.
+    pub fn load(&self) -> anyhow::Result<Credentials> {
+        let creds = Credentials::from_pem(&read(&self.cert)?, &read(&self.key)?, &read(&self.ca)?)
+            .with_context(|| format!("loading the certificate {}", self.cert.display()))?;
+        match &self.crl {
+            None => Ok(creds),
+            Some(crl) => creds
+                .with_revocations(&read(crl)?)
+                .with_context(|| format!("loading the revocation list {}", crl.display())),
+        }
+    }
+
+    /// What changes when any of the files does (their sizes and times).
+    pub fn stamp(&self) -> Vec<Option<(std::time::SystemTime, u64)>> {
+        [
+            Some(&self.ca),
+            Some(&self.cert),
+            Some(&self.key),
+            self.crl.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+    }
 }
 
 impl NodeConfig {
+    /// Where this (loaded) node's credentials come from.
+    pub fn credential_files(&self) -> CredentialFiles {
+        CredentialFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            crl: self.crl.clone(),
+        }
+    }
+
     /// Loads and checks a node file, returning it with its credentials.
     pub fn load(path: &Path) -> anyhow::Result<(Self, Credentials)> {
-        let (mut config, base): (Self, _) = parse(path)?;
-        let creds = credentials(&base, &config.ca, &config.cert, &config.key)?;
+        let text = read(path)?;
+        let mut config =
+            Self::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let base = folder_of(path)?;
+        let creds = CredentialFiles::take(
+            &base,
+            [&mut config.ca, &mut config.cert, &mut config.key],
+            &mut config.crl,
+        )?;
         // Datastore folders are relative to the node file, like the keys.
         for d in &mut config.datastores {
             d.path = base.join(&d.path);
@@ -187,17 +274,6 @@ impl NodeConfig {
             .clone()
             .unwrap_or_else(|| format!("ferry-{}-vmm", config.name).into());
         config.vmm_dir = Some(resolve(&base, &vmm_dir));
-        config
-            .budgets
-            .check()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut names: Vec<&str> = config.datastores.iter().map(|d| d.name.as_str()).collect();
-        names.sort_unstable();
-        anyhow::ensure!(
-            names.windows(2).all(|w| w[0] != w[1]),
-            "{}: two datastores share a name",
-            path.display()
-        );
         anyhow::ensure!(
             creds.identity().name == config.name,
             "{}: name is {:?} but the certificate is for {:?}",
@@ -211,15 +287,27 @@ impl NodeConfig {
             path.display(),
             creds.identity().role
         );
+        Ok((config, creds))
+    }
+
+    /// Parses a node file's text and checks every value that needs no
+    /// other file (names, capacity, budgets, datastores).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let config: Self = toml::from_str(text)?;
+        config.budgets.check().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut names: Vec<&str> = config.datastores.iter().map(|d| d.name.as_str()).collect();
+        names.sort_unstable();
+        anyhow::ensure!(
+            names.windows(2).all(|w| w[0] != w[1]),
+            "two datastores share a name"
+        );
         anyhow::ensure!(
             config.capacity.memory_mib > 0 && config.capacity.vcpus > 0,
-            "{}: capacity must be positive",
-            path.display()
+            "capacity must be positive"
         );
         anyhow::ensure!(
             config.capacity.memory_mib <= CAPACITY_MIB_MAX,
-            "{}: capacity.memory_mib = {} is more than a host can have (at most {CAPACITY_MIB_MAX} MiB, 1 PiB)",
-            path.display(),
+            "capacity.memory_mib = {} is more than a host can have (at most {CAPACITY_MIB_MAX} MiB, 1 PiB)",
             config.capacity.memory_mib
         );
         let names = std::iter::once(("node name", &config.name))
@@ -231,20 +319,32 @@ impl NodeConfig {
                     .map(|d| ("datastore name", &d.name)),
             );
         for (what, name) in names {
-            ferry_actors::node::values::check_name(what, name)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            ferry_actors::node::values::check_name(what, name)?;
         }
-        Ok((config, creds))
+        Ok(config)
     }
 }
 
 impl ClientConfig {
     /// Loads a client file, returning it with its credentials.
     pub fn load(path: &Path) -> anyhow::Result<(Self, Credentials)> {
-        let (config, base): (Self, _) = parse(path)?;
-        let creds = credentials(&base, &config.ca, &config.cert, &config.key)?;
-        anyhow::ensure!(!config.nodes.is_empty(), "{}: no [[nodes]]", path.display());
+        let text = read(path)?;
+        let mut config =
+            Self::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let base = folder_of(path)?;
+        let creds = CredentialFiles::take(
+            &base,
+            [&mut config.ca, &mut config.cert, &mut config.key],
+            &mut config.crl,
+        )?;
         Ok((config, creds))
+    }
+
+    /// Parses a client file's text and checks it names at least one node.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let config: Self = toml::from_str(text)?;
+        anyhow::ensure!(!config.nodes.is_empty(), "no [[nodes]]");
+        Ok(config)
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod factory;
 pub mod local;
+pub mod reload;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -246,6 +246,16 @@ pub fn receive<T: for<'de> Deserialize<'de>>(
     }
     let mut r = stream;
     r.read_exact(&mut lengths[got..])?;
+    let (header_len, payload_len) = frame_lengths(&lengths)?;
+    let mut header = vec![0; header_len];
+    r.read_exact(&mut header)?;
+    let mut payload = vec![0; payload_len];
+    r.read_exact(&mut payload)?;
+    Ok((parse_header(&header)?, payload, file))
+}
+
+/// Checks a frame's two lengths against the limits.
+fn frame_lengths(lengths: &[u8; 8]) -> Result<(usize, usize), FrameError> {
     let header_len = u32::from_le_bytes(lengths[..4].try_into().expect("4 bytes"));
     let payload_len = u32::from_le_bytes(lengths[4..].try_into().expect("4 bytes"));
     if header_len > MAX_HEADER || payload_len > MAX_PAYLOAD {
@@ -253,12 +263,27 @@ pub fn receive<T: for<'de> Deserialize<'de>>(
             "a {header_len}-byte header or {payload_len}-byte payload is over the limit"
         )));
     }
-    let mut header = vec![0; header_len as usize];
-    r.read_exact(&mut header)?;
-    let mut payload = vec![0; payload_len as usize];
-    r.read_exact(&mut payload)?;
-    let header = serde_json::from_slice(&header).map_err(|e| FrameError::Bad(e.to_string()))?;
-    Ok((header, payload, file))
+    Ok((header_len as usize, payload_len as usize))
+}
+
+fn parse_header<T: for<'de> Deserialize<'de>>(header: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(header).map_err(|e| FrameError::Bad(e.to_string()))
+}
+
+/// Decodes one whole frame held in `bytes` (what [`receive`] reads from a
+/// socket), returning its header and payload; bytes left over are refused.
+pub fn decode_frame<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<(T, &[u8]), FrameError> {
+    let short = || FrameError::Bad(format!("a frame cut short at {} bytes", bytes.len()));
+    let (lengths, rest) = bytes.split_first_chunk::<8>().ok_or_else(short)?;
+    let (header_len, payload_len) = frame_lengths(lengths)?;
+    if rest.len() != header_len + payload_len {
+        return Err(FrameError::Bad(format!(
+            "a frame of {} bytes announces {header_len} + {payload_len}",
+            bytes.len()
+        )));
+    }
+    let (header, payload) = rest.split_at(header_len);
+    Ok((parse_header(header)?, payload))
 }
 
 #[cfg(test)]
