@@ -36,6 +36,43 @@ pub enum DiskError {
         /// Why it failed.
         reason: String,
     },
+    /// The datastore holding the disk has no space left (a thin disk
+    /// grows as it is written).
+    #[error(
+        "{op}: datastore {datastore} is full (no space left on its device): free space there, or move the disk to another datastore"
+    )]
+    Full {
+        /// What was attempted.
+        op: &'static str,
+        /// The datastore's name (or its folder, where no name is known).
+        datastore: String,
+    },
+    /// A disk move lost a write on its target, so the copy can never be
+    /// whole: the move must be given up (the source stays the disk).
+    #[error("{op}: a mirrored write failed on the target ({why}); the copy cannot complete")]
+    MoveBroken {
+        /// What was attempted.
+        op: &'static str,
+        /// Why the mirrored write failed.
+        why: String,
+    },
+    /// The host a disk is copied to failed to store it (its reason, as it
+    /// said it): not a broken link, so resuming would not help.
+    #[error("{peer} could not store the disk copy: {reason}")]
+    Peer {
+        /// That host.
+        peer: String,
+        /// What it said.
+        reason: String,
+    },
+}
+
+impl DiskError {
+    /// Whether a broken link may explain the error, so reconnecting and
+    /// resuming the copy is worth a try.
+    pub fn may_resume(&self) -> bool {
+        matches!(self, Self::Io { .. })
+    }
 }
 
 /// What storage migration needs from a disk.

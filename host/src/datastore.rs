@@ -104,6 +104,8 @@ pub struct FileDisk {
     file: File,
     len: u64,
     path: PathBuf,
+    /// The datastore's name, for errors (its folder until named).
+    datastore: String,
 }
 
 impl FileDisk {
@@ -129,6 +131,7 @@ impl FileDisk {
             file,
             len: len_bytes,
             path: path.to_owned(),
+            datastore: folder_two_up(path),
         })
     }
 
@@ -145,6 +148,7 @@ impl FileDisk {
             file,
             len,
             path: path.to_owned(),
+            datastore: folder_two_up(path),
         })
     }
 
@@ -152,6 +156,36 @@ impl FileDisk {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Names the datastore the disk is on, for its errors.
+    pub fn on(mut self, datastore: &str) -> Self {
+        datastore.clone_into(&mut self.datastore);
+        self
+    }
+
+    fn fail(&self, op: &'static str) -> impl Fn(std::io::Error) -> DiskError + '_ {
+        on(&self.datastore, op)
+    }
+}
+
+/// An I/O error of `op` on datastore `ds`, told apart when it is full.
+fn on<'a>(ds: &'a str, op: &'static str) -> impl Fn(std::io::Error) -> DiskError + 'a {
+    move |e| match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => DiskError::Full {
+            op,
+            datastore: ds.to_owned(),
+        },
+        _ => io(op)(e),
+    }
+}
+
+/// The datastore folder of a disk at `DATASTORE/VM/DISK.raw`.
+fn folder_two_up(path: &Path) -> String {
+    path.parent()
+        .and_then(Path::parent)
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
 
 /// Takes an exclusive OFD lock on the whole of `file` (held until the
@@ -192,11 +226,11 @@ impl BlockBackend for FileDisk {
         check_range(offset, data.len(), self.len)?;
         self.file
             .write_all_at(data, offset)
-            .map_err(io("write disk"))
+            .map_err(self.fail("write disk"))
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {
-        self.file.sync_data().map_err(io("flush disk"))
+        self.file.sync_data().map_err(self.fail("flush disk"))
     }
 
     fn write_durable(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
@@ -212,7 +246,7 @@ impl BlockBackend for FileDisk {
             // only reads; RWF_DSYNC makes this write (alone) durable.
             let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_DSYNC) };
             if n < 0 {
-                return Err(io("write disk")(std::io::Error::last_os_error()));
+                return Err(self.fail("write disk")(std::io::Error::last_os_error()));
             }
             done += n.cast_unsigned();
         }
@@ -405,11 +439,11 @@ impl ferry_actors::storage::datastore::Datastores for FileDatastores {
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir).map_err(io("create VM folder"))?;
         }
-        Ok(Box::new(FileDisk::create(&file, len)?))
+        Ok(Box::new(FileDisk::create(&file, len)?.on(ds)))
     }
 
     fn open_disk(&self, ds: &str, path: &str) -> Result<Box<dyn BlockBackend>, DiskError> {
-        Ok(Box::new(FileDisk::open(&self.file(ds, path)?)?))
+        Ok(Box::new(FileDisk::open(&self.file(ds, path)?)?.on(ds)))
     }
 
     fn write_file(&self, ds: &str, path: &str, bytes: &[u8]) -> Result<(), DiskError> {
@@ -419,9 +453,14 @@ impl ferry_actors::storage::datastore::Datastores for FileDatastores {
         }
         // Write aside, sync, rename: a crash leaves the old or the new file.
         let tmp = file.with_extension("tmp");
-        let mut f = File::create(&tmp).map_err(io("write file"))?;
-        std::io::Write::write_all(&mut f, bytes).map_err(io("write file"))?;
-        f.sync_all().map_err(io("sync file"))?;
+        let written = File::create(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, bytes).and_then(|()| f.sync_all()))
+            .map_err(on(ds, "write file"));
+        if written.is_err() {
+            // A half-written file would only hold on to space.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
         std::fs::rename(&tmp, &file).map_err(io("rename file"))
     }
 

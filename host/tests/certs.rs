@@ -87,23 +87,7 @@ fn a_revoked_operator_is_refused_and_a_rotated_node_keeps_serving() {
         |ok, out, err| ok && !err.contains("host-a") && !out.contains("did not answer"),
     );
     // Node to node: a migration from host-a to host-b handshakes both ways.
-    ferry(
-        d,
-        &[
-            "vm",
-            "create",
-            "web-1",
-            "--node",
-            "host-a",
-            "--memory",
-            "64",
-            "--wss",
-            "8",
-            "--client",
-            "client.toml",
-        ],
-    );
-    ferry(d, &["vm", "start", "web-1", "--client", "client.toml"]);
+    common::create_running_small(d, "web-1", &[]);
     ferry(
         d,
         &[

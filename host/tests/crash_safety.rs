@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Node, ferry, ferry_status, free_udp_port};
+use common::{Node, SmallDisk, ferry, ferry_status, free_udp_port};
 
 const LOG: &str = "warn,ferry_actors::node::destination=info,ferry_actors::node::source=debug";
 
@@ -282,40 +282,6 @@ fn migration_ids_of_nodes_started_together_differ() {
     for (id, vm) in &ids {
         let shown = ferry(d, &["migrate", "show", id, "--client", "client.toml"]);
         assert!(shown.contains(vm.as_str()), "{id} is {vm}'s:\n{shown}");
-    }
-}
-
-/// A small tmpfs mounted on a directory for the test's life (root only).
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(path: &Path, size: &str) -> Option<Self> {
-        std::fs::create_dir_all(path).expect("mount point");
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Self(path.to_owned()))
-    }
-
-    /// Writes a file until the filesystem is full.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.0.join("filler")).expect("filler");
-        let block = vec![0xa5u8; 4096];
-        while f.write_all(&block).is_ok() {}
-        let _ = f.sync_all();
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.0.join("filler")).expect("remove filler");
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

@@ -55,6 +55,11 @@ fn bad_vm_definitions_and_node_files_are_refused_with_the_value_named() {
         create("none", &["--vcpus", "0"]),
         "vCPUs 0 is out of range: 1 to 64",
     );
+    // Synthetic guests too: a VM uses only what its host offers.
+    run(
+        create("junk", &["--cpu-features", "sse2,notafeature"]),
+        "CPU features notafeature are not offered by host-a; it offers: ",
+    );
     // Migrations: a downtime budget no switchover can meet, a start time
     // in the past or absurdly far ahead.
     common::ferry(

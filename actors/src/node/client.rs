@@ -83,6 +83,9 @@ pub struct DiskView {
     pub verified_blocks: Option<u64>,
     /// With `verify`: the first acknowledged write found missing.
     pub verify_error: Option<String>,
+    /// Why the guest's writes fail, while they do (a full datastore).
+    #[serde(default)]
+    pub failing: Option<String>,
 }
 
 /// Migration options as a client sends them.

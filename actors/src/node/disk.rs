@@ -74,6 +74,18 @@ pub struct DiskInfo {
     /// Median latency of the workload's writes since the last
     /// [`DiskMsg::Info`], in microseconds (0: none).
     pub write_latency_us_p50: u64,
+    /// Why the guest's writes fail, while they do (a full datastore).
+    pub failing: Option<String>,
+}
+
+/// A disk's guest writes, as [`DiskMsg::Writes`] reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskActivity {
+    /// Guest writes acknowledged so far.
+    pub writes: u64,
+    /// Why the guest's writes fail, while they do: set by a failed write,
+    /// cleared by the next one that succeeds.
+    pub failing: Option<String>,
 }
 
 /// Messages to a [`DiskActor`].
@@ -102,8 +114,9 @@ pub enum DiskMsg {
     },
     /// Describe the disk.
     Info(RpcReplyPort<DiskInfo>),
-    /// Guest writes acknowledged so far (no side effect, unlike `Info`).
-    Writes(RpcReplyPort<u64>),
+    /// Guest writes so far and whether they fail (no side effect, unlike
+    /// `Info`).
+    Writes(RpcReplyPort<DiskActivity>),
     /// Start moving the disk to `target` (at `to`).
     StartMove {
         /// How.
@@ -187,10 +200,10 @@ impl Moving {
     /// Refuses `op` once a mirrored write failed on the target.
     fn check_whole(&self, op: &'static str) -> Result<(), DiskError> {
         match &self.broken {
-            Some(why) => Err(refused(
+            Some(why) => Err(DiskError::MoveBroken {
                 op,
-                &format!("a mirrored write failed on the target ({why}); the copy cannot complete"),
-            )),
+                why: why.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -214,13 +227,41 @@ pub struct DiskState {
     workload_run: u64,
     workload_acked: Arc<AtomicU64>,
     latencies: Vec<Duration>,
+    /// Why the last guest write failed, until one succeeds.
+    failing: Option<String>,
 }
+
+/// How long the synthetic workload waits after a failed write before it
+/// tries again (as a guest retrying an I/O error would).
+const WORKLOAD_RETRY: Duration = Duration::from_millis(100);
 
 /// One pattern write, as a read length.
 const PATTERN_WRITE_BYTES: u32 = 4096;
 
 /// Workload latencies kept between two [`DiskMsg::Info`] calls.
 const LATENCIES_KEPT: usize = 1 << 16;
+
+impl DiskState {
+    /// Counts a guest write, and keeps why writes fail while they do
+    /// (logged once per episode).
+    fn note_guest_write(&mut self, r: &Result<(), DiskError>) {
+        match r {
+            Ok(()) => {
+                self.writes += 1;
+                if self.failing.take().is_some() {
+                    tracing::info!(disk = %self.name, "guest writes succeed again");
+                }
+            }
+            Err(_) if self.handed_over => {}
+            Err(e) => {
+                if self.failing.is_none() {
+                    tracing::warn!(disk = %self.name, "guest writes fail: {e}");
+                }
+                self.failing = Some(e.to_string());
+            }
+        }
+    }
+}
 
 fn refused(op: &'static str, reason: &str) -> DiskError {
     DiskError::Io {
@@ -251,6 +292,7 @@ impl Actor for DiskActor {
             workload_run: 0,
             workload_acked: a.workload_acked,
             latencies: Vec::new(),
+            failing: None,
         })
     }
 
@@ -271,14 +313,17 @@ impl Actor for DiskActor {
                 reply,
             } => {
                 let r = s.write(offset, data).await;
-                s.writes += u64::from(r.is_ok());
+                s.note_guest_write(&r);
                 if let (Ok(()), Some(seq)) = (&r, workload_seq) {
                     s.workload_acked.fetch_max(seq, Ordering::SeqCst);
                 }
                 let _ = reply.send(r);
             }
             DiskMsg::Writes(reply) => {
-                let _ = reply.send(s.writes);
+                let _ = reply.send(DiskActivity {
+                    writes: s.writes,
+                    failing: s.failing.clone(),
+                });
             }
             DiskMsg::Info(reply) => {
                 let len = s.disk.lock().expect("disk").len_bytes();
@@ -294,6 +339,7 @@ impl Actor for DiskActor {
                     write_latency_us_p50: l
                         .get(l.len() / 2)
                         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                    failing: s.failing.clone(),
                 });
             }
             DiskMsg::VerifyWorkload(reply) => {
@@ -321,21 +367,20 @@ impl Actor for DiskActor {
                 let mut data = vec![0u8; crate::disk::to_usize(PATTERN_BLOCK_BYTES)];
                 pattern.fill(seq, &mut data);
                 let t = now();
-                match s.write(pattern.offset_of(seq), data).await {
+                let r = s.write(pattern.offset_of(seq), data).await;
+                s.note_guest_write(&r);
+                let next = match r {
                     Ok(()) => {
-                        s.writes += 1;
                         s.workload_acked.store(seq, Ordering::SeqCst);
                         if s.latencies.len() < LATENCIES_KEPT {
                             s.latencies.push(now() - t);
                         }
+                        gap
                     }
-                    Err(e) => {
-                        tracing::warn!(disk = %s.name, "workload write failed, workload stops: {e}");
-                        s.workload_gap = None;
-                        return Ok(());
-                    }
-                }
-                myself.send_after(gap, move || DiskMsg::WorkloadTick(run));
+                    // The same write again, a little later.
+                    Err(_) => WORKLOAD_RETRY,
+                };
+                myself.send_after(next, move || DiskMsg::WorkloadTick(run));
             }
             DiskMsg::StartMove {
                 options,
@@ -836,7 +881,7 @@ pub async fn copy_until_converged(
                 return Ok(());
             }
             Ok(p) => on_progress(&p),
-            Err(e) if resumes < resumes_max => {
+            Err(e) if resumes < resumes_max && e.may_resume() => {
                 resumes += 1;
                 tracing::warn!("disk copy step failed ({e}); resuming");
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -25,6 +25,16 @@ pub enum ValueError {
         /// The name given.
         value: String,
     },
+    /// CPU features the host does not offer.
+    #[error("CPU features {missing} are not offered by {host}; it offers: {offered}")]
+    CpuFeatures {
+        /// The features asked for that the host lacks.
+        missing: String,
+        /// The host.
+        host: String,
+        /// What it offers.
+        offered: String,
+    },
     /// A number outside its range.
     #[error("{what} {value} is out of range: {allowed}")]
     Range {
@@ -35,6 +45,33 @@ pub enum ValueError {
         /// What is allowed.
         allowed: String,
     },
+}
+
+/// Checks the CPU features a VM asks for against those its host offers:
+/// a VM may only use what the host has (a misspelt name is no feature).
+pub fn check_cpu_features<'a>(
+    requested: &[String],
+    offered: impl IntoIterator<Item = &'a String>,
+    host: &str,
+) -> Result<(), ValueError> {
+    let offered: std::collections::BTreeSet<&String> = offered.into_iter().collect();
+    let missing: Vec<&str> = requested
+        .iter()
+        .filter(|f| !offered.contains(f))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(ValueError::CpuFeatures {
+        missing: missing.join(","),
+        host: host.to_owned(),
+        offered: offered
+            .into_iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
+    })
 }
 
 /// Checks a name (of a VM, a host, a datastore): it becomes a file name in
@@ -84,6 +121,19 @@ pub fn check_vcpus(vcpus: u8) -> Result<u8, ValueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_features_outside_the_host_offer_are_named() {
+        let offered = ["sse2".to_owned(), "avx2".to_owned()];
+        check_cpu_features(&["avx2".into()], &offered, "host-a").expect("offered");
+        check_cpu_features(&[], &offered, "host-a").expect("none asked");
+        let e = check_cpu_features(&["avx2".into(), "junk".into()], &offered, "host-a")
+            .expect_err("junk");
+        assert_eq!(
+            e.to_string(),
+            "CPU features junk are not offered by host-a; it offers: avx2,sse2"
+        );
+    }
 
     #[test]
     fn names_outside_the_safe_set_are_refused_by_name() {

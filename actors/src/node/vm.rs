@@ -59,6 +59,10 @@ pub struct VmInfo {
     /// did not. `vm start` boots it again.
     #[serde(default)]
     pub crashed: String,
+    /// Disks whose guest writes fail, and why (a full datastore), as the
+    /// host last sampled them; empty when none do.
+    #[serde(default)]
+    pub disks_failing: String,
 }
 
 /// Work to run on the guest inside the VM actor.
@@ -202,6 +206,7 @@ impl Actor for VmActor {
                     cpu_ms: u64::try_from(s.guest.cpu_time().as_millis()).unwrap_or(u64::MAX),
                     in_doubt: String::new(),
                     crashed: s.crash.clone().unwrap_or_default(),
+                    disks_failing: String::new(),
                 });
             }
             VmMsg::Guest(job) => job(s.guest.as_mut()),

@@ -35,6 +35,10 @@ pub struct DiskLoad {
     pub bytes: u64,
     /// Guest writes per second lately.
     pub writes_per_s: u32,
+    /// Why the guest's writes to it fail, while they do (empty: they
+    /// do not).
+    #[serde(default)]
+    pub failing: String,
 }
 
 /// One datastore's space.
@@ -352,6 +356,7 @@ mod tests {
             datastore: datastore.into(),
             bytes: gib * GIB,
             writes_per_s,
+            failing: String::new(),
         }
     }
 

@@ -176,22 +176,29 @@ impl<C: Connection> RemoteTarget<C> {
         let s = guard
             .as_mut()
             .ok_or_else(|| link("flush remote disk")("the stream is broken".into()))?;
+        let peer = &self.peer;
         let r = async {
+            let broken = |e: String| link("flush remote disk")(e);
             s.writer
                 .send_message(FrameKind::Control, &cmd)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| broken(e.to_string()))?;
             loop {
                 match s
                     .reader
                     .read_message::<DiskReply>(FrameKind::Control)
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| broken(e.to_string()))?
                 {
                     DiskReply::Flushed { id: got } if got == id => return Ok(()),
                     DiskReply::Flushed { .. } => {}
-                    DiskReply::Failed { reason } => return Err(reason),
-                    other => return Err(format!("unexpected {other:?}")),
+                    DiskReply::Failed { reason } => {
+                        return Err(DiskError::Peer {
+                            peer: peer.clone(),
+                            reason,
+                        });
+                    }
+                    other => return Err(broken(format!("unexpected {other:?}"))),
                 }
             }
         }
@@ -199,7 +206,7 @@ impl<C: Connection> RemoteTarget<C> {
         if r.is_err() {
             *guard = None;
         }
-        r.map_err(link("flush remote disk"))
+        r
     }
 }
 
@@ -349,9 +356,12 @@ pub async fn receive_disk<S: SendStream, R: RecvStream>(
         .await
         .map_err(|e| e.to_string())?;
     let mut written_end = durable;
+    // Once a write fails, the source is told why (it reads answers at its
+    // next flush) and the rest of the stream is drained unwritten.
+    let mut failed: Option<String> = None;
     loop {
         let Some(header) = reader.next_header().await.map_err(|e| e.to_string())? else {
-            return Err("the source closed the disk stream early".into());
+            return Err(failed.unwrap_or_else(|| "the source closed the disk stream early".into()));
         };
         match header.kind {
             FrameKind::ExtentBatch => {
@@ -363,6 +373,9 @@ pub async fn receive_disk<S: SendStream, R: RecvStream>(
                     .read_batch_into(header, &mut staged)
                     .await
                     .map_err(|e| e.to_string())?;
+                if failed.is_some() {
+                    continue;
+                }
                 let disk = incoming.disk.clone();
                 let end = offload(move || {
                     let mut d = disk.lock().expect("disk");
@@ -373,9 +386,24 @@ pub async fn receive_disk<S: SendStream, R: RecvStream>(
                     }
                     Ok::<u64, DiskError>(end)
                 })
-                .await
-                .map_err(|e| e.to_string())?;
-                written_end = written_end.max(end);
+                .await;
+                match end {
+                    Ok(end) => written_end = written_end.max(end),
+                    Err(e) => {
+                        let reason = e.to_string();
+                        tracing::warn!(disk = %incoming.name, "arriving disk copy failed: {reason}");
+                        writer
+                            .send_message(
+                                FrameKind::Control,
+                                &DiskReply::Failed {
+                                    reason: reason.clone(),
+                                },
+                            )
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        failed = Some(reason);
+                    }
+                }
             }
             FrameKind::Control => {
                 let body = reader
@@ -384,6 +412,18 @@ pub async fn receive_disk<S: SendStream, R: RecvStream>(
                     .map_err(|e| e.to_string())?;
                 let cmd: DiskCmd =
                     ferry_transport::message::decode_body(&body).map_err(|e| e.to_string())?;
+                if let Some(reason) = failed {
+                    let _ = writer
+                        .send_message(
+                            FrameKind::Control,
+                            &DiskReply::Failed {
+                                reason: reason.clone(),
+                            },
+                        )
+                        .await;
+                    let _ = writer.finish();
+                    return Err(reason);
+                }
                 let (id, last) = match cmd {
                     DiskCmd::Flush { id } => (id, None),
                     DiskCmd::Done { workload_acked } => (DONE_ID, Some(workload_acked)),

@@ -358,6 +358,9 @@ pub fn disks(args: &DisksArgs) -> anyhow::Result<()> {
             d.writes,
             d.workload_acked
         );
+        if let Some(why) = &d.failing {
+            println!("{:<8} WRITES FAILING: {why}", "");
+        }
     }
     anyhow::ensure!(!bad, "an acknowledged write is missing");
     Ok(())
@@ -684,6 +687,9 @@ pub fn list(args: &ClientArgs) -> anyhow::Result<()> {
                         }
                         if !v.crashed.is_empty() {
                             println!("{:<16} crashed: {}", "", v.crashed);
+                        }
+                        if !v.disks_failing.is_empty() {
+                            println!("{:<16} disk writes failing: {}", "", v.disks_failing);
                         }
                     }
                 }

@@ -228,3 +228,61 @@ impl Drop for Node {
         let _ = self.0.kill();
     }
 }
+
+/// A small tmpfs mounted on a directory for the test's life (root only).
+pub struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    pub fn mount(path: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).expect("mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(path.to_owned()))
+    }
+
+    /// Writes a file until the filesystem is full.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).expect("filler");
+        let block = vec![0xa5u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    /// Fills the filesystem, then gives `bytes` of it back.
+    pub fn fill_leaving(&self, bytes: u64) {
+        self.fill();
+        let filler = self.0.join("filler");
+        let len = std::fs::metadata(&filler).expect("filler").len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&filler)
+            .expect("filler");
+        f.set_len(len.saturating_sub(bytes)).expect("shrink filler");
+    }
+
+    pub fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).expect("remove filler");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `vm create VM --node host-a --memory 64 --wss 8 EXTRA...` then `vm
+/// start VM`, with `client.toml`.
+pub fn create_running_small(dir: &Path, vm: &str, extra: &[&str]) {
+    let mut args = vec![
+        "vm", "create", vm, "--node", "host-a", "--memory", "64", "--wss", "8",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--client", "client.toml"]);
+    ferry(dir, &args);
+    ferry(dir, &["vm", "start", vm, "--client", "client.toml"]);
+}

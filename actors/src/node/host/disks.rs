@@ -179,6 +179,7 @@ pub async fn views(disks: &[VmDisk], verify: bool) -> Vec<DiskView> {
             write_latency_us_p50: info.write_latency_us_p50,
             verified_blocks,
             verify_error,
+            failing: info.failing,
         });
     }
     out

@@ -267,6 +267,9 @@ pub struct HostState<T: Transport> {
     ctx: Arc<NodeCtx<T>>,
     /// VMs whose crash the audit log has (until they boot again).
     crashes_audited: std::collections::BTreeSet<String>,
+    /// Per VM, its disks whose guest writes fail and why, as last sampled
+    /// (and audited when they start and stop failing).
+    disks_failing: std::collections::BTreeMap<String, String>,
     /// Guest CPU time and disk writes, as rates for DRS.
     rates: std::sync::Mutex<crate::ops::rates::Rates>,
     capacity: Capacity,
@@ -356,6 +359,7 @@ impl<T: Transport> Actor for HostActor<T> {
         let setting = |k: &str| stored.settings.get(k).cloned().unwrap_or_default();
         Ok(HostState {
             crashes_audited: std::collections::BTreeSet::new(),
+            disks_failing: std::collections::BTreeMap::new(),
             rates: std::sync::Mutex::new(crate::ops::rates::Rates::new(RATE_WINDOW_MIN)),
             ctx: args.ctx,
             capacity: args.capacity,
@@ -460,6 +464,7 @@ impl<T: Transport> Actor for HostActor<T> {
             HostMsg::SampleLoad => {
                 let load = ops::load(s).await;
                 audit_crashes(&myself, s, &load);
+                audit_disk_failures(&myself, s, &load);
                 if s.store_broken.is_some() {
                     // Probe: the host takes migrations again once its
                     // store writes again.
@@ -977,6 +982,8 @@ async fn client_request<T: Transport>(
                     && let ractor::rpc::CallResult::Success(mut info) = info
                 {
                     info.in_doubt = doubt::describe(entry, info.phase);
+                    info.disks_failing =
+                        s.disks_failing.get(&info.name).cloned().unwrap_or_default();
                     list.push(info);
                 }
             }
@@ -1132,6 +1139,12 @@ async fn create_vm<T: Transport>(
     crate::node::values::check_name("VM name", &spec.name).map_err(bad)?;
     let memory_bytes = crate::node::values::memory_bytes(spec.memory_mib).map_err(bad)?;
     let vcpus = crate::node::values::check_vcpus(spec.vcpus).map_err(bad)?;
+    crate::node::values::check_cpu_features(
+        &spec.cpu_features,
+        &s.capacity.cpu_features,
+        &s.ctx.name,
+    )
+    .map_err(bad)?;
     if s.vms.contains_key(&spec.name) {
         return Err(NodeError::Exists(spec.name));
     }
@@ -1269,6 +1282,49 @@ fn audit_crashes<T: Transport>(
             ..Default::default()
         })));
     }
+}
+
+/// Keeps, per VM, which disks' guest writes fail (from the load sample)
+/// and audits each VM's failures when they start and when they stop.
+fn audit_disk_failures<T: Transport>(
+    myself: &ActorRef<HostMsg<T>>,
+    s: &mut HostState<T>,
+    load: &crate::ops::placement::HostLoad,
+) {
+    let mut now = std::collections::BTreeMap::new();
+    for vm in &load.vms {
+        let failing: Vec<String> = vm
+            .disks
+            .iter()
+            .filter(|d| !d.failing.is_empty())
+            .map(|d| format!("disk {}: {}", d.name, d.failing))
+            .collect();
+        if !failing.is_empty() {
+            now.insert(vm.name.clone(), failing.join("; "));
+        }
+    }
+    let audit = |vm: &str, action: &str, outcome: &str, detail: String| {
+        let _ = myself.cast(HostMsg::Audit(Box::new(crate::ops::audit::AuditEntry {
+            at_unix_ms: crate::ops::unix_ms_now(),
+            who: "node".into(),
+            action: action.into(),
+            vm: vm.to_owned(),
+            outcome: outcome.into(),
+            detail,
+            ..Default::default()
+        })));
+    };
+    for (vm, why) in &now {
+        if !s.disks_failing.contains_key(vm) {
+            audit(vm, "disk writes failing", "failed", why.clone());
+        }
+    }
+    for vm in s.disks_failing.keys() {
+        if !now.contains_key(vm) && load.vms.iter().any(|v| &v.name == vm) {
+            audit(vm, "disk writes recovered", "ok", String::new());
+        }
+    }
+    s.disks_failing = now;
 }
 
 /// Boots a new guest for VM `name` if its guest crashed (its VMM process

@@ -44,11 +44,11 @@ pub(super) async fn load<T: Transport>(s: &HostState<T>) -> HostLoad {
         keys.insert(cpu_key);
         let mut disks = Vec::new();
         for d in &entry.disks {
-            let writes = crate::node::disk::call(&d.actor, DiskMsg::Writes)
+            let activity = crate::node::disk::call(&d.actor, DiskMsg::Writes)
                 .await
-                .unwrap_or(0);
+                .unwrap_or_default();
             let key = format!("disk {name}/{}", d.config.name);
-            let per_s = rate(s, &key, now, writes);
+            let per_s = rate(s, &key, now, activity.writes);
             keys.insert(key);
             disks.push(DiskLoad {
                 vm: name.clone(),
@@ -56,6 +56,7 @@ pub(super) async fn load<T: Transport>(s: &HostState<T>) -> HostLoad {
                 datastore: d.config.datastore.clone(),
                 bytes: d.config.len_bytes,
                 writes_per_s: as_u32(per_s),
+                failing: activity.failing.unwrap_or_default(),
             });
         }
         let mut disk_locations: Vec<String> = entry
