@@ -14,4 +14,5 @@ pub mod kvm;
 pub mod node;
 pub mod store;
 pub mod telemetry;
+pub mod virtio;
 pub mod vmm;

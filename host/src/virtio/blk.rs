@@ -1,0 +1,255 @@
+//! virtio-blk: one request queue; each request is a header (type, sector),
+//! data buffers and a status byte (virtio 1.2, 5.2). Reads, writes,
+//! flushes and the device id are served by a [`BlockIo`]; a request's
+//! status is written, and the request used, only once the backend has
+//! answered (a write only once it is durable).
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::mmio::VirtioDevice;
+use crate::kvm::Memory;
+
+/// The virtio device id of a block device.
+pub const DEVICE_ID: u32 = 2;
+/// Entries of the request queue.
+pub const QUEUE_SIZE: u16 = 128;
+/// Bytes per sector, the unit requests address.
+pub const SECTOR: u64 = 512;
+
+/// Feature: the device takes flush requests (so the guest's page cache
+/// may hold writes until it flushes; ours are durable anyway).
+const F_FLUSH: u64 = 1 << 9;
+
+/// Request types.
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+/// Status values.
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// Bytes of the id string a GET_ID request returns.
+const ID_BYTES: usize = 20;
+
+/// Where a virtio-blk device's blocks live (the node's disk path, a file
+/// in tests).
+pub trait BlockIo: Send {
+    /// The disk's size in bytes.
+    fn len_bytes(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// Writes `data` at `offset`; returns once it is durable.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String>;
+    /// Makes every acknowledged write durable.
+    fn flush(&mut self) -> Result<(), String>;
+}
+
+/// What the device has served (for `vm disks` and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlkCounters {
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Requests answered with an error status.
+    pub errors: u64,
+}
+
+/// A virtio-blk device over a [`BlockIo`].
+pub struct Blk<B: BlockIo> {
+    backend: B,
+    id: String,
+    counters: BlkCounters,
+}
+
+/// One descriptor: where, how long, device-writable or not.
+#[derive(Debug, Clone, Copy)]
+struct Buffer {
+    addr: GuestAddress,
+    len: u32,
+    writable: bool,
+}
+
+impl<B: BlockIo> Blk<B> {
+    /// A device serving `backend`, answering GET_ID with `id` (cut to 20
+    /// bytes).
+    pub fn new(backend: B, id: &str) -> Self {
+        Self {
+            backend,
+            id: id.to_owned(),
+            counters: BlkCounters::default(),
+        }
+    }
+
+    /// What it served so far.
+    pub fn counters(&self) -> BlkCounters {
+        self.counters
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Serves one request; returns the bytes written into the guest's
+    /// buffers (for the used ring).
+    fn serve(&mut self, buffers: &[Buffer], memory: &Memory) -> u32 {
+        let Some((status_buf, rest)) = buffers
+            .split_last()
+            .filter(|(s, _)| s.writable && s.len >= 1)
+        else {
+            // No status byte to answer in: a broken driver; use it empty.
+            self.counters.errors += 1;
+            return 0;
+        };
+        let (status, written) = match rest.split_first() {
+            Some((header, data)) if !header.writable && header.len >= 16 => {
+                self.request(*header, data, memory)
+            }
+            _ => (S_IOERR, 0),
+        };
+        if status != S_OK {
+            self.counters.errors += 1;
+        }
+        let _ = memory.write_obj(status, status_buf.addr);
+        written + 1
+    }
+
+    fn request(&mut self, header: Buffer, data: &[Buffer], memory: &Memory) -> (u8, u32) {
+        let (Ok(kind), Ok(sector)) = (
+            memory.read_obj::<u32>(header.addr),
+            memory.read_obj::<u64>(header.addr.unchecked_add(8)),
+        ) else {
+            return (S_IOERR, 0);
+        };
+        let kind = u32::from_le(kind);
+        let Some(mut offset) = u64::from_le(sector).checked_mul(SECTOR) else {
+            return (S_IOERR, 0);
+        };
+        match kind {
+            T_IN | T_OUT => {
+                let mut written = 0u32;
+                for b in data {
+                    // Reads fill device-writable buffers, writes take
+                    // driver-written ones.
+                    if b.writable != (kind == T_IN) {
+                        return (S_IOERR, written);
+                    }
+                    let r = if kind == T_IN {
+                        self.read_into(*b, offset, memory)
+                    } else {
+                        self.write_from(*b, offset, memory)
+                    };
+                    if r.is_err() {
+                        return (S_IOERR, written);
+                    }
+                    if kind == T_IN {
+                        written += b.len;
+                    }
+                    offset += u64::from(b.len);
+                }
+                if kind == T_IN {
+                    self.counters.reads += 1;
+                } else {
+                    self.counters.writes += 1;
+                }
+                (S_OK, written)
+            }
+            T_FLUSH => {
+                self.counters.flushes += 1;
+                match self.backend.flush() {
+                    Ok(()) => (S_OK, 0),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            T_GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                let n = self.id.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
+                match data.first().filter(|b| b.writable) {
+                    Some(b) => {
+                        let n = (b.len as usize).min(ID_BYTES);
+                        match memory.write_slice(&id[..n], b.addr) {
+                            Ok(()) => (S_OK, u32::try_from(n).unwrap_or(0)),
+                            Err(_) => (S_IOERR, 0),
+                        }
+                    }
+                    None => (S_IOERR, 0),
+                }
+            }
+            _ => (S_UNSUPP, 0),
+        }
+    }
+
+    fn in_range(&self, offset: u64, len: u32) -> Result<(), ()> {
+        match offset.checked_add(u64::from(len)) {
+            Some(end) if end <= self.backend.len_bytes() => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    fn read_into(&mut self, b: Buffer, offset: u64, memory: &Memory) -> Result<(), ()> {
+        self.in_range(offset, b.len)?;
+        let mut buf = vec![0u8; b.len as usize];
+        self.backend.read_at(offset, &mut buf).map_err(|_| ())?;
+        // Through vm-memory, so the pages written are marked dirty for a
+        // migration's next round.
+        memory.write_slice(&buf, b.addr).map_err(|_| ())
+    }
+
+    fn write_from(&mut self, b: Buffer, offset: u64, memory: &Memory) -> Result<(), ()> {
+        self.in_range(offset, b.len)?;
+        let mut buf = vec![0u8; b.len as usize];
+        memory.read_slice(&mut buf, b.addr).map_err(|_| ())?;
+        self.backend.write_at(offset, &buf).map_err(|_| ())
+    }
+}
+
+impl<B: BlockIo> VirtioDevice for Blk<B> {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+
+    fn features(&self) -> u64 {
+        F_FLUSH
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // The configuration space starts with the capacity in sectors.
+        let capacity = (self.backend.len_bytes() / SECTOR).to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = usize::try_from(offset).map_or(usize::MAX, |o| o.saturating_add(i));
+            *byte = capacity.get(at).copied().unwrap_or(0);
+        }
+    }
+
+    fn process(&mut self, _index: usize, queue: &mut Queue, memory: &Memory) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(memory) {
+            let head = chain.head_index();
+            let buffers: Vec<Buffer> = chain
+                .map(|d| Buffer {
+                    addr: d.addr(),
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                })
+                .collect();
+            let len = self.serve(&buffers, memory);
+            if queue.add_used(memory, head, len).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+}
