@@ -612,6 +612,20 @@ fn sample_vm_state() -> VmState {
         clock: vec![0; 48],
         console: vec![0; 9],
         console_tail: b"login: ".to_vec(),
+        virtio: vec![crate::virtio::mmio::TransportSnapshot {
+            status: 15,
+            driver_features: 1 << 32,
+            queues: vec![crate::virtio::mmio::QueueSnapshot {
+                size: 128,
+                ready: true,
+                desc_table: 0x10_0000,
+                avail_ring: 0x10_1000,
+                used_ring: 0x10_2000,
+                next_avail: 7,
+                next_used: 7,
+            }],
+            ..Default::default()
+        }],
     }
 }
 

@@ -109,3 +109,96 @@ fn a_paused_linux_guest_moves_into_a_second_vm_and_its_passes_go_on() {
         took.as_secs_f64()
     );
 }
+
+/// Types `line` into the guest's console (its receive FIFO takes a few
+/// bytes at a time).
+fn type_line(vm: &KvmVm, line: &[u8]) {
+    let mut rest = line;
+    while !rest.is_empty() {
+        let took = vm.console_input(rest).expect("a console");
+        rest = &rest[took..];
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_for_text(vm: &KvmVm, text: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let console = console_text(vm);
+        if console.contains(text) {
+            return console;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no {text:?} within {limit:?}; console:\n{console}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_linux_guest_reads_and_writes_its_virtio_disk() {
+    let Some(mut image) = guest_or_skip("a_linux_guest_reads_and_writes_its_virtio_disk", 16)
+    else {
+        return;
+    };
+    image.cmdline = format!(
+        "{} {}",
+        image
+            .cmdline
+            .replace("ferry_run=dirtier", "ferry_run=shell"),
+        ferry_host::virtio::bus::cmdline_word(0)
+    );
+    // An 8 MiB disk file with a mark the host put at sector 100.
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("disk0.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&path).expect("disk file");
+        f.set_len(8 << 20).expect("size");
+        f.write_all_at(b"ferry-mark-from-the-host", 100 * 512)
+            .expect("mark");
+    }
+    let disk = ferry_host::datastore::FileDisk::open(&path).expect("open disk");
+    let vm = KvmVm::with_linux(&image, 128 << 20, 1).expect("load the kernel");
+    let word = vm
+        .attach_block(
+            ferry_host::virtio::blk::BackendBlock(Box::new(disk)),
+            "ferry-disk0",
+        )
+        .expect("attach");
+    assert_eq!(word, ferry_host::virtio::bus::cmdline_word(0));
+    vm.resume().expect("resume");
+    wait_for_text(&vm, "ferry-guest: up", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    // The guest sees the disk's size, reads the host's mark, and writes
+    // its own with fsync; the answers carry arithmetic so that the typed
+    // line's echo does not count.
+    type_line(
+        &vm,
+        b"cat /sys/block/vda/size; dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 24; echo; echo ferry-from-the-guest | dd of=/dev/vda bs=512 seek=200 conv=sync,fsync 2>/dev/null; echo disk-$((40+2))-done\n",
+    );
+    let console = wait_for_text(&vm, "disk-42-done", Duration::from_secs(60));
+    assert!(
+        console.contains("16384"),
+        "8 MiB = 16384 sectors:\n{console}"
+    );
+    let marks = console.matches("ferry-mark-from-the-host").count();
+    assert!(marks >= 1, "the guest read the host's mark:\n{console}");
+    let bytes = std::fs::read(&path).expect("disk file");
+    assert_eq!(
+        &bytes[200 * 512..200 * 512 + 20],
+        b"ferry-from-the-guest",
+        "the guest's write is on the disk file"
+    );
+    let state = {
+        vm.pause().expect("pause");
+        vm.save_state().expect("state")
+    };
+    assert_eq!(state.virtio.len(), 1, "the device's state is saved");
+    assert!(
+        state.virtio[0].queues[0].next_used > 0,
+        "{:?}",
+        state.virtio[0]
+    );
+}

@@ -270,6 +270,29 @@ impl KvmVm {
         Ok(())
     }
 
+    /// Gives the VM a virtio-blk disk over `backend` on its MMIO bus;
+    /// returns the kernel command-line word that makes Linux find it.
+    pub fn attach_block(
+        &self,
+        backend: impl crate::virtio::blk::BlockIo + 'static,
+        id: &str,
+    ) -> Result<String, KvmError> {
+        let index = self.progress.mmio.len();
+        let (_, gsi) = crate::virtio::bus::placement(index);
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| KvmError::Image(format!("virtio interrupt: {e}")))?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(|e| KvmError::Ioctl("KVM_IRQFD", e))?;
+        let device =
+            crate::virtio::mmio::MmioTransport::new(crate::virtio::blk::Blk::new(backend, id));
+        let index = self
+            .progress
+            .mmio
+            .attach(&self.memory, irq, Box::new(device));
+        Ok(crate::virtio::bus::cmdline_word(index))
+    }
+
     /// Types `bytes` into the console (as far as its receive FIFO takes
     /// them); `None` when the VM has no console.
     pub fn console_input(&self, bytes: &[u8]) -> Option<usize> {
@@ -722,6 +745,7 @@ impl KvmVm {
             clock: devices.clock,
             console,
             console_tail,
+            virtio: self.progress.mmio.snapshot(),
         })
     }
 
@@ -748,6 +772,10 @@ impl KvmVm {
             }
         }
         state::restore_devices(&self.vm, state)?;
+        self.progress
+            .mmio
+            .restore(&state.virtio)
+            .map_err(KvmError::BadState)?;
         if !state.console.is_empty() {
             let uart = state::console_from_bytes(&state.console)?;
             let has = self.progress.console.0.lock().expect("console").is_some();

@@ -25,7 +25,7 @@ use super::KvmError;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// Version of the state layout below.
-pub const STATE_VERSION: u32 = 3;
+pub const STATE_VERSION: u32 = 4;
 
 /// One vCPU's state.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -84,6 +84,9 @@ pub struct VmState {
     /// The newest console output ([`CONSOLE_CARRIED`] bytes at most), so
     /// the console's recent lines follow the VM.
     pub console_tail: Vec<u8>,
+    /// Each virtio device's transport state, in bus order (the devices
+    /// themselves are attached by whoever creates the VM, as the console).
+    pub virtio: Vec<crate::virtio::mmio::TransportSnapshot>,
 }
 
 /// Console output carried with the VM's state.

@@ -49,6 +49,8 @@ pub struct GuestProgress {
     pub disk_failures: AtomicU64,
     /// The serial console, once attached (Linux guests).
     pub console: super::console::ConsoleSlot,
+    /// The virtio devices on the MMIO bus.
+    pub mmio: crate::virtio::bus::MmioBus,
 }
 
 /// The guest's disk device: where its requests go, and its memory (to
@@ -435,8 +437,14 @@ impl Runner {
                         data.fill(0xFF);
                     }
                 }
-                VcpuExit::MmioRead(_, data) => data.fill(0xFF),
-                VcpuExit::MmioWrite(..) => {}
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.progress.mmio.read(addr, data) {
+                        data.fill(0xFF);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.progress.mmio.write(addr, data);
+                }
                 VcpuExit::Hlt => {
                     return Some(VcpuStatus::Stopped("guest halted".into()));
                 }

@@ -253,3 +253,27 @@ impl<B: BlockIo> VirtioDevice for Blk<B> {
         used
     }
 }
+
+/// A [`BlockIo`] over a disk backend (a file on a datastore): each write
+/// durable before it returns (`write_durable`), as the guest is told.
+pub struct BackendBlock(pub Box<dyn ferry_actors::disk::BlockBackend>);
+
+impl BlockIo for BackendBlock {
+    fn len_bytes(&self) -> u64 {
+        self.0.len_bytes()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.0.read_at(offset, buf).map_err(|e| e.to_string())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.0
+            .write_durable(offset, data)
+            .map_err(|e| e.to_string())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.0.flush().map_err(|e| e.to_string())
+    }
+}

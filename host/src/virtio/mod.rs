@@ -9,6 +9,7 @@
 //! bitmap the migration's next round reads along with KVM's.
 
 pub mod blk;
+pub mod bus;
 pub mod mmio;
 
 #[cfg(test)]
