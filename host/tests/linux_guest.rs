@@ -16,6 +16,36 @@ mod common;
 use common::{linux_guest_or_skip as guest_or_skip, newest_dirtier_pass as newest_pass};
 use ferry_host::kvm::{self, KvmVm};
 
+/// At most two guests boot at once: a boot is a core's worth of emulated
+/// ring-0 work for a minute on these machines, and a third or fourth in
+/// parallel pushes each past its time limit.
+fn boot_slot() -> impl Drop {
+    use std::sync::{Condvar, Mutex};
+    static SLOTS: (Mutex<u32>, Condvar) = (Mutex::new(2), Condvar::new());
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            *SLOTS
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+            SLOTS.1.notify_one();
+        }
+    }
+    let mut free = SLOTS
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    while *free == 0 {
+        free = SLOTS
+            .1
+            .wait(free)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+    *free -= 1;
+    Slot
+}
+
 fn console_text(vm: &KvmVm) -> String {
     let out = vm.console().expect("a Linux guest has a console");
     String::from_utf8_lossy(&out.0.lock().expect("console").tail()).into_owned()
@@ -39,6 +69,7 @@ fn wait_for_pass(vm: &KvmVm, pass: u64, limit: Duration) -> Duration {
 
 #[test]
 fn the_test_kernel_boots_and_its_dirtier_passes_show_on_the_console() {
+    let _slot = boot_slot();
     let Some(mut image) = guest_or_skip("the_test_kernel_boots", 16) else {
         return;
     };
@@ -47,7 +78,7 @@ fn the_test_kernel_boots_and_its_dirtier_passes_show_on_the_console() {
     let vm = KvmVm::with_linux(&image, 128 << 20, 2).expect("load the kernel");
     let started = Instant::now();
     vm.resume().expect("resume");
-    wait_for_pass(&vm, 2, Duration::from_secs(90));
+    wait_for_pass(&vm, 2, Duration::from_secs(180));
     let text = console_text(&vm);
     println!(
         "Linux test guest: dirtier pass 2 after {:.1} s; console:\n{text}",
@@ -62,6 +93,7 @@ fn the_test_kernel_boots_and_its_dirtier_passes_show_on_the_console() {
 
 #[test]
 fn the_test_kernel_boots_as_a_bzimage_through_the_64_bit_protocol() {
+    let _slot = boot_slot();
     if guest_or_skip("the_test_kernel_boots_as_a_bzimage", 16).is_none() {
         return;
     }
@@ -70,7 +102,7 @@ fn the_test_kernel_boots_as_a_bzimage_through_the_64_bit_protocol() {
     let vm = KvmVm::with_linux(&image, 128 << 20, 1).expect("load the bzImage");
     let started = Instant::now();
     vm.resume().expect("resume");
-    wait_for_pass(&vm, 2, Duration::from_secs(150));
+    wait_for_pass(&vm, 2, Duration::from_secs(180));
     let text = console_text(&vm);
     println!(
         "bzImage (decompressed by its own stub): dirtier pass 2 after {:.1} s",
@@ -81,13 +113,14 @@ fn the_test_kernel_boots_as_a_bzimage_through_the_64_bit_protocol() {
 
 #[test]
 fn a_paused_linux_guest_moves_into_a_second_vm_and_its_passes_go_on() {
+    let _slot = boot_slot();
     let Some(image) = guest_or_skip("a_paused_linux_guest_moves", 16) else {
         return;
     };
     let memory = 128 << 20;
     let source = KvmVm::with_linux(&image, memory, 1).expect("load the kernel");
     source.resume().expect("resume");
-    wait_for_pass(&source, 2, Duration::from_secs(90));
+    wait_for_pass(&source, 2, Duration::from_secs(180));
     source.pause().expect("pause");
     let at_pause = newest_pass(&console_text(&source));
     let state = source.save_state().expect("save");
@@ -138,6 +171,7 @@ fn wait_for_text(vm: &KvmVm, text: &str, limit: Duration) -> String {
 
 #[test]
 fn a_linux_guest_reads_and_writes_its_virtio_disk() {
+    let _slot = boot_slot();
     let Some(mut image) = guest_or_skip("a_linux_guest_reads_and_writes_its_virtio_disk", 16)
     else {
         return;
@@ -169,7 +203,7 @@ fn a_linux_guest_reads_and_writes_its_virtio_disk() {
         .expect("attach");
     assert_eq!(word, ferry_host::virtio::bus::cmdline_word(0));
     vm.resume().expect("resume");
-    wait_for_text(&vm, "ferry-guest: up", Duration::from_secs(120));
+    wait_for_text(&vm, "ferry-guest: up", Duration::from_secs(180));
     std::thread::sleep(Duration::from_secs(2));
     // The guest sees the disk's size, reads the host's mark, and writes
     // its own with fsync; the answers carry arithmetic so that the typed
