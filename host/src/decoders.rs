@@ -442,7 +442,6 @@ fn client_seeds() -> Vec<(String, Vec<u8>)> {
 }
 
 fn stored_seeds() -> Vec<(String, Vec<u8>)> {
-    let record = |value: Vec<u8>| value;
     let vm = StoredVm {
         config: sample_vm(),
         generation: 3,
@@ -472,7 +471,7 @@ fn stored_seeds() -> Vec<(String, Vec<u8>)> {
         source: None,
         destination: None,
     };
-    let encoded = |v: Result<Vec<u8>, store::StoreError>| record(v.expect("a seed encodes"));
+    let encoded = |v: Result<Vec<u8>, store::StoreError>| v.expect("a seed encodes");
     vec![
         ("vm".into(), tagged(0, &encoded(store::encode(&vm)))),
         (
