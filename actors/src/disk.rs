@@ -56,6 +56,15 @@ pub enum DiskError {
         /// Why the mirrored write failed.
         why: String,
     },
+    /// The disk's owner (the node serving a VMM's disk) cannot be reached
+    /// now; it may come back (a restarted node connects again).
+    #[error("{op}: the disk's node cannot be reached: {reason}")]
+    Unreachable {
+        /// What was attempted.
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The host a disk is copied to failed to store it (its reason, as it
     /// said it): not a broken link, so resuming would not help.
     #[error("{peer} could not store the disk copy: {reason}")]
@@ -71,7 +80,7 @@ impl DiskError {
     /// Whether a broken link may explain the error, so reconnecting and
     /// resuming the copy is worth a try.
     pub fn may_resume(&self) -> bool {
-        matches!(self, Self::Io { .. })
+        matches!(self, Self::Io { .. } | Self::Unreachable { .. })
     }
 }
 
@@ -115,8 +124,13 @@ pub trait BlockBackend: Send {
 /// write durable, on both copies while a mirror runs).
 pub trait DiskPort: Send + Sync {
     /// Writes `data` at `offset`, durable before it returns; `workload_seq`
-    /// is the guest's pattern write number, recorded once acknowledged.
-    fn write(&self, offset: u64, data: Vec<u8>, workload_seq: u64) -> Result<(), DiskError>;
+    /// is the guest's pattern write number, if it is one, recorded once
+    /// acknowledged.
+    fn write(&self, offset: u64, data: Vec<u8>, workload_seq: Option<u64>)
+    -> Result<(), DiskError>;
+
+    /// Reads `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError>;
 }
 
 /// A disk shared between the actor that owns it and the blocking pool

@@ -274,6 +274,18 @@ pub trait GuestBackend: Send {
         blocks: u64,
         stride: u64,
     ) -> Result<bool, GuestError>;
+
+    /// Connects the guest's virtio block devices, in order, to `ports`
+    /// (one per disk of the VM, in its definition's order; a device that
+    /// was connected before is reconnected). Returns how many devices the
+    /// guest has: 0 for guests without virtio disks.
+    fn connect_block_devices(
+        &mut self,
+        ports: Vec<std::sync::Arc<dyn crate::disk::DiskPort>>,
+    ) -> Result<usize, GuestError> {
+        let _ = ports;
+        Ok(0)
+    }
 }
 
 #[cfg(test)]

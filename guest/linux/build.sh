@@ -34,55 +34,65 @@ for f in "$src_tar" "$busybox"; do
 done
 
 # Bump when the steps below change what they build.
-build_version=2
-key=$( (cd "$here" && echo "$build_version" && cat config init patches/*.patch programs/*.c; \
-        dpkg-query -W -f='${Version}' linux-source-6.1 busybox-static 2>/dev/null || true) \
+build_version=3
+versions=$(dpkg-query -W -f='${Version} ' linux-source-6.1 busybox-static 2>/dev/null || true)
+# The kernel is keyed by what it is built from only, so editing the init
+# or a test program rebuilds the initramfs (seconds), not the kernel.
+kernel_key=$( (cd "$here" && echo "$build_version" && cat config patches/*.patch; echo "$versions") \
+      | sha256sum | cut -c1-12)
+key=$( (cd "$here" && echo "$build_version $kernel_key" && cat init programs/*.c; echo "$versions") \
       | sha256sum | cut -c1-12)
 out="$cache/linux/$key"
+kernel="$cache/linux/kernel-$kernel_key"
 if [ -s "$out/vmlinux" ] && [ -s "$out/bzImage" ] && [ -s "$out/initrd.cpio" ]; then
   ln -sfn "$key" "$cache/linux/current"
   echo "$out"
   exit 0
 fi
-
 work="$(mktemp -d "${TMPDIR:-/var/tmp}/ferry-linux.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 started=$(date +%s)
-echo "build.sh: unpacking $(basename "$src_tar")" >&2
-tar -xf "$src_tar" -C "$work"
-tree="$work/linux-source-6.1"
-for p in "$here"/patches/*.patch; do
-  patch -d "$tree" -p1 --quiet --forward < "$p"
-done
-
-echo "build.sh: configuring" >&2
-make -C "$tree" -s tinyconfig >/dev/null
-opts=()
-while read -r line; do
-  line="${line%%#*}"; line="${line// /}"
-  [ -n "$line" ] || continue
-  if [ "${line:0:1}" = "-" ]; then opts+=(--disable "${line:1}"); else opts+=(--enable "$line"); fi
-done < "$here/config"
-"$tree/scripts/config" --file "$tree/.config" "${opts[@]}"
-make -C "$tree" -s olddefconfig >/dev/null
-# Every option asked for must have survived olddefconfig (a dependency
-# missing would drop it silently).
-missing=0
-while read -r line; do
-  line="${line%%#*}"; line="${line// /}"
-  [ -n "$line" ] && [ "${line:0:1}" != "-" ] || continue
-  grep -q "^CONFIG_$line=y" "$tree/.config" || { echo "build.sh: CONFIG_$line did not stick" >&2; missing=1; }
-done < "$here/config"
-[ "$missing" = 0 ] || exit 1
-
-echo "build.sh: compiling the kernel on $(nproc) cores" >&2
-make -C "$tree" -s -j"$(nproc)" vmlinux bzImage >&2
-
+if ! [ -s "$kernel/vmlinux" ] || ! [ -s "$kernel/bzImage" ]; then
+  echo "build.sh: unpacking $(basename "$src_tar")" >&2
+  tar -xf "$src_tar" -C "$work"
+  tree="$work/linux-source-6.1"
+  for p in "$here"/patches/*.patch; do
+    patch -d "$tree" -p1 --quiet --forward < "$p"
+  done
+  echo "build.sh: configuring" >&2
+  make -C "$tree" -s tinyconfig >/dev/null
+  opts=()
+  while read -r line; do
+    line="${line%%#*}"; line="${line// /}"
+    [ -n "$line" ] || continue
+    if [ "${line:0:1}" = "-" ]; then opts+=(--disable "${line:1}"); else opts+=(--enable "$line"); fi
+  done < "$here/config"
+  "$tree/scripts/config" --file "$tree/.config" "${opts[@]}"
+  make -C "$tree" -s olddefconfig >/dev/null
+  # Every option asked for must have survived olddefconfig (a dependency
+  # missing would drop it silently).
+  missing=0
+  while read -r line; do
+    line="${line%%#*}"; line="${line// /}"
+    [ -n "$line" ] && [ "${line:0:1}" != "-" ] || continue
+    grep -q "^CONFIG_$line=y" "$tree/.config" || { echo "build.sh: CONFIG_$line did not stick" >&2; missing=1; }
+  done < "$here/config"
+  [ "$missing" = 0 ] || exit 1
+  echo "build.sh: compiling the kernel on $(nproc) cores" >&2
+  make -C "$tree" -s -j"$(nproc)" vmlinux bzImage >&2
+  mkdir -p "$kernel.tmp"
+  cp "$tree/vmlinux" "$kernel.tmp/vmlinux"
+  cp "$tree/arch/x86/boot/bzImage" "$kernel.tmp/bzImage"
+  strip --strip-debug "$kernel.tmp/vmlinux" 2>/dev/null || true
+  cp "$tree/.config" "$kernel.tmp/config"
+  rm -rf "$kernel"
+  mv "$kernel.tmp" "$kernel"
+fi
 echo "build.sh: the initramfs" >&2
 root="$work/root"
 mkdir -p "$root/bin" "$root/proc" "$root/sys" "$root/dev" "$root/tmp"
 cp "$busybox" "$root/bin/busybox"
-for applet in sh mount mkdir cat echo reboot; do ln -s busybox "$root/bin/$applet"; done
+for applet in sh mount mkdir cat echo reboot ip sleep; do ln -s busybox "$root/bin/$applet"; done
 cp "$here/init" "$root/init"
 chmod +x "$root/init"
 for c in "$here"/programs/*.c; do
@@ -91,9 +101,7 @@ for c in "$here"/programs/*.c; do
 done
 mkdir -p "$out.tmp"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$out.tmp/initrd.cpio"
-cp "$tree/vmlinux" "$out.tmp/vmlinux"
-cp "$tree/arch/x86/boot/bzImage" "$out.tmp/bzImage"
-strip --strip-debug "$out.tmp/vmlinux" 2>/dev/null || true
+cp "$kernel/vmlinux" "$kernel/bzImage" "$out.tmp/"
 cp "$here/config" "$out.tmp/config.fragment"
 rm -rf "$out"
 mv "$out.tmp" "$out"

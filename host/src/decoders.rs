@@ -569,16 +569,31 @@ fn vmm_seeds() -> Vec<(String, Vec<u8>)> {
             "disk_write".into(),
             vmm_frame(
                 2,
-                &proto::DiskRequest {
+                &proto::DiskRequest::Write {
                     offset: 4096,
-                    seq: 9,
+                    seq: Some(9),
                 },
                 &[1; 512],
             ),
         ),
         (
+            "disk_read".into(),
+            vmm_frame(
+                2,
+                &proto::DiskRequest::Read {
+                    offset: 8192,
+                    len: 4096,
+                },
+                &[],
+            ),
+        ),
+        (
+            "block_channel".into(),
+            vmm_frame(0, &proto::Request::Block { index: 1 }, &[]),
+        ),
+        (
             "disk_written".into(),
-            vmm_frame(3, &proto::DiskReply::Written, &[]),
+            vmm_frame(3, &proto::DiskReply::Done, &[]),
         ),
     ]
 }

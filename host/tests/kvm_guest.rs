@@ -350,13 +350,22 @@ fn test_guest_writes_its_disk_pattern_through_the_port() {
         acked: AtomicU64,
     }
     impl DiskPort for Port {
-        fn write(&self, offset: u64, data: Vec<u8>, seq: u64) -> Result<(), DiskError> {
+        fn write(&self, offset: u64, data: Vec<u8>, seq: Option<u64>) -> Result<(), DiskError> {
             self.disk
                 .lock()
                 .expect("disk")
                 .write_durable(offset, &data)?;
-            self.acked.fetch_max(seq, Ordering::SeqCst);
+            self.acked.fetch_max(
+                seq.expect("the test guest numbers its writes"),
+                Ordering::SeqCst,
+            );
             Ok(())
+        }
+
+        fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
+            let mut buf = vec![0; len as usize];
+            self.disk.lock().expect("disk").read_at(offset, &mut buf)?;
+            Ok(buf)
         }
     }
 

@@ -927,18 +927,79 @@ pub async fn call<T: Send + 'static>(
 pub struct ActorDiskPort(pub ActorRef<DiskMsg>);
 
 impl crate::disk::DiskPort for ActorDiskPort {
-    fn write(&self, offset: u64, data: Vec<u8>, workload_seq: u64) -> Result<(), DiskError> {
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        workload_seq: Option<u64>,
+    ) -> Result<(), DiskError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.0
             .cast(DiskMsg::Write {
                 offset,
                 data,
-                workload_seq: Some(workload_seq),
+                workload_seq,
                 reply: tx.into(),
             })
-            .map_err(|_| refused("write", "the disk actor is gone"))?;
-        rx.blocking_recv()
-            .map_err(|_| refused("write", "the disk actor is gone"))?
+            .map_err(|_| gone("write"))?;
+        rx.blocking_recv().map_err(|_| gone("write"))?
+    }
+
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .cast(DiskMsg::Read {
+                offset,
+                len,
+                reply: tx.into(),
+            })
+            .map_err(|_| gone("read"))?;
+        rx.blocking_recv().map_err(|_| gone("read"))?
+    }
+}
+
+/// The disk actor stopped (its disk moved away or the VM is gone).
+fn gone(op: &'static str) -> DiskError {
+    DiskError::Unreachable {
+        op,
+        reason: "the disk actor is gone".into(),
+    }
+}
+
+/// A guest's port onto its workload disk that recognises the verifiable
+/// pattern in the guest's own writes (the Linux test guest's disk writer
+/// writes it through its virtio disk), so the disk actor records them as
+/// the workload's acknowledged writes and `--verify` checks them.
+pub struct PatternPort {
+    /// The disk.
+    pub inner: ActorDiskPort,
+    /// The disk's pattern.
+    pub pattern: WritePattern,
+}
+
+impl crate::disk::DiskPort for PatternPort {
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        workload_seq: Option<u64>,
+    ) -> Result<(), DiskError> {
+        let seq = workload_seq.or_else(|| {
+            let whole = data.len() as u64 == PATTERN_BLOCK_BYTES;
+            let block = offset / PATTERN_BLOCK_BYTES;
+            let aligned = offset.is_multiple_of(PATTERN_BLOCK_BYTES);
+            let seq = if whole && aligned {
+                self.pattern.decode(block, &data)
+            } else {
+                0
+            };
+            (seq != 0).then_some(seq)
+        });
+        self.inner.write(offset, data, seq)
+    }
+
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
+        self.inner.read(offset, len)
     }
 }
 

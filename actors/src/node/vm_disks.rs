@@ -69,10 +69,34 @@ pub async fn spawn_disk(
     })
 }
 
-/// Connects the guest's disk device (if it has one) to its first disk
-/// when that disk runs the workload: the guest then writes the pattern
-/// itself, through the disk actor.
+/// Connects the guest's disks: a guest with virtio block devices (a Linux
+/// guest) gets a port onto each disk actor, in the VM's disk order, and
+/// drives its disks itself; otherwise the guest's disk device (if it has
+/// one: the KVM test guest) writes the pattern to its first disk when
+/// that disk runs the workload.
 pub async fn attach_to_guest(vm: &ActorRef<super::vm::VmMsg>, disks: &mut [VmDisk]) {
+    let ports: Vec<Arc<dyn crate::disk::DiskPort>> = disks
+        .iter()
+        .map(|d| -> Arc<dyn crate::disk::DiskPort> {
+            Arc::new(disk::PatternPort {
+                inner: disk::ActorDiskPort(d.actor.clone()),
+                pattern: WritePattern::new(d.config.len_bytes.max(PATTERN_BLOCK_BYTES)),
+            })
+        })
+        .collect();
+    if !ports.is_empty() {
+        match super::vm::with_guest(vm, move |g| g.connect_block_devices(ports)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                for d in disks.iter_mut().take(n) {
+                    d.guest_driven = true;
+                }
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!("connecting the guest's virtio disks: {e}"),
+            Err(e) => tracing::warn!("connecting the guest's virtio disks: {e}"),
+        }
+    }
     let Some(d) = disks.first_mut().filter(|d| d.config.workload) else {
         return;
     };

@@ -120,6 +120,30 @@ impl GuestBackend for KvmVm {
         Ok(true)
     }
 
+    fn connect_block_devices(
+        &mut self,
+        ports: Vec<Arc<dyn ferry_actors::disk::DiskPort>>,
+    ) -> Result<usize, GuestError> {
+        let devices = self.node_disks();
+        if devices == 0 {
+            return Ok(0);
+        }
+        if ports.len() != devices {
+            return Err(GuestError::Backend {
+                op: "connect disks",
+                reason: format!("the guest has {devices} disks, given {}", ports.len()),
+            });
+        }
+        for (i, port) in ports.into_iter().enumerate() {
+            self.connect_disk(i, port)
+                .map_err(|e| GuestError::Backend {
+                    op: "connect disks",
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(devices)
+    }
+
     fn ram(&self) -> GuestRam {
         let host = self
             .memory()

@@ -201,6 +201,10 @@ pub struct KvmVm {
     ticker: Option<std::thread::JoinHandle<()>>,
     /// The CPU features this host's KVM gives guests.
     supported: Arc<BTreeSet<String>>,
+    /// Where the node plugs in the virtio disks' ports, in disk order.
+    disk_links: Vec<Arc<crate::virtio::link::DiskLink>>,
+    /// Those disks' sizes.
+    disk_lens: Vec<u64>,
 }
 
 impl std::fmt::Debug for KvmVm {
@@ -239,22 +243,75 @@ impl KvmVm {
         memory_bytes: u64,
         vcpus: u8,
     ) -> Result<Self, KvmError> {
-        Self::with_linux_on(Self::zeroed(memory_bytes)?, image, vcpus, None)
+        Self::with_linux_on(Self::zeroed(memory_bytes)?, image, vcpus, None, &[])
     }
 
     /// As [`KvmVm::with_linux`], in `memory` (zeroed), with the CPU
-    /// `model`'s features only.
+    /// `model`'s features only and a virtio disk of each of `disks` bytes
+    /// (named on the kernel command line; the node connects them with
+    /// [`KvmVm::connect_disk`]).
     pub fn with_linux_on(
         memory: Memory,
         image: &linux::LinuxImage,
         vcpus: u8,
         model: Option<&BTreeSet<String>>,
+        disks: &[u64],
     ) -> Result<Self, KvmError> {
         let memory_bytes = memory_len(&memory);
-        let entry = linux::load(&memory, memory_bytes, image, vcpus)?;
-        let vm = Self::create_in(memory, vcpus, Some(entry), model)?;
+        let mut image = image.clone();
+        for i in 0..disks.len() {
+            image.cmdline.push(' ');
+            image.cmdline += &crate::virtio::bus::cmdline_word(i);
+        }
+        let entry = linux::load(&memory, memory_bytes, &image, vcpus)?;
+        let mut vm = Self::create_in(memory, vcpus, Some(entry), model)?;
         vm.attach_console(None)?;
+        vm.attach_node_disks(disks)?;
         Ok(vm)
+    }
+
+    /// Gives the VM a virtio disk of each of `lens` bytes whose blocks the
+    /// node serves (requests wait until [`KvmVm::connect_disk`]): a Linux
+    /// guest's disks at boot, or a shadow's, before its state arrives.
+    pub fn attach_node_disks(&mut self, lens: &[u64]) -> Result<(), KvmError> {
+        for (i, &len) in lens.iter().enumerate() {
+            let link = crate::virtio::link::DiskLink::new();
+            let backend = crate::virtio::link::LinkedBlock::new(
+                len,
+                link.clone(),
+                crate::virtio::link::WAIT_FOR_NODE,
+            );
+            self.attach_block(backend, &format!("ferry-disk{i}"))?;
+            self.disk_links.push(link);
+            self.disk_lens.push(len);
+        }
+        Ok(())
+    }
+
+    /// Plugs `port` into virtio disk `index` (its node-side disk).
+    pub fn connect_disk(
+        &self,
+        index: usize,
+        port: Arc<dyn ferry_actors::disk::DiskPort>,
+    ) -> Result<(), KvmError> {
+        let link = self.disk_links.get(index).ok_or_else(|| {
+            KvmError::Image(format!(
+                "the VM has {} virtio disks, not a disk {index}",
+                self.disk_links.len()
+            ))
+        })?;
+        link.connect(port);
+        Ok(())
+    }
+
+    /// How many virtio disks the node serves.
+    pub fn node_disks(&self) -> usize {
+        self.disk_links.len()
+    }
+
+    /// The sizes of the virtio disks the node serves.
+    pub fn node_disk_lens(&self) -> &[u64] {
+        &self.disk_lens
     }
 
     /// Gives the VM its serial console (COM1), restored from `state` when
@@ -378,6 +435,8 @@ impl KvmVm {
             dirty_logging: false,
             ticker: None,
             supported: Arc::new(BTreeSet::new()),
+            disk_links: Vec::new(),
+            disk_lens: Vec::new(),
         };
         this_vm.set_memory_region(0)?;
         this_vm

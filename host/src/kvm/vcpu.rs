@@ -95,7 +95,7 @@ impl DiskSlot {
         let Ok((offset, seq)) = request else {
             return 1;
         };
-        match dev.port.write(offset, page, seq) {
+        match dev.port.write(offset, page, Some(seq)) {
             Ok(()) => 0,
             Err(e) => {
                 // The guest retries at once: say so on the first failure

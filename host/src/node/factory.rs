@@ -75,7 +75,7 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm::KvmError) -> GuestError {
 
 impl GuestFactory for HostFactory {
     fn boot(&self, config: &VmConfig) -> Result<Box<dyn GuestBackend>, GuestError> {
-        if let (Some(home), Some(boot)) = (&self.vmms, vmm_boot(&config.kind)) {
+        if let (Some(home), Some(boot)) = (&self.vmms, vmm_boot(config)) {
             let memory =
                 kvm::shared_memory(config.memory_bytes).map_err(kvm_err("guest memory"))?;
             let guest = VmmGuest::start_with_model(
@@ -84,6 +84,7 @@ impl GuestFactory for HostFactory {
                 boot,
                 config.vcpus,
                 cpu_model(config)?,
+                virtio_disks(config),
                 memory,
             )?;
             return Ok(Box::new(guest));
@@ -103,10 +104,14 @@ impl GuestFactory for HostFactory {
                 let image = LinuxImage {
                     kernel: kernel.into(),
                     initrd: initrd.as_ref().map(Into::into),
-                    cmdline: cmdline.clone(),
+                    cmdline: linux_cmdline(config, cmdline),
                 };
-                let vm = KvmVm::with_linux(&image, config.memory_bytes, config.vcpus)
-                    .map_err(kvm_err("boot Linux guest"))?;
+                let memory = kvm::shared_memory(config.memory_bytes)
+                    .and_then(kvm::memory_of)
+                    .map_err(kvm_err("guest memory"))?;
+                let vm =
+                    KvmVm::with_linux_on(memory, &image, config.vcpus, None, &virtio_disks(config))
+                        .map_err(kvm_err("boot Linux guest"))?;
                 Ok(Box::new(vm))
             }
             GuestKind::Synthetic { .. } => SyntheticFactory.boot(config),
@@ -131,23 +136,35 @@ impl GuestFactory for HostFactory {
                     region
                 }
             };
-            let guest = VmmGuest::start(home, &config.name, Boot::Blank, config.vcpus, memory)?;
+            let guest = VmmGuest::start_with_model(
+                home,
+                &config.name,
+                Boot::Blank,
+                config.vcpus,
+                None,
+                virtio_disks(config),
+                memory,
+            )?;
             return Ok(Box::new(guest));
         }
-        if let Some(region) = pooled {
-            let vm = KvmVm::create_with_region(region, config.vcpus)
-                .map_err(kvm_err("create shadow VM"))?;
-            return Ok(Box::new(vm));
-        }
-        let region = kvm::shared_memory(config.memory_bytes).map_err(kvm_err("guest memory"))?;
-        prepare_in_background(&region);
-        let vm =
+        let region = match pooled {
+            Some(region) => region,
+            None => {
+                let region =
+                    kvm::shared_memory(config.memory_bytes).map_err(kvm_err("guest memory"))?;
+                prepare_in_background(&region);
+                region
+            }
+        };
+        let mut vm =
             KvmVm::create_with_region(region, config.vcpus).map_err(kvm_err("create shadow VM"))?;
+        vm.attach_node_disks(&virtio_disks(config))
+            .map_err(kvm_err("create shadow VM"))?;
         Ok(Box::new(vm))
     }
 
     fn reattach(&self, config: &VmConfig) -> Reattach {
-        let (Some(home), Some(_)) = (&self.vmms, vmm_boot(&config.kind)) else {
+        let (Some(home), Some(_)) = (&self.vmms, vmm_boot(config)) else {
             return Reattach::NotKept;
         };
         match VmmGuest::attach(home, &config.name) {
@@ -208,10 +225,32 @@ fn cpu_model(config: &VmConfig) -> Result<Option<Vec<String>>, GuestError> {
     Ok((!config.cpu_features.is_empty()).then(|| config.cpu_features.clone()))
 }
 
-/// What a VMM boots for a guest of `kind`; `None` for synthetic guests,
+/// The virtio disks a guest of `config` has: a Linux guest one per disk
+/// of the VM, in its order (the node serves their blocks); the built-in
+/// test guest and synthetic guests none.
+fn virtio_disks(config: &VmConfig) -> Vec<u64> {
+    match config.kind {
+        GuestKind::Linux { .. } => config.disks.iter().map(|d| d.len_bytes).collect(),
+        GuestKind::Kvm { .. } | GuestKind::Synthetic { .. } => Vec::new(),
+    }
+}
+
+/// The command line a Linux guest of `config` boots with: its own, plus
+/// `ferry_disk=vda` when its first disk runs the verifiable write
+/// workload (the test guest's disk writer then writes it).
+fn linux_cmdline(config: &VmConfig, cmdline: &str) -> String {
+    match config.disks.first() {
+        Some(d) if d.workload && !cmdline.contains("ferry_disk=") => {
+            format!("{cmdline} ferry_disk=vda")
+        }
+        _ => cmdline.to_owned(),
+    }
+}
+
+/// What a VMM boots for a guest of `config`; `None` for synthetic guests,
 /// which live in the node.
-fn vmm_boot(kind: &GuestKind) -> Option<Boot> {
-    match kind {
+fn vmm_boot(config: &VmConfig) -> Option<Boot> {
+    match &config.kind {
         GuestKind::Kvm { wss_bytes } => Some(Boot::TestGuest {
             wss_mib: wss_bytes >> 20,
         }),
@@ -222,7 +261,7 @@ fn vmm_boot(kind: &GuestKind) -> Option<Boot> {
         } => Some(Boot::Linux {
             kernel: kernel.into(),
             initrd: initrd.as_ref().map(Into::into),
-            cmdline: cmdline.clone(),
+            cmdline: linux_cmdline(config, cmdline),
         }),
         GuestKind::Synthetic { .. } => None,
     }

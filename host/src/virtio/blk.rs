@@ -17,9 +17,20 @@ pub const QUEUE_SIZE: u16 = 128;
 /// Bytes per sector, the unit requests address.
 pub const SECTOR: u64 = 512;
 
-/// Feature: the device takes flush requests (so the guest's page cache
-/// may hold writes until it flushes; ours are durable anyway).
+/// Feature: the device takes flush requests.
 const F_FLUSH: u64 = 1 << 9;
+/// Feature: `seg_max` in the configuration space says how many data
+/// buffers a request may have (without it Linux sends one per request).
+const F_SEG_MAX: u64 = 1 << 2;
+/// Feature: `writeback` in the configuration space says whether the
+/// device has a volatile cache. Ours is 0: every write is durable when
+/// it completes (write-through), so the guest need not send flushes
+/// after its writes, and FUA is what every write already is.
+const F_CONFIG_WCE: u64 = 1 << 11;
+/// Data buffers a request may have: the ring, less header and status.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Bytes of the configuration space ferry fills (up to `writeback`).
+const CONFIG_BYTES: usize = 33;
 
 /// Request types.
 const T_IN: u32 = 0;
@@ -129,37 +140,35 @@ impl<B: BlockIo> Blk<B> {
             return (S_IOERR, 0);
         };
         let kind = u32::from_le(kind);
-        let Some(mut offset) = u64::from_le(sector).checked_mul(SECTOR) else {
+        let Some(offset) = u64::from_le(sector).checked_mul(SECTOR) else {
             return (S_IOERR, 0);
         };
         match kind {
             T_IN | T_OUT => {
-                let mut written = 0u32;
-                for b in data {
-                    // Reads fill device-writable buffers, writes take
-                    // driver-written ones.
-                    if b.writable != (kind == T_IN) {
-                        return (S_IOERR, written);
-                    }
-                    let r = if kind == T_IN {
-                        self.read_into(*b, offset, memory)
-                    } else {
-                        self.write_from(*b, offset, memory)
-                    };
-                    if r.is_err() {
-                        return (S_IOERR, written);
-                    }
-                    if kind == T_IN {
-                        written += b.len;
-                    }
-                    offset += u64::from(b.len);
+                // Reads fill device-writable buffers, writes take
+                // driver-written ones; the request is one backend call.
+                if data.iter().any(|b| b.writable != (kind == T_IN)) {
+                    return (S_IOERR, 0);
+                }
+                let len: u64 = data.iter().map(|b| u64::from(b.len)).sum();
+                if self.in_range(offset, len).is_err() {
+                    return (S_IOERR, 0);
+                }
+                let served = if kind == T_IN {
+                    self.read_into(data, offset, len, memory)
+                } else {
+                    self.write_from(data, offset, len, memory)
+                };
+                if served.is_err() {
+                    return (S_IOERR, 0);
                 }
                 if kind == T_IN {
                     self.counters.reads += 1;
+                    (S_OK, u32::try_from(len).unwrap_or(u32::MAX))
                 } else {
                     self.counters.writes += 1;
+                    (S_OK, 0)
                 }
-                (S_OK, written)
             }
             T_FLUSH => {
                 self.counters.flushes += 1;
@@ -187,27 +196,63 @@ impl<B: BlockIo> Blk<B> {
         }
     }
 
-    fn in_range(&self, offset: u64, len: u32) -> Result<(), ()> {
-        match offset.checked_add(u64::from(len)) {
+    fn in_range(&self, offset: u64, len: u64) -> Result<(), ()> {
+        match offset.checked_add(len) {
             Some(end) if end <= self.backend.len_bytes() => Ok(()),
             _ => Err(()),
         }
     }
 
-    fn read_into(&mut self, b: Buffer, offset: u64, memory: &Memory) -> Result<(), ()> {
-        self.in_range(offset, b.len)?;
-        let mut buf = vec![0u8; b.len as usize];
-        self.backend.read_at(offset, &mut buf).map_err(|_| ())?;
-        // Through vm-memory, so the pages written are marked dirty for a
-        // migration's next round.
-        memory.write_slice(&buf, b.addr).map_err(|_| ())
+    /// Reads `len` bytes at `offset` and scatters them over `buffers`.
+    fn read_into(
+        &mut self,
+        buffers: &[Buffer],
+        offset: u64,
+        len: u64,
+        memory: &Memory,
+    ) -> Result<(), ()> {
+        let mut data = vec![0u8; usize::try_from(len).map_err(|_| ())?];
+        self.backend.read_at(offset, &mut data).map_err(|_| ())?;
+        let mut at = 0;
+        for b in buffers {
+            let n = b.len as usize;
+            // Through vm-memory, so the pages written are marked dirty for
+            // a migration's next round.
+            memory
+                .write_slice(&data[at..at + n], b.addr)
+                .map_err(|_| ())?;
+            at += n;
+        }
+        Ok(())
     }
 
-    fn write_from(&mut self, b: Buffer, offset: u64, memory: &Memory) -> Result<(), ()> {
-        self.in_range(offset, b.len)?;
-        let mut buf = vec![0u8; b.len as usize];
-        memory.read_slice(&mut buf, b.addr).map_err(|_| ())?;
-        self.backend.write_at(offset, &buf).map_err(|_| ())
+    /// Gathers `len` bytes from `buffers` and writes them at `offset`.
+    fn write_from(
+        &mut self,
+        buffers: &[Buffer],
+        offset: u64,
+        len: u64,
+        memory: &Memory,
+    ) -> Result<(), ()> {
+        let mut data = vec![0u8; usize::try_from(len).map_err(|_| ())?];
+        let mut at = 0;
+        for b in buffers {
+            let n = b.len as usize;
+            memory
+                .read_slice(&mut data[at..at + n], b.addr)
+                .map_err(|_| ())?;
+            at += n;
+        }
+        self.backend.write_at(offset, &data).map_err(|_| ())
+    }
+
+    /// The configuration space: capacity in sectors, `seg_max`, and
+    /// `writeback` 0 (virtio 1.2, 5.2.4).
+    fn config_space(&self) -> [u8; CONFIG_BYTES] {
+        let mut c = [0u8; CONFIG_BYTES];
+        c[..8].copy_from_slice(&(self.backend.len_bytes() / SECTOR).to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c
     }
 }
 
@@ -217,7 +262,7 @@ impl<B: BlockIo> VirtioDevice for Blk<B> {
     }
 
     fn features(&self) -> u64 {
-        F_FLUSH
+        F_FLUSH | F_SEG_MAX | F_CONFIG_WCE
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
@@ -225,11 +270,10 @@ impl<B: BlockIo> VirtioDevice for Blk<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // The configuration space starts with the capacity in sectors.
-        let capacity = (self.backend.len_bytes() / SECTOR).to_le_bytes();
+        let config = self.config_space();
         for (i, byte) in data.iter_mut().enumerate() {
             let at = usize::try_from(offset).map_or(usize::MAX, |o| o.saturating_add(i));
-            *byte = capacity.get(at).copied().unwrap_or(0);
+            *byte = config.get(at).copied().unwrap_or(0);
         }
     }
 

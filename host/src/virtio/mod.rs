@@ -10,6 +10,7 @@
 
 pub mod blk;
 pub mod bus;
+pub mod link;
 pub mod mmio;
 
 #[cfg(test)]

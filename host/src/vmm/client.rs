@@ -85,6 +85,10 @@ pub struct VmmGuest {
     pid: u32,
     dirty_logging: bool,
     disk: Option<Disk>,
+    /// The sizes of the guest's virtio disks, in the VM's disk order.
+    disk_lens: Vec<u64>,
+    /// The ports their channels serve, kept to connect a successor VMM.
+    block_ports: Vec<Arc<dyn DiskPort>>,
 }
 
 impl std::fmt::Debug for VmmGuest {
@@ -187,17 +191,20 @@ impl VmmGuest {
         vcpus: u8,
         memory: MmapRegion<AtomicBitmap>,
     ) -> Result<Self, GuestError> {
-        Self::start_with_model(home, name, boot, vcpus, None, memory)
+        Self::start_with_model(home, name, boot, vcpus, None, Vec::new(), memory)
     }
 
     /// As [`Self::start`], the guest seeing only the CPU features of
-    /// `cpu_model` (`None`: all this host's KVM supports).
+    /// `cpu_model` (`None`: all this host's KVM supports), with a virtio
+    /// disk of each of `disks` bytes (connected to the node's disks by
+    /// [`GuestBackend::connect_block_devices`]).
     pub fn start_with_model(
         home: &VmmHome,
         name: &str,
         boot: Boot,
         vcpus: u8,
         cpu_model: Option<Vec<String>>,
+        disks: Vec<u64>,
         memory: MmapRegion<AtomicBitmap>,
     ) -> Result<Self, GuestError> {
         let socket = home.socket(name);
@@ -208,6 +215,7 @@ impl VmmGuest {
             vcpus,
             console_log: Some(home.console_log(name)),
             cpu_model,
+            disks: disks.clone(),
         };
         if let Err(e) = exchange(&conn, "create the VM", &create, &[], Some(&memfd)) {
             let _ = exchange(&conn, "quit", &Request::Quit, &[], None);
@@ -225,6 +233,8 @@ impl VmmGuest {
             pid,
             dirty_logging: false,
             disk: None,
+            disk_lens: disks,
+            block_ports: Vec::new(),
         })
     }
 
@@ -254,6 +264,8 @@ impl VmmGuest {
             pid: id.pid,
             dirty_logging: false,
             disk: None,
+            disk_lens: id.disks,
+            block_ports: Vec::new(),
         }))
     }
 
@@ -315,14 +327,34 @@ impl VmmGuest {
     }
 }
 
-/// Carries out the guest's disk writes the VMM sends, until it goes.
+/// Opens virtio disk `index`'s channel to the VMM at `socket`, served by
+/// `port`.
+fn connect_block(socket: &Path, index: usize, port: Arc<dyn DiskPort>) -> Result<(), GuestError> {
+    let fail = backend("connect disk");
+    let conn = UnixStream::connect(socket).map_err(|e| fail(e.to_string()))?;
+    let index = u32::try_from(index).map_err(|e| fail(e.to_string()))?;
+    exchange(&conn, "connect disk", &Request::Block { index }, &[], None)?;
+    std::thread::Builder::new()
+        .name("vmm-block".into())
+        .spawn(move || serve_disk(&conn, port.as_ref()))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+/// Carries out the guest's disk requests the VMM sends, until it goes.
 fn serve_disk(conn: &UnixStream, port: &dyn DiskPort) {
     while let Ok((request, data, _)) = proto::receive::<DiskRequest>(conn) {
-        let reply = match port.write(request.offset, data, request.seq) {
-            Ok(()) => DiskReply::Written,
-            Err(e) => DiskReply::Failed(e.to_string()),
+        let answer = match request {
+            DiskRequest::Write { offset, seq } => {
+                port.write(offset, data, seq).map(|()| Vec::new())
+            }
+            DiskRequest::Read { offset, len } => port.read(offset, len),
         };
-        if proto::send(conn, &reply, &[], None).is_err() {
+        let (reply, payload) = match answer {
+            Ok(payload) => (DiskReply::Done, payload),
+            Err(e) => (DiskReply::Failed(e.to_string()), Vec::new()),
+        };
+        if proto::send(conn, &reply, &payload, None).is_err() {
             return;
         }
     }
@@ -468,6 +500,28 @@ impl GuestBackend for VmmGuest {
         Ok(true)
     }
 
+    fn connect_block_devices(
+        &mut self,
+        ports: Vec<Arc<dyn DiskPort>>,
+    ) -> Result<usize, GuestError> {
+        let devices = self.disk_lens.len();
+        if devices == 0 {
+            return Ok(0);
+        }
+        if ports.len() != devices {
+            return Err(backend("connect disks")(format!(
+                "the guest has {devices} disks, given {}",
+                ports.len()
+            )));
+        }
+        let socket = self.home.socket(&self.name);
+        for (i, port) in ports.iter().enumerate() {
+            connect_block(&socket, i, port.clone())?;
+        }
+        self.block_ports = ports;
+        Ok(devices)
+    }
+
     fn crashed(&self) -> Option<String> {
         self.status()
             .err()
@@ -492,6 +546,11 @@ impl VmmGuest {
         (&self.name, &self.home, self.vcpus, self.dirty_logging)
     }
 
+    /// The sizes of the guest's virtio disks.
+    pub(super) fn disk_lens(&self) -> &[u64] {
+        &self.disk_lens
+    }
+
     pub(super) fn memfd(&self) -> Result<File, GuestError> {
         let region: &MmapRegion<AtomicBitmap> = self
             .memory
@@ -505,7 +564,11 @@ impl VmmGuest {
         launch(&self.home, &self.name, socket)
     }
 
+    /// Connects the guest's disks to the VMM at `socket` (a successor).
     pub(super) fn reconnect_disk(&self, socket: &Path) -> Result<(), GuestError> {
+        for (i, port) in self.block_ports.iter().enumerate() {
+            connect_block(socket, i, port.clone())?;
+        }
         match &self.disk {
             Some(d) => Self::connect_disk(socket, d),
             None => Ok(()),

@@ -60,6 +60,12 @@ pub enum Request {
         /// The CPU model: the features the guest sees (`None`: all this
         /// host's KVM supports).
         cpu_model: Option<Vec<String>>,
+        /// A virtio disk of each of these sizes in bytes, in the VM's disk
+        /// order, served by the node over [`Request::Block`] channels (a
+        /// Linux guest finds them on its command line; a blank VM needs
+        /// them to take a saved state that has them).
+        #[serde(default)]
+        disks: Vec<u64>,
     },
     /// Describe the VM; the reply carries the memory memfd.
     Attach,
@@ -93,6 +99,13 @@ pub enum Request {
         /// Write stride.
         stride: u64,
     },
+    /// Turn this connection into virtio disk `index`'s channel: the VMM
+    /// sends the guest's [`DiskRequest`]s on it and waits for each
+    /// [`DiskReply`]. A newer channel for the same disk replaces this one.
+    Block {
+        /// The disk, in the VM's disk order.
+        index: u32,
+    },
     /// Rename the control socket to this path (an upgrade's successor
     /// takes the name of the VMM it replaces).
     MoveSocket(PathBuf),
@@ -114,7 +127,7 @@ pub struct Status {
 }
 
 /// Who the VMM is, as [`Request::Attach`] answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     /// Its process id.
     pub pid: u32,
@@ -122,6 +135,9 @@ pub struct Identity {
     pub memory_bytes: u64,
     /// vCPUs.
     pub vcpus: u8,
+    /// The sizes of its virtio disks, in the VM's disk order.
+    #[serde(default)]
+    pub disks: Vec<u64>,
 }
 
 /// Why a request failed, by kind (mapped onto `GuestError`).
@@ -169,20 +185,31 @@ pub enum Reply {
     Failed(Failure),
 }
 
-/// A guest disk write, sent by the VMM on a disk channel (payload: data).
+/// A guest disk request, sent by the VMM on a disk channel (payload: a
+/// write's data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskRequest {
-    /// Byte offset.
-    pub offset: u64,
-    /// The guest's pattern write number.
-    pub seq: u64,
+pub enum DiskRequest {
+    /// Read `len` bytes at `offset`.
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u32,
+    },
+    /// Write the payload at `offset`, durable before the answer.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The guest's pattern write number, if it is one.
+        seq: Option<u64>,
+    },
 }
 
-/// The node's answer to a [`DiskRequest`].
+/// The node's answer to a [`DiskRequest`] (payload: a read's data).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskReply {
-    /// Durable.
-    Written,
+    /// Done (a write: durable).
+    Done,
     /// Failed, and why.
     Failed(String),
 }

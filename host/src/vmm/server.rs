@@ -117,6 +117,12 @@ fn serve(shared: &Shared, conn: &UnixStream) {
             let _ = proto::send(conn, &reply, &[], None);
             return;
         }
+        if let Request::Block { index } = request {
+            // The connection now belongs to virtio disk `index`.
+            let reply = connect_block(shared, conn, index);
+            let _ = proto::send(conn, &reply, &[], None);
+            return;
+        }
         let quit = request == Request::Quit;
         let (reply, body, memfd) = handle(shared, request, &payload, fd);
         let sent = proto::send(conn, &reply, &body, memfd.as_ref());
@@ -164,6 +170,7 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
         vcpus,
         console_log,
         cpu_model,
+        disks,
     } = request
     {
         if slot.is_some() {
@@ -173,7 +180,15 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
             return failed(Failure::NoVm("create needs the guest memory memfd".into()));
         };
         let model = cpu_model.map(|m| m.into_iter().collect());
-        return match create(boot, vcpus, console_log.as_deref(), model.as_ref(), memfd) {
+        let made = create(
+            boot,
+            vcpus,
+            console_log.as_deref(),
+            model.as_ref(),
+            &disks,
+            memfd,
+        );
+        return match made {
             Ok(running) => {
                 *slot = Some(running);
                 done(Vec::new())
@@ -219,6 +234,7 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
                     pid: std::process::id(),
                     memory_bytes: vm.memory_bytes(),
                     vcpus: u8::try_from(vm.vcpu_status().len()).unwrap_or(u8::MAX),
+                    disks: vm.node_disk_lens().to_vec(),
                 };
                 Ok((Reply::Attached(id), Vec::new(), Some(memfd)))
             },
@@ -250,6 +266,7 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
         Request::Create { .. }
         | Request::MoveSocket(_)
         | Request::Disk { .. }
+        | Request::Block { .. }
         | Request::RestoreState => {
             unreachable!("handled above")
         }
@@ -276,12 +293,13 @@ fn kvm_failure(op: &'static str) -> impl FnOnce(kvm::KvmError) -> GuestError {
     }
 }
 
-/// Makes the VM over `memfd`.
+/// Makes the VM over `memfd`, with a virtio disk of each of `disks` bytes.
 fn create(
     boot: Boot,
     vcpus: u8,
     console_log: Option<&Path>,
     model: Option<&std::collections::BTreeSet<String>>,
+    disks: &[u64],
     memfd: File,
 ) -> Result<Running, kvm::KvmError> {
     let region = kvm::map_shared(memfd.try_clone().map_err(|e| kvm::KvmError::Memory {
@@ -291,6 +309,11 @@ fn create(
     let memory = kvm::memory_of(region)?;
     let bytes = kvm::memory_len(&memory);
     let vm = match boot {
+        Boot::TestGuest { .. } if !disks.is_empty() => {
+            return Err(kvm::KvmError::Image(
+                "the built-in test guest has no virtio disks".into(),
+            ));
+        }
         Boot::TestGuest { wss_mib } => {
             let params = GuestParams::new(bytes >> 20, wss_mib);
             KvmVm::with_test_guest_on(memory, &params, vcpus, model)?
@@ -305,9 +328,13 @@ fn create(
                 initrd,
                 cmdline,
             };
-            KvmVm::with_linux_on(memory, &image, vcpus, model)?
+            KvmVm::with_linux_on(memory, &image, vcpus, model, disks)?
         }
-        Boot::Blank => KvmVm::create_on(memory, vcpus, model)?,
+        Boot::Blank => {
+            let mut vm = KvmVm::create_on(memory, vcpus, model)?;
+            vm.attach_node_disks(disks)?;
+            vm
+        }
     };
     let running = Running {
         vm,
@@ -340,27 +367,70 @@ fn attach_disk(shared: &Shared, conn: &UnixStream, blocks: u64, stride: u64) -> 
     }
 }
 
-/// A disk reached through the node.
+/// Plugs a port over `conn` into virtio disk `index`.
+fn connect_block(shared: &Shared, conn: &UnixStream, index: u32) -> Reply {
+    let port = match conn.try_clone() {
+        Ok(s) => RemotePort(Mutex::new(s)),
+        Err(e) => {
+            return Reply::Failed(Failure::Backend {
+                op: "disk channel".into(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    let slot = shared.vm.lock().expect("vm lock");
+    let Some(running) = slot.as_ref() else {
+        return Reply::Failed(Failure::NoVm("this VMM has no VM yet".into()));
+    };
+    match running.vm.connect_disk(index as usize, Arc::new(port)) {
+        Ok(()) => Reply::Done,
+        Err(e) => Reply::Failed(Failure::Backend {
+            op: "connect disk".into(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// A disk reached through the node: a broken channel is
+/// [`DiskError::Unreachable`] (the node may connect again).
 struct RemotePort(Mutex<UnixStream>);
 
+impl RemotePort {
+    fn exchange(
+        &self,
+        op: &'static str,
+        request: DiskRequest,
+        data: &[u8],
+    ) -> Result<Vec<u8>, DiskError> {
+        let gone = |reason: String| DiskError::Unreachable { op, reason };
+        let conn = self.0.lock().map_err(|_| gone("channel poisoned".into()))?;
+        proto::send(&conn, &request, data, None).map_err(|e| gone(e.to_string()))?;
+        let (reply, payload, _) =
+            proto::receive::<DiskReply>(&conn).map_err(|e| gone(e.to_string()))?;
+        match reply {
+            DiskReply::Done => Ok(payload),
+            DiskReply::Failed(reason) => Err(DiskError::Io { op, reason }),
+        }
+    }
+}
+
 impl DiskPort for RemotePort {
-    fn write(&self, offset: u64, data: Vec<u8>, workload_seq: u64) -> Result<(), DiskError> {
-        let io = |reason: String| DiskError::Io {
-            op: "disk write through the node",
-            reason,
-        };
-        let conn = self.0.lock().map_err(|_| io("channel poisoned".into()))?;
-        let request = DiskRequest {
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        workload_seq: Option<u64>,
+    ) -> Result<(), DiskError> {
+        let request = DiskRequest::Write {
             offset,
             seq: workload_seq,
         };
-        proto::send(&conn, &request, &data, None).map_err(|e| io(e.to_string()))?;
-        match proto::receive::<DiskReply>(&conn)
-            .map_err(|e| io(e.to_string()))?
-            .0
-        {
-            DiskReply::Written => Ok(()),
-            DiskReply::Failed(reason) => Err(io(reason)),
-        }
+        self.exchange("disk write through the node", request, &data)
+            .map(drop)
+    }
+
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DiskError> {
+        let request = DiskRequest::Read { offset, len };
+        self.exchange("disk read through the node", request, &[])
     }
 }

@@ -1,0 +1,139 @@
+/*
+ * ferry-diskwriter: the Linux test guest's disk workload.
+ *
+ * Writes ferry's verifiable pattern (ferry_actors::storage::pattern) to a
+ * block device: write SEQ (1, 2, ...) fills 4 KiB block (SEQ * stride) %
+ * blocks with words derived from the block number and SEQ. Each write is
+ * O_DIRECT and followed by fdatasync, so once it returns the write is on
+ * the virtual disk's stable storage; only then is it counted as
+ * acknowledged. About twice a second it prints the newest acknowledged
+ * write:  "ferry-diskwriter acked N"  (a checker proves every block holds
+ * its newest write up to N). It starts after the newest write already on
+ * the device, so a guest booted again continues the sequence.
+ *
+ * Usage: ferry-diskwriter DEVICE [gap in ms between writes]
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BLOCK 4096u
+#define WORDS (BLOCK / 8)
+#define SCAN (256u * BLOCK)
+
+static const uint64_t K_SEQ = 0x9E3779B97F4A7C15ull;
+static const uint64_t K_BLOCK = 0xC2B2AE3D27D4EB4Full;
+
+static uint64_t blocks, stride;
+
+static uint64_t word(uint64_t block, uint64_t seq, uint64_t i)
+{
+	if (i == 0)
+		return block;
+	if (i == 1)
+		return seq;
+	return (seq * K_SEQ) ^ (block * K_BLOCK) ^ i;
+}
+
+static uint64_t block_of(uint64_t seq)
+{
+	return (uint64_t)(((unsigned __int128)seq * stride) % blocks);
+}
+
+static uint64_t gcd(uint64_t a, uint64_t b)
+{
+	while (b) {
+		uint64_t t = a % b;
+		a = b;
+		b = t;
+	}
+	return a;
+}
+
+/* The write a block holds, or 0. */
+static uint64_t decode(uint64_t block, const uint64_t *w)
+{
+	uint64_t seq = w[1];
+	if (seq == 0 || w[0] != block || block_of(seq) != block)
+		return 0;
+	for (uint64_t i = 0; i < WORDS; i++)
+		if (w[i] != word(block, seq, i))
+			return 0;
+	return seq;
+}
+
+static double now(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+	const char *dev = argc > 1 ? argv[1] : "/dev/vda";
+	long gap_ms = argc > 2 ? strtol(argv[2], 0, 10) : 0;
+	uint64_t size = 0, newest = 0;
+	uint64_t *buf;
+	int fd = open(dev, O_RDWR | O_DIRECT);
+
+	if (fd < 0 || ioctl(fd, BLKGETSIZE64, &size) != 0) {
+		perror("ferry-diskwriter: open");
+		return 1;
+	}
+	blocks = size / BLOCK;
+	if (blocks == 0) {
+		fputs("ferry-diskwriter: the device holds no whole block\n", stderr);
+		return 1;
+	}
+	stride = (blocks / 8 * 5 > 1 ? blocks / 8 * 5 : 1) | 1;
+	while (gcd(stride, blocks) != 1)
+		stride += 2;
+	if (posix_memalign((void **)&buf, BLOCK, SCAN) != 0)
+		return 1;
+	for (uint64_t at = 0; at < blocks * BLOCK; at += SCAN) {
+		uint64_t want = blocks * BLOCK - at < SCAN ? blocks * BLOCK - at : SCAN;
+		if (pread(fd, buf, want, at) != (ssize_t)want) {
+			perror("ferry-diskwriter: scan");
+			return 1;
+		}
+		for (uint64_t b = 0; b < want / BLOCK; b++) {
+			uint64_t s = decode(at / BLOCK + b, buf + b * WORDS);
+			if (s > newest)
+				newest = s;
+		}
+	}
+	printf("ferry-diskwriter on %s: %llu blocks, stride %llu, from write %llu\n", dev,
+	       (unsigned long long)blocks, (unsigned long long)stride,
+	       (unsigned long long)newest + 1);
+	fflush(stdout);
+	double printed = now();
+	for (uint64_t seq = newest + 1;; seq++) {
+		uint64_t block = block_of(seq);
+		for (uint64_t i = 0; i < WORDS; i++)
+			buf[i] = word(block, seq, i);
+		if (pwrite(fd, buf, BLOCK, block * BLOCK) != BLOCK || fdatasync(fd) != 0) {
+			printf("ferry-diskwriter write %llu FAILED: %s\n", (unsigned long long)seq,
+			       strerror(errno));
+			fflush(stdout);
+			sleep(1);
+			seq--;
+			continue;
+		}
+		if (now() - printed >= 0.5) {
+			printf("ferry-diskwriter acked %llu\n", (unsigned long long)seq);
+			fflush(stdout);
+			printed = now();
+		}
+		if (gap_ms > 0)
+			usleep(gap_ms * 1000);
+	}
+}
