@@ -268,6 +268,7 @@ fn node_config(name: &str, addr: SocketAddr, memory_mib: u64, vcpus: u32) -> Nod
         capacity: CapacityConfig { memory_mib, vcpus },
         synthetic_guests: false,
         otlp_endpoint: None,
+        bridge: None,
         state_db: None,
         vmm_dir: None,
         budgets: ferry_actors::ops::jobs::Budgets::default(),

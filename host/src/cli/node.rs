@@ -52,9 +52,17 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
                 exe: std::env::current_exe().context("finding the ferry binary for VMMs")?,
                 dir: config.vmm_dir.clone().expect("set at load"),
             };
+            if let Some(bridge) = &config.bridge {
+                anyhow::ensure!(
+                    std::path::Path::new("/sys/class/net").join(bridge).join("bridge").exists(),
+                    "bridge {bridge:?} (the node file's `bridge`) is not a bridge on this host: \
+                     create it (ip link add {bridge} type bridge; ip link set {bridge} up) or remove the key"
+                );
+            }
             HostFactory::probe()
                 .with_pool(&config.memory_pool_mib)
                 .with_vmms(vmms)
+                .with_bridge(config.bridge.clone())
         };
         if !factory.kvm() && !config.synthetic_guests {
             eprintln!("WARNING: /dev/kvm is not usable here: this node runs synthetic guests only");

@@ -188,6 +188,57 @@ pub fn map_shared(file: std::fs::File) -> Result<vm_memory::MmapRegion<AtomicBit
         .map_err(|e| fail(e.to_string()))
 }
 
+/// The virtio devices a VM gets when it is made, in bus order: a disk of
+/// each of `disks` bytes (served by the node), then the NIC.
+#[derive(Default)]
+pub struct Devices {
+    /// Disk sizes in bytes, in the VM's disk order.
+    pub disks: Vec<u64>,
+    /// The NIC.
+    pub nic: Option<Nic>,
+}
+
+impl Devices {
+    /// How many devices.
+    pub fn count(&self) -> usize {
+        self.disks.len() + usize::from(self.nic.is_some())
+    }
+}
+
+/// A virtio NIC to make.
+pub struct Nic {
+    /// Its address.
+    pub mac: [u8; 6],
+    /// Where its frames go.
+    pub io: Box<dyn crate::virtio::net::NetIo>,
+    /// The descriptor that becomes readable when frames arrive (a tap's).
+    pub watch: Option<std::fs::File>,
+}
+
+impl Nic {
+    /// A NIC with address `mac` on `bridge` through a new tap `tap`, or
+    /// unplugged without a bridge.
+    pub fn on(mac: [u8; 6], bridge: Option<&str>, tap: &str) -> Result<Self, KvmError> {
+        let Some(bridge) = bridge else {
+            return Ok(Self {
+                mac,
+                io: Box::new(crate::virtio::net::Unplugged),
+                watch: None,
+            });
+        };
+        let tap = crate::virtio::tap::Tap::on_bridge(tap, bridge)
+            .map_err(|e| KvmError::Image(format!("NIC: {e}")))?;
+        let watch = tap
+            .watcher()
+            .map_err(|e| KvmError::Image(format!("NIC: {e}")))?;
+        Ok(Self {
+            mac,
+            io: Box::new(tap),
+            watch: Some(watch),
+        })
+    }
+}
+
 /// A KVM virtual machine.
 pub struct KvmVm {
     // Fields drop in order: vCPU threads stop and close their fds first,
@@ -243,31 +294,47 @@ impl KvmVm {
         memory_bytes: u64,
         vcpus: u8,
     ) -> Result<Self, KvmError> {
-        Self::with_linux_on(Self::zeroed(memory_bytes)?, image, vcpus, None, &[])
+        Self::with_linux_on(
+            Self::zeroed(memory_bytes)?,
+            image,
+            vcpus,
+            None,
+            Devices::default(),
+        )
     }
 
     /// As [`KvmVm::with_linux`], in `memory` (zeroed), with the CPU
-    /// `model`'s features only and a virtio disk of each of `disks` bytes
-    /// (named on the kernel command line; the node connects them with
+    /// `model`'s features only and the virtio `devices` (named on the
+    /// kernel command line; the node connects the disks with
     /// [`KvmVm::connect_disk`]).
     pub fn with_linux_on(
         memory: Memory,
         image: &linux::LinuxImage,
         vcpus: u8,
         model: Option<&BTreeSet<String>>,
-        disks: &[u64],
+        devices: Devices,
     ) -> Result<Self, KvmError> {
         let memory_bytes = memory_len(&memory);
         let mut image = image.clone();
-        for i in 0..disks.len() {
+        for i in 0..devices.count() {
             image.cmdline.push(' ');
             image.cmdline += &crate::virtio::bus::cmdline_word(i);
         }
         let entry = linux::load(&memory, memory_bytes, &image, vcpus)?;
         let mut vm = Self::create_in(memory, vcpus, Some(entry), model)?;
         vm.attach_console(None)?;
-        vm.attach_node_disks(disks)?;
+        vm.attach_devices(devices)?;
         Ok(vm)
+    }
+
+    /// Gives the VM its virtio `devices`, in bus order: the disks, then
+    /// the NIC.
+    pub fn attach_devices(&mut self, devices: Devices) -> Result<(), KvmError> {
+        self.attach_node_disks(&devices.disks)?;
+        if let Some(nic) = devices.nic {
+            self.attach_net(nic.io, nic.mac, nic.watch)?;
+        }
+        Ok(())
     }
 
     /// Gives the VM a virtio disk of each of `lens` bytes whose blocks the
@@ -286,6 +353,42 @@ impl KvmVm {
             self.disk_lens.push(len);
         }
         Ok(())
+    }
+
+    /// Gives the VM a virtio NIC with address `mac` over `io` (after its
+    /// disks, see [`crate::virtio::bus::cmdline_word`]); frames arriving
+    /// on `watch` (the tap) are delivered by a receive thread while the
+    /// vCPUs run. Returns the kernel command-line word.
+    pub fn attach_net(
+        &self,
+        io: impl crate::virtio::net::NetIo + 'static,
+        mac: [u8; 6],
+        watch: Option<std::fs::File>,
+    ) -> Result<String, KvmError> {
+        let index = self.progress.mmio.len();
+        let (_, gsi) = crate::virtio::bus::placement(index);
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| KvmError::Image(format!("virtio interrupt: {e}")))?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(|e| KvmError::Ioctl("KVM_IRQFD", e))?;
+        let device = crate::virtio::mmio::MmioTransport::new(crate::virtio::net::Net::new(io, mac));
+        let index = self
+            .progress
+            .mmio
+            .attach(&self.memory, irq, Box::new(device));
+        if let Some(fd) = watch {
+            crate::virtio::announce::receive_thread(Arc::downgrade(&self.progress), index, fd)
+                .map_err(|e| KvmError::Image(format!("NIC receive thread: {e}")))?;
+        }
+        Ok(crate::virtio::bus::cmdline_word(index))
+    }
+
+    /// RARP announcements the VM's NIC sent since it arrived.
+    pub fn announced(&self) -> u64 {
+        self.progress
+            .announced
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Plugs `port` into virtio disk `index` (its node-side disk).
@@ -651,12 +754,23 @@ impl KvmVm {
 
     /// Lets every vCPU run.
     pub fn resume(&self) -> Result<(), KvmError> {
-        self.vcpus.iter().try_for_each(VcpuHandle::resume)
+        self.vcpus.iter().try_for_each(VcpuHandle::resume)?;
+        self.progress.mmio.set_running(true);
+        if self
+            .progress
+            .announce_on_resume
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            crate::virtio::announce::start(Arc::downgrade(&self.progress));
+        }
+        Ok(())
     }
 
-    /// Pauses every vCPU; returns how long that took.
+    /// Pauses every vCPU (and the devices driven from outside); returns
+    /// how long that took.
     pub fn pause(&self) -> Result<Duration, KvmError> {
         let start = Instant::now();
+        self.progress.mmio.set_running(false);
         self.vcpus.iter().try_for_each(VcpuHandle::pause)?;
         Ok(start.elapsed())
     }
@@ -864,6 +978,9 @@ impl KvmVm {
         }
         let pass = self.guest_pass()?;
         self.progress.pass.store(pass, Ordering::Relaxed);
+        self.progress
+            .announce_on_resume
+            .store(true, Ordering::SeqCst);
         Ok(())
     }
 }

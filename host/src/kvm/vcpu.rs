@@ -51,6 +51,11 @@ pub struct GuestProgress {
     pub console: super::console::ConsoleSlot,
     /// The virtio devices on the MMIO bus.
     pub mmio: crate::virtio::bus::MmioBus,
+    /// The VM was restored from a saved state (it arrived by migration or
+    /// a VMM upgrade): its NIC announces its new place when it resumes.
+    pub announce_on_resume: AtomicBool,
+    /// RARP announcements sent.
+    pub announced: AtomicU64,
 }
 
 /// The guest's disk device: where its requests go, and its memory (to

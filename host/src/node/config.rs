@@ -112,6 +112,11 @@ pub struct NodeConfig {
     /// `ferry-NAME-vmm` beside it.
     #[serde(default)]
     pub vmm_dir: Option<PathBuf>,
+    /// The Linux bridge Linux guests' NICs join (a tap each); without it
+    /// their NICs have no cable. After a migration the destination
+    /// announces the guest's MAC on it (RARP).
+    #[serde(default)]
+    pub bridge: Option<String>,
     /// How many migrations may run at once (`host_live`, `host_storage`,
     /// `datastore_storage`, `link`); defaults 8, 2, 8 and 4.
     #[serde(default)]
@@ -321,8 +326,27 @@ impl NodeConfig {
         for (what, name) in names {
             ferry_actors::node::values::check_name(what, name)?;
         }
+        if let Some(bridge) = &config.bridge {
+            check_interface_name(bridge)?;
+        }
         Ok(config)
     }
+}
+
+/// A network interface's name as Linux takes it: 1 to 15 bytes of
+/// letters, digits, `-`, `_` and `.`, not `.` or `..`.
+fn check_interface_name(name: &str) -> anyhow::Result<()> {
+    let ok = (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name != "."
+        && name != "..";
+    anyhow::ensure!(
+        ok,
+        "bridge = {name:?} is not an interface name (1 to 15 letters, digits, '-', '_' or '.')"
+    );
+    Ok(())
 }
 
 impl ClientConfig {
@@ -372,5 +396,28 @@ mod tests {
         assert!(!c.synthetic_guests);
         let bad = text.replace("vcpus = 4", "vcpus = 4\ncpus = 2");
         assert!(toml::from_str::<NodeConfig>(&bad).is_err());
+    }
+
+    #[test]
+    fn a_bridge_must_be_an_interface_name() {
+        let text = r#"
+            name = "host-a"
+            listen = "127.0.0.1:7701"
+            ca = "ca.pem"
+            cert = "host-a.pem"
+            key = "host-a.key"
+            bridge = "BRIDGE"
+            [capacity]
+            memory_mib = 1024
+            vcpus = 4
+        "#;
+        let c = NodeConfig::parse(&text.replace("BRIDGE", "br-guests.1")).expect("parses");
+        assert_eq!(c.bridge.as_deref(), Some("br-guests.1"));
+        for bad in ["", "a bridge", "a/b", "..", "much-too-long-name"] {
+            let err = NodeConfig::parse(&text.replace("BRIDGE", bad))
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("not an interface name"), "{bad}: {err}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use crate::kvm::image::GuestParams;
 use crate::kvm::linux::LinuxImage;
 use crate::kvm::pool::MemoryPool;
 use crate::kvm::{self, KvmVm};
-use crate::vmm::proto::Boot;
+use crate::vmm::proto::{Boot, DeviceSpec, NicSpec};
 use crate::vmm::{VmmGuest, VmmHome};
 
 /// Makes KVM guests (if KVM works here) and synthetic ones.
@@ -19,6 +19,8 @@ pub struct HostFactory {
     pool: MemoryPool,
     refill: bool,
     vmms: Option<VmmHome>,
+    /// The bridge guests' NICs join (the node file's `bridge`).
+    bridge: Option<String>,
 }
 
 impl HostFactory {
@@ -29,6 +31,7 @@ impl HostFactory {
             pool: MemoryPool::new(),
             refill: false,
             vmms: None,
+            bridge: None,
         }
     }
 
@@ -50,6 +53,13 @@ impl HostFactory {
         self
     }
 
+    /// Puts the NICs of Linux guests on `bridge` (without one they have
+    /// no cable).
+    pub fn with_bridge(mut self, bridge: Option<String>) -> Self {
+        self.bridge = bridge;
+        self
+    }
+
     /// Synthetic guests only.
     pub fn synthetic_only() -> Self {
         Self {
@@ -57,6 +67,7 @@ impl HostFactory {
             pool: MemoryPool::new(),
             refill: false,
             vmms: None,
+            bridge: None,
         }
     }
 
@@ -84,7 +95,7 @@ impl GuestFactory for HostFactory {
                 boot,
                 config.vcpus,
                 cpu_model(config)?,
-                virtio_disks(config),
+                virtio_devices(config, self.bridge.as_deref()),
                 memory,
             )?;
             return Ok(Box::new(guest));
@@ -109,9 +120,14 @@ impl GuestFactory for HostFactory {
                 let memory = kvm::shared_memory(config.memory_bytes)
                     .and_then(kvm::memory_of)
                     .map_err(kvm_err("guest memory"))?;
-                let vm =
-                    KvmVm::with_linux_on(memory, &image, config.vcpus, None, &virtio_disks(config))
-                        .map_err(kvm_err("boot Linux guest"))?;
+                let vm = KvmVm::with_linux_on(
+                    memory,
+                    &image,
+                    config.vcpus,
+                    None,
+                    local_devices(config, self.bridge.as_deref())?,
+                )
+                .map_err(kvm_err("boot Linux guest"))?;
                 Ok(Box::new(vm))
             }
             GuestKind::Synthetic { .. } => SyntheticFactory.boot(config),
@@ -142,7 +158,7 @@ impl GuestFactory for HostFactory {
                 Boot::Blank,
                 config.vcpus,
                 None,
-                virtio_disks(config),
+                virtio_devices(config, self.bridge.as_deref()),
                 memory,
             )?;
             return Ok(Box::new(guest));
@@ -158,7 +174,7 @@ impl GuestFactory for HostFactory {
         };
         let mut vm =
             KvmVm::create_with_region(region, config.vcpus).map_err(kvm_err("create shadow VM"))?;
-        vm.attach_node_disks(&virtio_disks(config))
+        vm.attach_devices(local_devices(config, self.bridge.as_deref())?)
             .map_err(kvm_err("create shadow VM"))?;
         Ok(Box::new(vm))
     }
@@ -225,14 +241,40 @@ fn cpu_model(config: &VmConfig) -> Result<Option<Vec<String>>, GuestError> {
     Ok((!config.cpu_features.is_empty()).then(|| config.cpu_features.clone()))
 }
 
-/// The virtio disks a guest of `config` has: a Linux guest one per disk
-/// of the VM, in its order (the node serves their blocks); the built-in
-/// test guest and synthetic guests none.
-fn virtio_disks(config: &VmConfig) -> Vec<u64> {
+/// The virtio devices a guest of `config` has: a Linux guest one disk per
+/// disk of the VM, in its order (the node serves their blocks), and a NIC
+/// with the VM's MAC, on `bridge` (without one, the NIC has no cable:
+/// every host gives the VM the same devices, so its state fits
+/// anywhere); the built-in test guest and synthetic guests none.
+fn virtio_devices(config: &VmConfig, bridge: Option<&str>) -> DeviceSpec {
     match config.kind {
-        GuestKind::Linux { .. } => config.disks.iter().map(|d| d.len_bytes).collect(),
-        GuestKind::Kvm { .. } | GuestKind::Synthetic { .. } => Vec::new(),
+        GuestKind::Linux { .. } => DeviceSpec {
+            disks: config.disks.iter().map(|d| d.len_bytes).collect(),
+            nic: Some(NicSpec {
+                mac: config.mac,
+                bridge: bridge.map(str::to_owned),
+            }),
+        },
+        GuestKind::Kvm { .. } | GuestKind::Synthetic { .. } => DeviceSpec::default(),
     }
+}
+
+/// [`virtio_devices`] made here (in-process guests): the NIC's tap is
+/// named after the VM's MAC.
+fn local_devices(config: &VmConfig, bridge: Option<&str>) -> Result<kvm::Devices, GuestError> {
+    let spec = virtio_devices(config, bridge);
+    let nic = match spec.nic {
+        Some(n) => {
+            let m = n.mac;
+            let tap = format!("fy{:02x}{:02x}{:02x}", m[3], m[4], m[5]);
+            Some(kvm::Nic::on(n.mac, n.bridge.as_deref(), &tap).map_err(kvm_err("NIC"))?)
+        }
+        None => None,
+    };
+    Ok(kvm::Devices {
+        disks: spec.disks,
+        nic,
+    })
 }
 
 /// The command line a Linux guest of `config` boots with: its own, plus

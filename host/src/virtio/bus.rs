@@ -27,6 +27,10 @@ pub trait BusDevice: Send {
     fn snapshot(&self) -> TransportSnapshot;
     /// Takes a saved transport state on.
     fn restore(&mut self, state: &TransportSnapshot) -> Result<(), String>;
+    /// Serves what arrived from outside; returns whether to interrupt.
+    fn poll(&mut self, memory: &Memory) -> bool;
+    /// Announces the device's new place; returns whether it did.
+    fn announce(&mut self) -> bool;
 }
 
 impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
@@ -45,6 +49,14 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     fn restore(&mut self, state: &TransportSnapshot) -> Result<(), String> {
         MmioTransport::restore(self, state).map_err(|e| e.to_string())
     }
+
+    fn poll(&mut self, memory: &Memory) -> bool {
+        MmioTransport::poll(self, memory)
+    }
+
+    fn announce(&mut self) -> bool {
+        MmioTransport::announce(self)
+    }
 }
 
 struct Slot {
@@ -62,6 +74,10 @@ pub struct MmioBus {
 struct Bus {
     memory: Memory,
     slots: Vec<Slot>,
+    /// Whether the vCPUs run: devices driven from outside (a NIC's
+    /// receive) touch guest memory only then, so a paused VM's memory and
+    /// device state stay as saved.
+    running: bool,
 }
 
 impl std::fmt::Debug for MmioBus {
@@ -91,6 +107,7 @@ impl MmioBus {
         let bus = inner.get_or_insert_with(|| Bus {
             memory: memory.clone(),
             slots: Vec::new(),
+            running: false,
         });
         let index = bus.slots.len();
         bus.slots.push(Slot {
@@ -151,6 +168,46 @@ impl MmioBus {
             tracing::warn!("virtio interrupt: {e}");
         }
         true
+    }
+
+    /// The vCPUs run (or stop): devices driven from outside may (or may
+    /// no longer) serve the guest. Returns once no device does.
+    pub fn set_running(&self, running: bool) {
+        let mut inner = self.inner.lock().expect("mmio bus");
+        if let Some(bus) = inner.as_mut() {
+            bus.running = running;
+        }
+    }
+
+    /// Serves what arrived from outside for the device at `index`
+    /// (while the vCPUs run), raising its interrupt if it used buffers.
+    /// Returns whether it used buffers.
+    pub fn poll(&self, index: usize) -> bool {
+        let mut inner = self.inner.lock().expect("mmio bus");
+        let Some(bus) = inner.as_mut().filter(|b| b.running) else {
+            return false;
+        };
+        let memory = &bus.memory;
+        let Some(s) = bus.slots.get_mut(index) else {
+            return false;
+        };
+        let used = s.device.poll(memory);
+        if used && let Err(e) = s.irq.write(1) {
+            tracing::warn!("virtio interrupt: {e}");
+        }
+        used
+    }
+
+    /// Has every device announce its new place; returns how many did.
+    pub fn announce(&self) -> usize {
+        let mut inner = self.inner.lock().expect("mmio bus");
+        inner.as_mut().map_or(0, |b| {
+            b.slots
+                .iter_mut()
+                .map(|s| s.device.announce())
+                .filter(|&did| did)
+                .count()
+        })
     }
 
     /// Every device's transport state, in bus order.

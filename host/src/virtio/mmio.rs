@@ -80,6 +80,17 @@ pub trait VirtioDevice: Send {
     /// Serves what the driver made available on queue `index`; returns
     /// whether buffers were used (so the driver is to be interrupted).
     fn process(&mut self, index: usize, queue: &mut Queue, memory: &Memory) -> bool;
+    /// Serves what arrived from outside (a NIC's received frames) on its
+    /// `queues`; returns whether buffers were used.
+    fn poll(&mut self, queues: &mut [Queue], memory: &Memory) -> bool {
+        let _ = (queues, memory);
+        false
+    }
+    /// Announces the device's new place after a migration (a NIC's
+    /// RARP); returns whether it did.
+    fn announce(&mut self) -> bool {
+        false
+    }
 }
 
 /// One queue's transport state, as saved and restored.
@@ -194,6 +205,24 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn selected(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Serves what arrived from outside; returns whether the driver is to
+    /// be interrupted.
+    pub fn poll(&mut self, memory: &Memory) -> bool {
+        if !self.driver_ok() {
+            return false;
+        }
+        let used = self.device.poll(&mut self.queues, memory);
+        if used {
+            self.interrupt_status |= INT_VRING;
+        }
+        used
+    }
+
+    /// Announces the device's new place, once the driver has set it up.
+    pub fn announce(&mut self) -> bool {
+        self.driver_ok() && self.device.announce()
     }
 
     /// Whether the driver finished setting the device up.

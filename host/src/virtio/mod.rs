@@ -8,10 +8,16 @@
 //! Device writes into guest memory go through vm-memory, whose dirty
 //! bitmap the migration's next round reads along with KVM's.
 
+pub mod announce;
 pub mod blk;
 pub mod bus;
 pub mod link;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod net_tests;

@@ -20,7 +20,9 @@ use ferry_actors::ram::GuestRam;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, MmapRegion};
 
-use super::proto::{self, Boot, DiskReply, DiskRequest, Failure, Reply, Request, Status};
+use super::proto::{
+    self, Boot, DeviceSpec, DiskReply, DiskRequest, Failure, Reply, Request, Status,
+};
 use crate::kvm::{self, Memory};
 
 /// Where a node keeps its VMM processes' sockets and logs, and the binary
@@ -85,8 +87,8 @@ pub struct VmmGuest {
     pid: u32,
     dirty_logging: bool,
     disk: Option<Disk>,
-    /// The sizes of the guest's virtio disks, in the VM's disk order.
-    disk_lens: Vec<u64>,
+    /// The guest's virtio devices.
+    devices: DeviceSpec,
     /// The ports their channels serve, kept to connect a successor VMM.
     block_ports: Vec<Arc<dyn DiskPort>>,
 }
@@ -191,12 +193,12 @@ impl VmmGuest {
         vcpus: u8,
         memory: MmapRegion<AtomicBitmap>,
     ) -> Result<Self, GuestError> {
-        Self::start_with_model(home, name, boot, vcpus, None, Vec::new(), memory)
+        Self::start_with_model(home, name, boot, vcpus, None, DeviceSpec::default(), memory)
     }
 
     /// As [`Self::start`], the guest seeing only the CPU features of
-    /// `cpu_model` (`None`: all this host's KVM supports), with a virtio
-    /// disk of each of `disks` bytes (connected to the node's disks by
+    /// `cpu_model` (`None`: all this host's KVM supports), with the
+    /// virtio `devices` (its disks connected to the node's by
     /// [`GuestBackend::connect_block_devices`]).
     pub fn start_with_model(
         home: &VmmHome,
@@ -204,7 +206,7 @@ impl VmmGuest {
         boot: Boot,
         vcpus: u8,
         cpu_model: Option<Vec<String>>,
-        disks: Vec<u64>,
+        devices: DeviceSpec,
         memory: MmapRegion<AtomicBitmap>,
     ) -> Result<Self, GuestError> {
         let socket = home.socket(name);
@@ -215,7 +217,7 @@ impl VmmGuest {
             vcpus,
             console_log: Some(home.console_log(name)),
             cpu_model,
-            disks: disks.clone(),
+            devices: devices.clone(),
         };
         if let Err(e) = exchange(&conn, "create the VM", &create, &[], Some(&memfd)) {
             let _ = exchange(&conn, "quit", &Request::Quit, &[], None);
@@ -233,7 +235,7 @@ impl VmmGuest {
             pid,
             dirty_logging: false,
             disk: None,
-            disk_lens: disks,
+            devices,
             block_ports: Vec::new(),
         })
     }
@@ -264,7 +266,7 @@ impl VmmGuest {
             pid: id.pid,
             dirty_logging: false,
             disk: None,
-            disk_lens: id.disks,
+            devices: id.devices,
             block_ports: Vec::new(),
         }))
     }
@@ -504,7 +506,7 @@ impl GuestBackend for VmmGuest {
         &mut self,
         ports: Vec<Arc<dyn DiskPort>>,
     ) -> Result<usize, GuestError> {
-        let devices = self.disk_lens.len();
+        let devices = self.devices.disks.len();
         if devices == 0 {
             return Ok(0);
         }
@@ -546,9 +548,9 @@ impl VmmGuest {
         (&self.name, &self.home, self.vcpus, self.dirty_logging)
     }
 
-    /// The sizes of the guest's virtio disks.
-    pub(super) fn disk_lens(&self) -> &[u64] {
-        &self.disk_lens
+    /// The guest's virtio devices.
+    pub(super) fn devices(&self) -> &DeviceSpec {
+        &self.devices
     }
 
     pub(super) fn memfd(&self) -> Result<File, GuestError> {

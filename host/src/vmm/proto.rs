@@ -44,6 +44,27 @@ pub enum Boot {
     Blank,
 }
 
+/// A VM's virtio devices, in bus order: the disks, then the NIC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSpec {
+    /// A disk of each of these sizes in bytes, in the VM's disk order,
+    /// served by the node over [`Request::Block`] channels.
+    #[serde(default)]
+    pub disks: Vec<u64>,
+    /// The NIC.
+    #[serde(default)]
+    pub nic: Option<NicSpec>,
+}
+
+/// A VM's NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// The bridge its tap joins (`None`: no cable).
+    pub bridge: Option<String>,
+}
+
 /// A request from the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -60,12 +81,11 @@ pub enum Request {
         /// The CPU model: the features the guest sees (`None`: all this
         /// host's KVM supports).
         cpu_model: Option<Vec<String>>,
-        /// A virtio disk of each of these sizes in bytes, in the VM's disk
-        /// order, served by the node over [`Request::Block`] channels (a
-        /// Linux guest finds them on its command line; a blank VM needs
-        /// them to take a saved state that has them).
+        /// Its virtio devices (a Linux guest finds them on its command
+        /// line; a blank VM needs them to take a saved state that has
+        /// them).
         #[serde(default)]
-        disks: Vec<u64>,
+        devices: DeviceSpec,
     },
     /// Describe the VM; the reply carries the memory memfd.
     Attach,
@@ -135,9 +155,9 @@ pub struct Identity {
     pub memory_bytes: u64,
     /// vCPUs.
     pub vcpus: u8,
-    /// The sizes of its virtio disks, in the VM's disk order.
+    /// Its virtio devices.
     #[serde(default)]
-    pub disks: Vec<u64>,
+    pub devices: DeviceSpec,
 }
 
 /// Why a request failed, by kind (mapped onto `GuestError`).

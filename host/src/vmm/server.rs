@@ -18,7 +18,9 @@ use std::time::Duration;
 use ferry_actors::disk::{DiskError, DiskPort};
 use ferry_actors::guest::{GuestBackend, GuestError};
 
-use super::proto::{self, Boot, DiskReply, DiskRequest, Failure, Identity, Reply, Request, Status};
+use super::proto::{
+    self, Boot, DeviceSpec, DiskReply, DiskRequest, Failure, Identity, Reply, Request, Status,
+};
 use crate::kvm::image::GuestParams;
 use crate::kvm::linux::LinuxImage;
 use crate::kvm::{self, KvmVm};
@@ -28,6 +30,8 @@ struct Running {
     vm: KvmVm,
     memfd: File,
     console_log: Option<PathBuf>,
+    /// Its virtio devices, as created.
+    devices: DeviceSpec,
 }
 
 impl Running {
@@ -170,7 +174,7 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
         vcpus,
         console_log,
         cpu_model,
-        disks,
+        devices,
     } = request
     {
         if slot.is_some() {
@@ -185,7 +189,7 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
             vcpus,
             console_log.as_deref(),
             model.as_ref(),
-            &disks,
+            &devices,
             memfd,
         );
         return match made {
@@ -234,7 +238,7 @@ fn handle(shared: &Shared, request: Request, payload: &[u8], fd: Option<File>) -
                     pid: std::process::id(),
                     memory_bytes: vm.memory_bytes(),
                     vcpus: u8::try_from(vm.vcpu_status().len()).unwrap_or(u8::MAX),
-                    disks: vm.node_disk_lens().to_vec(),
+                    devices: running.devices.clone(),
                 };
                 Ok((Reply::Attached(id), Vec::new(), Some(memfd)))
             },
@@ -293,15 +297,30 @@ fn kvm_failure(op: &'static str) -> impl FnOnce(kvm::KvmError) -> GuestError {
     }
 }
 
-/// Makes the VM over `memfd`, with a virtio disk of each of `disks` bytes.
+/// Makes the VM over `memfd`, with its virtio `devices` (a NIC's tap is
+/// named after this process: `fy<pid>`).
 fn create(
     boot: Boot,
     vcpus: u8,
     console_log: Option<&Path>,
     model: Option<&std::collections::BTreeSet<String>>,
-    disks: &[u64],
+    spec: &DeviceSpec,
     memfd: File,
 ) -> Result<Running, kvm::KvmError> {
+    let devices = || -> Result<kvm::Devices, kvm::KvmError> {
+        let nic = match &spec.nic {
+            Some(n) => Some(kvm::Nic::on(
+                n.mac,
+                n.bridge.as_deref(),
+                &format!("fy{}", std::process::id()),
+            )?),
+            None => None,
+        };
+        Ok(kvm::Devices {
+            disks: spec.disks.clone(),
+            nic,
+        })
+    };
     let region = kvm::map_shared(memfd.try_clone().map_err(|e| kvm::KvmError::Memory {
         bytes: 0,
         reason: e.to_string(),
@@ -309,9 +328,9 @@ fn create(
     let memory = kvm::memory_of(region)?;
     let bytes = kvm::memory_len(&memory);
     let vm = match boot {
-        Boot::TestGuest { .. } if !disks.is_empty() => {
+        Boot::TestGuest { .. } if *spec != DeviceSpec::default() => {
             return Err(kvm::KvmError::Image(
-                "the built-in test guest has no virtio disks".into(),
+                "the built-in test guest has no virtio devices".into(),
             ));
         }
         Boot::TestGuest { wss_mib } => {
@@ -328,11 +347,11 @@ fn create(
                 initrd,
                 cmdline,
             };
-            KvmVm::with_linux_on(memory, &image, vcpus, model, disks)?
+            KvmVm::with_linux_on(memory, &image, vcpus, model, devices()?)?
         }
         Boot::Blank => {
             let mut vm = KvmVm::create_on(memory, vcpus, model)?;
-            vm.attach_node_disks(disks)?;
+            vm.attach_devices(devices()?)?;
             vm
         }
     };
@@ -340,6 +359,7 @@ fn create(
         vm,
         memfd,
         console_log: console_log.map(Path::to_owned),
+        devices: spec.clone(),
     };
     running.log_console();
     Ok(running)

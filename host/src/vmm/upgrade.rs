@@ -36,7 +36,7 @@ pub fn replace(guest: &mut VmmGuest) -> Result<UpgradeReport, GuestError> {
         console_log: Some(home.console_log(&name)),
         // The state brings the guest's CPUID along.
         cpu_model: None,
-        disks: guest.disk_lens().to_vec(),
+        devices: guest.devices().clone(),
     };
     let abandon = |conn: &std::os::unix::net::UnixStream| {
         let _ = ask(conn, "quit", &Request::Quit, &[], None);

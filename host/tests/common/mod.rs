@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+pub mod netns;
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
 /// Runs `ferry ARGS` in `dir`, without a telemetry endpoint, and returns its
 /// output, whether it succeeded and its stderr.
@@ -135,6 +137,14 @@ impl Node {
         command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
         command.envs(env.iter().copied());
         Self::start_command(command, dir, name, log, marks)
+    }
+
+    /// Starts `node-NAME.toml` inside network namespace `ns`.
+    pub fn start_in_netns(dir: &Path, name: &str, ns: &str) -> Self {
+        let mut command = netns::Segment::command(ns, Path::new(FERRY));
+        command.args(["node", "--config", &format!("node-{name}.toml")]);
+        command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        Self::start_command(command, dir, name, "warn", &[]).0
     }
 
     /// Starts `node-NAME.toml` in its own mount namespace, where directory
