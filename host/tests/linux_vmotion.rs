@@ -194,10 +194,14 @@ fn init_cluster(d: &Path) {
     for name in ["host-a", "host-b"] {
         let path = d.join(format!("node-{name}.toml"));
         let text = std::fs::read_to_string(&path).expect("node file");
-        let text = text.replace(
-            "synthetic_guests = false",
-            "synthetic_guests = false\nbridge = \"br0\"",
-        );
+        // Shadows take memory faulted in ahead (first touch of cold
+        // memory is slow on these machines, PLATFORM.md).
+        let text = text
+            .replace(
+                "synthetic_guests = false",
+                "synthetic_guests = false\nbridge = \"br0\"",
+            )
+            .replace("memory_pool_mib = []", "memory_pool_mib = [128]");
         std::fs::write(&path, text).expect("write");
     }
 }
