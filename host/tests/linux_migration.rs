@@ -77,7 +77,7 @@ fn a_linux_guest_migrates_live_between_two_nodes_and_its_dirtier_goes_on() {
     );
     let booted = Instant::now();
     ferry(d, &["vm", "start", "lx", "--client", "client.toml"]);
-    let before = wait_for_pass(d, "lx", 2, Duration::from_secs(150));
+    let before = wait_for_pass(d, "lx", 2, Duration::from_secs(240));
     println!(
         "booted to dirtier pass 2 in {:.1} s:\n{before}",
         booted.elapsed().as_secs_f64()

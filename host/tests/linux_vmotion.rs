@@ -264,7 +264,7 @@ fn a_linux_guest_keeps_its_disk_writes_and_its_network_peer_across_every_method(
     ]);
     let booted = Instant::now();
     c.ferry(&["vm", "start", "lx"]);
-    let first = c.wait_for("acknowledged disk write", Duration::from_secs(180), |t| {
+    let first = c.wait_for("acknowledged disk write", Duration::from_secs(240), |t| {
         (newest_acked(t) > 0 && t.contains("ferry-responder on udp")).then(|| newest_acked(t))
     });
     println!(
