@@ -242,7 +242,7 @@ fn an_operator_types_into_a_linux_guests_console_through_its_vmm() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    wait_for(&guest, "ferry-guest: up", Duration::from_secs(120));
+    wait_for(&guest, "ferry-guest: up", Duration::from_secs(240));
     // The shell needs a moment to start reading after /init says it is up.
     std::thread::sleep(Duration::from_secs(2));
     let line = b"echo ferry-$((6*7))\n";
