@@ -365,18 +365,8 @@ impl KvmVm {
         mac: [u8; 6],
         watch: Option<std::fs::File>,
     ) -> Result<String, KvmError> {
-        let index = self.progress.mmio.len();
-        let (_, gsi) = crate::virtio::bus::placement(index);
-        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| KvmError::Image(format!("virtio interrupt: {e}")))?;
-        self.vm
-            .register_irqfd(&irq, gsi)
-            .map_err(|e| KvmError::Ioctl("KVM_IRQFD", e))?;
         let device = crate::virtio::mmio::MmioTransport::new(crate::virtio::net::Net::new(io, mac));
-        let index = self
-            .progress
-            .mmio
-            .attach(&self.memory, irq, Box::new(device));
+        let index = self.attach_virtio(Box::new(device))?;
         if let Some(fd) = watch {
             crate::virtio::announce::receive_thread(Arc::downgrade(&self.progress), index, fd)
                 .map_err(|e| KvmError::Image(format!("NIC receive thread: {e}")))?;
@@ -437,20 +427,25 @@ impl KvmVm {
         backend: impl crate::virtio::blk::BlockIo + 'static,
         id: &str,
     ) -> Result<String, KvmError> {
-        let index = self.progress.mmio.len();
-        let (_, gsi) = crate::virtio::bus::placement(index);
+        let device =
+            crate::virtio::mmio::MmioTransport::new(crate::virtio::blk::Blk::new(backend, id));
+        let index = self.attach_virtio(Box::new(device))?;
+        Ok(crate::virtio::bus::cmdline_word(index))
+    }
+
+    /// Puts `device` at the bus's next place with an irqfd on its GSI;
+    /// returns its index.
+    fn attach_virtio(
+        &self,
+        device: Box<dyn crate::virtio::bus::BusDevice>,
+    ) -> Result<usize, KvmError> {
+        let (_, gsi) = crate::virtio::bus::placement(self.progress.mmio.len());
         let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| KvmError::Image(format!("virtio interrupt: {e}")))?;
         self.vm
             .register_irqfd(&irq, gsi)
             .map_err(|e| KvmError::Ioctl("KVM_IRQFD", e))?;
-        let device =
-            crate::virtio::mmio::MmioTransport::new(crate::virtio::blk::Blk::new(backend, id));
-        let index = self
-            .progress
-            .mmio
-            .attach(&self.memory, irq, Box::new(device));
-        Ok(crate::virtio::bus::cmdline_word(index))
+        Ok(self.progress.mmio.attach(&self.memory, irq, device))
     }
 
     /// Types `bytes` into the console (as far as its receive FIFO takes
