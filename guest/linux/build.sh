@@ -13,7 +13,7 @@
 #   FERRY_GUEST_CACHE=/some/dir ... # cache root (default ~/.cache/ferry/guest)
 #
 # Needs Debian's linux-source-6.1 busybox-static build-essential flex bison
-# bc libelf-dev cpio lz4: installed with apt-get when missing.
+# bc libelf-dev cpio lz4 musl-tools: installed with apt-get when missing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${FERRY_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry/guest}"
@@ -21,7 +21,7 @@ src_tar=/usr/src/linux-source-6.1.tar.xz
 busybox=/bin/busybox
 
 # What the build needs, from Debian (installed when missing).
-packages="linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio lz4"
+packages="linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio lz4 musl-tools"
 missing_pkgs=$(for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing_pkgs" ]; then
   echo "build.sh: installing $(echo $missing_pkgs)" >&2
@@ -35,12 +35,14 @@ done
 
 # Bump when the steps below change what they build.
 build_version=3
+# Bump when the initramfs steps change what they build.
+initramfs_version=2
 versions=$(dpkg-query -W -f='${Version} ' linux-source-6.1 busybox-static 2>/dev/null || true)
 # The kernel is keyed by what it is built from only, so editing the init
 # or a test program rebuilds the initramfs (seconds), not the kernel.
 kernel_key=$( (cd "$here" && echo "$build_version" && cat config patches/*.patch; echo "$versions") \
       | sha256sum | cut -c1-12)
-key=$( (cd "$here" && echo "$build_version $kernel_key" && cat init programs/*.c; echo "$versions") \
+key=$( (cd "$here" && echo "$build_version $initramfs_version $kernel_key" && cat init programs/*.c; echo "$versions") \
       | sha256sum | cut -c1-12)
 out="$cache/linux/$key"
 kernel="$cache/linux/kernel-$kernel_key"
@@ -90,14 +92,17 @@ if ! [ -s "$kernel/vmlinux" ] || ! [ -s "$kernel/bzImage" ]; then
 fi
 echo "build.sh: the initramfs" >&2
 root="$work/root"
-mkdir -p "$root/bin" "$root/proc" "$root/sys" "$root/dev" "$root/tmp"
+mkdir -p "$root/bin" "$root/proc" "$root/dev" "$root/tmp"
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount mkdir cat echo reboot ip sleep; do ln -s busybox "$root/bin/$applet"; done
 cp "$here/init" "$root/init"
 chmod +x "$root/init"
 for c in "$here"/programs/*.c; do
   name="ferry-$(basename "$c" .c)"
-  gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/$name" "$c"
+  # musl: a static program of 30 KB rather than glibc's 760 KB; the
+  # kernel unpacks the initramfs with emulated ring-0 copies (PLATFORM.md),
+  # about 3 s per MB here.
+  musl-gcc -static -O2 -s -Wall -Wextra -Werror -o "$root/bin/$name" "$c"
 done
 mkdir -p "$out.tmp"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$out.tmp/initrd.cpio"

@@ -11,6 +11,7 @@ pub mod datastore;
 pub mod decoders;
 pub mod guest_images;
 pub mod kvm;
+pub mod net;
 pub mod node;
 pub mod store;
 pub mod telemetry;

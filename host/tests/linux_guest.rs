@@ -211,7 +211,7 @@ fn a_linux_guest_reads_and_writes_its_virtio_disk() {
     // line's echo does not count.
     type_line(
         &vm,
-        b"cat /sys/block/vda/size; dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 24; echo; echo ferry-from-the-guest | dd of=/dev/vda bs=512 seek=200 conv=sync,fsync 2>/dev/null; echo disk-$((40+2))-done\n",
+        b"blockdev --getsz /dev/vda; dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 24; echo; echo ferry-from-the-guest | dd of=/dev/vda bs=512 seek=200 conv=sync,fsync 2>/dev/null; echo disk-$((40+2))-done\n",
     );
     let console = wait_for_text(&vm, "disk-42-done", Duration::from_secs(60));
     assert!(

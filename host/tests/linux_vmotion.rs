@@ -21,13 +21,12 @@ mod common;
 
 use std::net::UdpSocket;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Node;
 use common::netns::{PEER_IP, Segment, host_ip};
 use ferry_actors::storage::pattern::WritePattern;
+use ferry_host::net::probe::{Prober, unix_ms_now};
 
 const DISK_MIB: u64 = 16;
 const GUEST_IP: &str = "10.77.0.2";
@@ -93,81 +92,29 @@ fn newest_acked(console: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// What the peer saw: when each request went out, and when its answer came.
-struct Probes {
-    sent: Vec<Instant>,
-    answered: Vec<Option<Instant>>,
+/// Asks the guest every [`PROBE_EVERY`] from the peer's namespace (the
+/// socket is made there; the prober thread may run anywhere).
+fn probe(seg: &Segment) -> Prober {
+    let socket = seg
+        .in_peer(|| UdpSocket::bind((PEER_IP, 0)).expect("peer socket"))
+        .join()
+        .expect("peer namespace");
+    let target = format!("{GUEST_IP}:{GUEST_PORT}").parse().expect("address");
+    Prober::start(socket, target, PROBE_EVERY).expect("prober")
 }
 
-/// Asks the guest every [`PROBE_EVERY`] until `stop`, from the peer's
-/// namespace.
-fn probe(seg: &Segment, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Probes> {
-    seg.in_peer(move || {
-        let sock = UdpSocket::bind((PEER_IP, 0)).expect("peer socket");
-        sock.set_read_timeout(Some(Duration::from_millis(2)))
-            .expect("timeout");
-        let mut p = Probes {
-            sent: Vec::new(),
-            answered: Vec::new(),
-        };
-        let mut next = Instant::now();
-        let mut buf = [0u8; 64];
-        while !stop.load(Ordering::SeqCst) {
-            if Instant::now() >= next {
-                let seq = p.sent.len() as u64;
-                let _ = sock.send_to(&seq.to_le_bytes(), (GUEST_IP, GUEST_PORT));
-                p.sent.push(Instant::now());
-                p.answered.push(None);
-                next += PROBE_EVERY;
-            }
-            if let Ok((8, _)) = sock.recv_from(&mut buf) {
-                let seq = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-                if let Some(a) = p
-                    .answered
-                    .get_mut(usize::try_from(seq).unwrap_or(usize::MAX))
-                {
-                    a.get_or_insert_with(Instant::now);
-                }
-            }
-        }
-        p
-    })
-}
-
-/// Requests sent in `window` that were never answered, of all sent in it,
-/// the longest time in it without any answer arriving, and each request's
-/// fate (sent at, ms after the window opened; answered after, ms).
-fn outage(p: &Probes, window: (Instant, Instant)) -> (usize, usize, Duration, String) {
-    let inside: Vec<usize> = (0..p.sent.len())
-        .filter(|&i| p.sent[i] >= window.0 && p.sent[i] <= window.1)
-        .collect();
-    let lost = inside.iter().filter(|&&i| p.answered[i].is_none()).count();
-    let mut arrivals: Vec<Instant> = p
-        .answered
+/// When the destination's vCPUs ran again (Unix ms), from its side of a
+/// `migrate --json` report: the end of its `resume` phase.
+fn resumed_unix_ms(report: &serde_json::Value) -> Option<f64> {
+    let dest = &report["destination"];
+    let resume = dest["phases"]
+        .as_array()?
         .iter()
-        .flatten()
-        .copied()
-        .filter(|a| *a >= window.0 && *a <= window.1)
-        .collect();
-    arrivals.sort();
-    let mut silence = Duration::ZERO;
-    let mut last = window.0;
-    for a in arrivals.iter().copied().chain([window.1]) {
-        silence = silence.max(a.saturating_duration_since(last));
-        last = a;
-    }
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let fates: Vec<String> = inside
-        .iter()
-        .map(|&i| {
-            let at = ms(p.sent[i] - window.0);
-            match p.answered[i] {
-                Some(a) => format!("{at:.0}:{:.0}", ms(a - p.sent[i])),
-                None => format!("{at:.0}:LOST"),
-            }
-        })
-        .collect();
-    (lost, inside.len(), silence, fates.join(" "))
+        .find(|p| p["name"] == "resume")?;
+    let at = resume["end_ms"]
+        .as_f64()
+        .or_else(|| resume["start_ms"].as_f64())?;
+    Some(dest["started_unix_ms"].as_f64()? + at)
 }
 
 /// `cluster init` for two hosts listening on their bridges, whose guests'
@@ -271,8 +218,7 @@ fn a_linux_guest_keeps_its_disk_writes_and_its_network_peer_across_every_method(
         "booted, answering and writing its disk after {:.1} s (write {first})",
         booted.elapsed().as_secs_f64()
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = probe(&seg, stop.clone());
+    let prober = probe(&seg);
     std::thread::sleep(Duration::from_secs(2));
 
     let mut windows = Vec::new();
@@ -283,7 +229,7 @@ fn a_linux_guest_keeps_its_disk_writes_and_its_network_peer_across_every_method(
         ("snapshot", "host-b"),
     ] {
         let before = newest_acked(&c.console());
-        let started = Instant::now();
+        let started = unix_ms_now();
         let out = c.ferry(&[
             "migrate",
             "lx",
@@ -296,7 +242,7 @@ fn a_linux_guest_keeps_its_disk_writes_and_its_network_peer_across_every_method(
             "--verify",
             "--json",
         ]);
-        let ended = Instant::now();
+        let ended = unix_ms_now();
         let report: serde_json::Value =
             serde_json::from_str(&out).unwrap_or_else(|e| panic!("report {e}:\n{out}"));
         let disk = &report["disks"][0];
@@ -316,14 +262,7 @@ fn a_linux_guest_keeps_its_disk_writes_and_its_network_peer_across_every_method(
         });
         let disks = c.ferry(&["vm", "disks", "lx", "--verify"]);
         assert!(disks.contains("blocks ok"), "{disks}");
-        windows.push((
-            method,
-            host,
-            to,
-            started,
-            ended + Duration::from_secs(1),
-            report.clone(),
-        ));
+        windows.push((method, host, to, started, ended + 1000.0, report.clone()));
         println!(
             "{method} {host} -> {to}: total {:.1} ms, downtime {:.2} ms, memory verified {}, \
              disk copied {} of {} bytes ({} skipped), {} mirrored writes, {} overlay blocks, \
@@ -341,23 +280,30 @@ fn a_linux_guest_keeps_its_disk_writes_and_its_network_peer_across_every_method(
         host = to;
     }
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::SeqCst);
-    let probes = prober.join().expect("prober");
-    let answered = probes.answered.iter().filter(|a| a.is_some()).count();
+    let probes = prober.finish();
+    let answered = probes.answered_count();
     println!(
         "the peer sent {} requests every {PROBE_EVERY:?}; {answered} answered",
         probes.sent.len()
     );
     let mut silences = Vec::new();
     for (method, from, to, start, end, report) in &windows {
-        let (lost, sent, silence, fates) = outage(&probes, (*start, *end));
+        let o = probes.outage(*start, *end);
+        let resumed = resumed_unix_ms(report);
+        let first = resumed
+            .and_then(|r| probes.first_answer_after(r))
+            .map_or_else(|| "none".to_owned(), |ms| format!("{ms:.0} ms"));
         println!(
-            "{method} {from} -> {to}: {lost} of {sent} requests unanswered, longest silence \
-             {:.0} ms (downtime {:.2} ms); sent at ms:answered after ms: {fates}",
-            silence.as_secs_f64() * 1e3,
-            report["downtime_ms"].as_f64().unwrap_or(0.0)
+            "{method} {from} -> {to}: {} of {} requests unanswered, longest silence {:.0} ms \
+             (downtime {:.2} ms), first answer after the resume {first}; \
+             sent at ms:answered after ms: {}",
+            o.unanswered,
+            o.sent,
+            o.longest_silence_ms,
+            report["downtime_ms"].as_f64().unwrap_or(0.0),
+            o.fates
         );
-        silences.push((method, silence));
+        silences.push((method, Duration::from_secs_f64(o.longest_silence_ms / 1e3)));
     }
     for (method, silence) in silences {
         assert!(
@@ -365,12 +311,7 @@ fn a_linux_guest_keeps_its_disk_writes_and_its_network_peer_across_every_method(
             "{method}: the guest was unreachable for {silence:?}"
         );
     }
-    let last_second = probes
-        .answered
-        .iter()
-        .zip(&probes.sent)
-        .filter(|(a, s)| a.is_some() && s.elapsed() < Duration::from_millis(1500))
-        .count();
+    let last_second = probes.answered_since(unix_ms_now() - 1500.0);
     assert!(last_second > 0, "the guest answers on its last host");
 
     // Stop the guest, then check the disk file itself against the last

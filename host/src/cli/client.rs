@@ -738,7 +738,12 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
             .on_progress(move |p| progress.update(p))
             .await?;
         bar.finish();
-        Ok(report)
+        // The whole report, with the destination's side (its phases and
+        // the moment it resumed), as `ferry migrate show` gives it.
+        Ok(cluster
+            .migration(report.migration_id)
+            .await
+            .unwrap_or(report))
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,5 +1,7 @@
-//! `ferry demo`: two nodes on loopback, a guest with a dirty working set,
-//! one live migration, a report.
+//! `ferry demo`: two nodes on loopback, a guest with a dirty working set
+//! (the Linux test guest where it is built), one live migration of its
+//! memory and disk, a report with the guest's disk and network
+//! continuity.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,20 +10,21 @@ use clap::Args;
 use ferry_actors::migration::MigrationReport;
 use serde::Serialize;
 
+use super::demo_guest::{self, Chosen, DemoGuest, NetWatch, NetworkReport};
 use super::progress::ProgressBar;
-use crate::kvm;
 use crate::node::factory::HostFactory;
 use crate::node::local::{LocalCapacity, LocalCluster};
 
 /// Options of `ferry demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512)]
-    pub memory: u64,
-    /// Working set the guest keeps rewriting, in MiB.
-    #[arg(long, default_value_t = 64)]
-    pub wss: u64,
+    /// Guest memory in MiB [default: 256 for the Linux guest, else 512].
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// Working set the guest keeps rewriting, in MiB [default: 32 for the
+    /// Linux guest, else 64].
+    #[arg(long)]
+    pub wss: Option<u64>,
     /// Downtime budget in milliseconds.
     #[arg(long, default_value_t = 50)]
     pub downtime_ms: u64,
@@ -33,9 +36,11 @@ pub struct DemoArgs {
     /// How the disk moves: mirror, cbt or snapshot.
     #[arg(long, default_value = "mirror")]
     pub method: ferry_actors::storage::Method,
-    /// Use the synthetic guest even where KVM works.
-    #[arg(long)]
-    pub synthetic: bool,
+    /// The guest: auto (the Linux test guest where `guest/linux/build.sh`
+    /// built it, else the built-in test guest; synthetic without KVM),
+    /// linux, test or synthetic.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub guest: DemoGuest,
     /// Print the report as JSON (and no progress).
     #[arg(long)]
     pub json: bool,
@@ -47,7 +52,7 @@ pub struct DemoArgs {
 /// What `ferry demo --json` prints.
 #[derive(Debug, Serialize)]
 pub struct DemoReport {
-    /// `kvm` or `synthetic`.
+    /// `linux`, `kvm` (the built-in test guest) or `synthetic`.
     pub guest: &'static str,
     /// Guest memory in MiB.
     pub memory_mib: u64,
@@ -64,16 +69,23 @@ pub struct DemoReport {
     /// Every write the disk workload acknowledged, before and after the
     /// move, is on the destination's disk (`None`: no disk).
     pub disk_verified: Option<bool>,
+    /// The Linux guest's network across the migration, as a peer asking
+    /// its UDP responder saw it (`None`: not measured).
+    pub network: Option<NetworkReport>,
     /// The files written: report.txt, report.json, timeline.svg.
     pub files: Vec<std::path::PathBuf>,
 }
 
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    // Before the runtime's threads start: they share the guest's private
+    // network namespace, if one is made.
+    let say = |s: String| eprintln!("{s}");
+    let chosen = demo_guest::choose(args.guest, args.wss.unwrap_or(32), &say)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut report = runtime.block_on(demo(args))?;
+    let mut report = runtime.block_on(demo(args, chosen))?;
     report.files = write_files(&report.migration, &args.out)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -86,6 +98,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             if report.mac_moved { "is" } else { "is NOT" },
             report.migration.to
         );
+        if let Some(n) = &report.network {
+            print_network(n, &report.migration.to);
+        }
         if let Some(ok) = report.disk_verified {
             println!(
                 "  disk on {}: every acknowledged write {}",
@@ -115,23 +130,35 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
+fn print_network(n: &NetworkReport, to: &str) {
+    let first = n.first_answer_after_resume_ms.map_or_else(
+        || format!("no answer came from {to} after its resume"),
+        |ms| format!("first answer {ms:.0} ms after the resume on {to}"),
+    );
+    println!(
+        "  network: asked every {:.0} ms: {} of {} requests unanswered during the migration, \
+         longest silence {:.0} ms, {first}",
+        n.every_ms, n.unanswered, n.sent, n.longest_silence_ms
+    );
+}
+
+async fn demo(args: &DemoArgs, chosen: Chosen) -> anyhow::Result<DemoReport> {
     let say = |s: String| {
         if !args.json {
             eprintln!("{s}");
         }
     };
-    let factory = if args.synthetic {
-        HostFactory::synthetic_only()
-    } else {
-        match kvm::available() {
-            Ok(()) => HostFactory::probe(),
-            Err(e) => {
-                eprintln!(
-                    "WARNING: KVM is not usable here ({e}); the demo runs the synthetic guest instead"
-                );
-                HostFactory::synthetic_only()
-            }
+    let linux = matches!(chosen, Chosen::Linux { .. });
+    let memory = args.memory.unwrap_or(if linux { 256 } else { 512 });
+    let wss = args.wss.unwrap_or(if linux { 32 } else { 64 });
+    let net = match &chosen {
+        Chosen::Linux { net, .. } => net.clone(),
+        Chosen::Test | Chosen::Synthetic => None,
+    };
+    let factory = match chosen {
+        Chosen::Synthetic => HostFactory::synthetic_only(),
+        Chosen::Test | Chosen::Linux { .. } => {
+            HostFactory::probe().with_bridge(net.as_ref().map(|n| n.bridge.clone()))
         }
     };
     let hosts = [
@@ -139,10 +166,9 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         ("host-b", LocalCapacity::default()),
     ];
     let local = LocalCluster::start(&hosts, Arc::new(factory)).await?;
-    let guest = if local.kvm { "kvm" } else { "synthetic" };
+    let guest = chosen.name();
     say(format!(
-        "two nodes on loopback (QUIC, mutual TLS): host-a, host-b; {guest} guest of {} MiB rewriting {} MiB",
-        args.memory, args.wss
+        "two nodes on loopback (QUIC, mutual TLS): host-a, host-b; {guest} guest of {memory} MiB rewriting {wss} MiB"
     ));
     if args.disk_mib > 0 {
         say(format!(
@@ -151,10 +177,32 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
         ));
     }
     let vm = "demo-vm";
-    say("guest filling its memory...".into());
-    local
-        .start_vm_with_disk("host-a", vm, args.memory, args.wss, args.disk_mib)
-        .await?;
+    if let Chosen::Linux { image, .. } = &chosen {
+        say("the Linux guest boots (a minute or so here: its kernel code is emulated)...".into());
+        local
+            .start_linux_vm(
+                "host-a",
+                vm,
+                memory,
+                linux_spec(image, net.as_ref()),
+                args.disk_mib,
+            )
+            .await?;
+    } else {
+        say("guest filling its memory...".into());
+        local
+            .start_vm_with_disk("host-a", vm, memory, wss, args.disk_mib)
+            .await?;
+    }
+    let watch = match &net {
+        Some(n) => {
+            let w = NetWatch::start(n, Duration::from_secs(60)).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some(w)
+        }
+        None => None,
+    };
+    let migration_started = crate::net::probe::unix_ms_now();
     let bar = ProgressBar::new(args.json);
     let progress = bar.clone();
     let migrate = local
@@ -174,7 +222,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
     let mut mac_moved = false;
     if migration.completed() {
         let before = local.guest_pass("host-b", vm).await?;
-        for _ in 0..100 {
+        for _ in 0..500 {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if !guest_progressed {
                 guest_progressed = local.guest_pass("host-b", vm).await? > before;
@@ -211,16 +259,45 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<DemoReport> {
             migration
         }
     };
+    let network = match watch {
+        Some(w) => {
+            // A second more, so the window shows the answers coming back.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some(w.finish(migration_started, &migration))
+        }
+        None => None,
+    };
     Ok(DemoReport {
         files: Vec::new(),
         disk_verified,
         guest,
-        memory_mib: args.memory,
-        wss_mib: args.wss,
+        memory_mib: memory,
+        wss_mib: wss,
         migration,
         guest_progressed,
         mac_moved,
+        network,
     })
+}
+
+/// The Linux guest as the node boots it: the test guest's command line,
+/// with its address when it has a network.
+fn linux_spec(
+    image: &crate::kvm::linux::LinuxImage,
+    net: Option<&crate::net::private::PrivateNet>,
+) -> ferry_actors::node::client::LinuxSpec {
+    let mut cmdline = image.cmdline.clone();
+    if let Some(n) = net {
+        cmdline = format!("{cmdline} {}", demo_guest::guest_network_args(n));
+    }
+    // The disk writer rests between writes: each costs the guest's
+    // emulated kernel a share of its one vCPU, which its network needs too.
+    cmdline.push_str(" ferry_disk_gap=200");
+    ferry_actors::node::client::LinuxSpec {
+        kernel: image.kernel.display().to_string(),
+        initrd: image.initrd.as_ref().map(|p| p.display().to_string()),
+        cmdline,
+    }
 }
 
 /// Writes `report.txt`, `report.json` and `timeline.svg` into `dir`.

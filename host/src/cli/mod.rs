@@ -11,6 +11,7 @@ pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod demo;
+pub mod demo_guest;
 pub mod drs;
 pub mod history;
 pub mod node;

@@ -260,13 +260,16 @@ fn virtio_devices(config: &VmConfig, bridge: Option<&str>) -> DeviceSpec {
 }
 
 /// [`virtio_devices`] made here (in-process guests): the NIC's tap is
-/// named after the VM's MAC.
+/// named after the VM's MAC and a count of this process's taps (two
+/// in-process hosts hold the same VM's source and shadow at once).
 fn local_devices(config: &VmConfig, bridge: Option<&str>) -> Result<kvm::Devices, GuestError> {
     let spec = virtio_devices(config, bridge);
     let nic = match spec.nic {
         Some(n) => {
             let m = n.mac;
-            let tap = format!("fy{:02x}{:02x}{:02x}", m[3], m[4], m[5]);
+            static TAPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let count = TAPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10_000_000;
+            let tap = format!("fy{:02x}{:02x}{:02x}{count}", m[3], m[4], m[5]);
             Some(kvm::Nic::on(n.mac, n.bridge.as_deref(), &tap).map_err(kvm_err("NIC"))?)
         }
         None => None,

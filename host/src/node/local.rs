@@ -170,6 +170,37 @@ impl LocalCluster {
         wss_mib: u64,
         disk_mib: u64,
     ) -> anyhow::Result<()> {
+        let spec = self.vm_spec(name, memory_mib, wss_mib, disk_mib);
+        self.create_and_start(node, spec, Duration::from_secs(300))
+            .await
+    }
+
+    /// Creates a Linux guest `name` of `memory_mib` booting `linux` on
+    /// `node`, with a disk of `disk_mib` (none for 0) that its disk writer
+    /// fills with the verifiable pattern, starts it and waits until its
+    /// dirtier has done two passes (the boot takes a while here:
+    /// PLATFORM.md).
+    pub async fn start_linux_vm(
+        &self,
+        node: &str,
+        name: &str,
+        memory_mib: u64,
+        linux: ferry_actors::node::client::LinuxSpec,
+        disk_mib: u64,
+    ) -> anyhow::Result<()> {
+        let mut spec = self.vm_spec(name, memory_mib, 0, disk_mib);
+        spec.linux = Some(linux);
+        self.create_and_start(node, spec, Duration::from_secs(300))
+            .await
+    }
+
+    fn vm_spec(
+        &self,
+        name: &str,
+        memory_mib: u64,
+        wss_mib: u64,
+        disk_mib: u64,
+    ) -> ferry_actors::node::client::VmSpec {
         let disks = if disk_mib == 0 {
             Vec::new()
         } else {
@@ -178,7 +209,7 @@ impl LocalCluster {
                 datastore: "local".into(),
             }]
         };
-        let spec = ferry_actors::node::client::VmSpec {
+        ferry_actors::node::client::VmSpec {
             linux: None,
             name: name.to_owned(),
             memory_mib,
@@ -188,11 +219,19 @@ impl LocalCluster {
             cpu_features: Vec::new(),
             disk_workload: disk_mib > 0,
             disks,
-        };
+        }
+    }
+
+    async fn create_and_start(
+        &self,
+        node: &str,
+        spec: ferry_actors::node::client::VmSpec,
+        ready_within: Duration,
+    ) -> anyhow::Result<()> {
+        let name = spec.name.clone();
         self.client.create_vm(node, spec).await?;
-        self.client.vm(name).start().await?;
-        self.wait_for_pass(node, name, 2, Duration::from_secs(300))
-            .await?;
+        self.client.vm(&name).start().await?;
+        self.wait_for_pass(node, &name, 2, ready_within).await?;
         Ok(())
     }
 
