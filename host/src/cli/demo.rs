@@ -10,7 +10,7 @@ use clap::Args;
 use ferry_actors::migration::MigrationReport;
 use serde::Serialize;
 
-use super::demo_guest::{self, Chosen, DemoGuest, NetWatch, NetworkReport};
+use super::demo_guest::{self, Chosen, DemoGuest, DiskContinuity, NetWatch, NetworkReport};
 use super::progress::ProgressBar;
 use crate::node::factory::HostFactory;
 use crate::node::local::{LocalCapacity, LocalCluster};
@@ -67,8 +67,12 @@ pub struct DemoReport {
     /// The source host's MAC table points at the destination.
     pub mac_moved: bool,
     /// Every write the disk workload acknowledged, before and after the
-    /// move, is on the destination's disk (`None`: no disk).
+    /// move, is on the destination's disk, and there was at least one
+    /// (`None`: no disk).
     pub disk_verified: Option<bool>,
+    /// The disk workload's acknowledged writes around the move (`None`:
+    /// no disk).
+    pub disk: Option<DiskContinuity>,
     /// The Linux guest's network across the migration, as a peer asking
     /// its UDP responder saw it (`None`: not measured).
     pub network: Option<NetworkReport>,
@@ -101,11 +105,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         if let Some(n) = &report.network {
             print_network(n, &report.migration.to);
         }
-        if let Some(ok) = report.disk_verified {
+        if let (Some(ok), Some(d)) = (report.disk_verified, &report.disk) {
             println!(
-                "  disk on {}: every acknowledged write {}",
+                "  disk on {}: {} acknowledged writes before the move, {} by the end; every one {} ({} blocks checked)",
                 report.migration.to,
-                if ok { "present" } else { "NOT present" }
+                d.acked_before,
+                d.acked_after,
+                if ok { "present" } else { "NOT present" },
+                d.verified_blocks
             );
         }
         let names: Vec<String> = report
@@ -202,6 +209,12 @@ async fn demo(args: &DemoArgs, chosen: Chosen) -> anyhow::Result<DemoReport> {
         }
         None => None,
     };
+    let acked_before = if args.disk_mib > 0 {
+        say("waiting for the guest's first acknowledged disk write...".into());
+        demo_guest::first_disk_writes(&local, vm, Duration::from_secs(120)).await?
+    } else {
+        0
+    };
     let migration_started = crate::net::probe::unix_ms_now();
     let bar = ProgressBar::new(args.json);
     let progress = bar.clone();
@@ -220,12 +233,16 @@ async fn demo(args: &DemoArgs, chosen: Chosen) -> anyhow::Result<DemoReport> {
     bar.finish();
     let mut guest_progressed = false;
     let mut mac_moved = false;
+    let mut acked_after = acked_before;
     if migration.completed() {
         let before = local.guest_pass("host-b", vm).await?;
         for _ in 0..500 {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if !guest_progressed {
                 guest_progressed = local.guest_pass("host-b", vm).await? > before;
+            }
+            if args.disk_mib > 0 && acked_after <= acked_before {
+                acked_after = demo_guest::disk_writes(&local, vm).await?;
             }
             if !mac_moved {
                 mac_moved = local
@@ -235,21 +252,18 @@ async fn demo(args: &DemoArgs, chosen: Chosen) -> anyhow::Result<DemoReport> {
                     .iter()
                     .any(|(_, h)| h == "host-b");
             }
-            if guest_progressed && mac_moved {
+            if guest_progressed && mac_moved && (args.disk_mib == 0 || acked_after > acked_before) {
                 break;
             }
         }
     }
-    let disk_verified = if args.disk_mib > 0 && migration.completed() {
+    let disk = if args.disk_mib > 0 && migration.completed() {
         let disks = local.client.vm(vm).disks(true).await?;
-        Some(
-            disks
-                .iter()
-                .all(|d| d.verify_error.is_none() && d.verified_blocks.is_some()),
-        )
+        Some(DiskContinuity::of(&disks, acked_before, acked_after))
     } else {
         None
     };
+    let disk_verified = disk.as_ref().map(|d| d.verified);
     // The whole report, with the destination's side, as `ferry migrate
     // show` gives it.
     let migration = match local.client.migration(migration.migration_id).await {
@@ -270,6 +284,7 @@ async fn demo(args: &DemoArgs, chosen: Chosen) -> anyhow::Result<DemoReport> {
     Ok(DemoReport {
         files: Vec::new(),
         disk_verified,
+        disk,
         guest,
         memory_mib: memory,
         wss_mib: wss,

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::kvm::{self, linux::LinuxImage};
 use crate::net::private::PrivateNet;
 use crate::net::probe::{Prober, Probes};
+use crate::node::local::LocalCluster;
 
 /// Which guest the demo migrates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -203,4 +204,69 @@ fn resumed_unix_ms(migration: &MigrationReport) -> Option<f64> {
     #[allow(clippy::cast_precision_loss)] // ms since 1970 fit an f64 exactly
     let started = dest.started_unix_ms as f64;
     Some(started + resume.end_ms.unwrap_or(resume.start_ms))
+}
+
+/// The disk workload's acknowledged writes around the move, and the
+/// destination's check of them.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskContinuity {
+    /// The newest write acknowledged when the migration started.
+    pub acked_before: u64,
+    /// The newest acknowledged by the end (on the destination).
+    pub acked_after: u64,
+    /// Blocks the destination checked against the pattern.
+    pub verified_blocks: u64,
+    /// Every acknowledged write is on the destination's disk, and at
+    /// least one block was checked.
+    pub verified: bool,
+}
+
+impl DiskContinuity {
+    /// From the destination's `vm disks --verify` answer.
+    pub fn of(
+        disks: &[ferry_actors::node::client::DiskView],
+        acked_before: u64,
+        acked_after: u64,
+    ) -> Self {
+        let verified_blocks = disks.iter().filter_map(|d| d.verified_blocks).sum();
+        let verified = !disks.is_empty()
+            && verified_blocks > 0
+            && disks
+                .iter()
+                .all(|d| d.verify_error.is_none() && d.verified_blocks.is_some());
+        Self {
+            acked_before,
+            acked_after,
+            verified_blocks,
+            verified,
+        }
+    }
+}
+
+/// The newest write the disk workload of `vm` saw acknowledged.
+pub async fn disk_writes(local: &LocalCluster, vm: &str) -> anyhow::Result<u64> {
+    let disks = local.client.vm(vm).disks(false).await?;
+    Ok(disks.iter().map(|d| d.workload_acked).max().unwrap_or(0))
+}
+
+/// Waits (up to `limit`) for the disk workload's first acknowledged
+/// write, so the demo moves a disk that is being written.
+pub async fn first_disk_writes(
+    local: &LocalCluster,
+    vm: &str,
+    limit: Duration,
+) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    loop {
+        let acked = disk_writes(local, vm).await?;
+        if acked > 0 {
+            return Ok(acked);
+        }
+        anyhow::ensure!(
+            started.elapsed() < limit,
+            "{vm}'s disk workload acknowledged no write in {} s",
+            limit.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
