@@ -67,8 +67,8 @@ pub struct DemoReport {
     /// The source host's MAC table points at the destination.
     pub mac_moved: bool,
     /// Every write the disk workload acknowledged, before and after the
-    /// move, is on the destination's disk, and there was at least one
-    /// (`None`: no disk).
+    /// move, is on the destination's disk (`None`: no disk; how many were
+    /// checked is in `disk`).
     pub disk_verified: Option<bool>,
     /// The disk workload's acknowledged writes around the move (`None`:
     /// no disk).
@@ -105,7 +105,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         if let Some(n) = &report.network {
             print_network(n, &report.migration.to);
         }
-        if let (Some(ok), Some(d)) = (report.disk_verified, &report.disk) {
+        if let Some(d) = report.disk.as_ref().filter(|d| d.verified_blocks == 0) {
+            println!(
+                "  disk on {}: NOTHING to check: the guest acknowledged no disk write (newest {})",
+                report.migration.to, d.acked_after
+            );
+        } else if let (Some(ok), Some(d)) = (report.disk_verified, &report.disk) {
             println!(
                 "  disk on {}: {} acknowledged writes before the move, {} by the end; every one {} ({} blocks checked)",
                 report.migration.to,
@@ -210,8 +215,8 @@ async fn demo(args: &DemoArgs, chosen: Chosen) -> anyhow::Result<DemoReport> {
         None => None,
     };
     let acked_before = if args.disk_mib > 0 {
-        say("waiting for the guest's first acknowledged disk write...".into());
-        demo_guest::first_disk_writes(&local, vm, Duration::from_secs(120)).await?
+        say("waiting (up to 60 s) for the guest's first acknowledged disk write...".into());
+        demo_guest::first_disk_writes(&local, vm, Duration::from_secs(60)).await?
     } else {
         0
     };
