@@ -290,9 +290,18 @@ fn a_linux_guest_keeps_its_disk_writes_and_its_network_peer_across_every_method(
     for (method, from, to, start, end, report) in &windows {
         let o = probes.outage(*start, *end);
         let resumed = resumed_unix_ms(report);
+        let every_ms = PROBE_EVERY.as_secs_f64() * 1e3;
         let first = resumed
-            .and_then(|r| probes.first_answer_after(r))
-            .map_or_else(|| "none".to_owned(), |ms| format!("{ms:.0} ms"));
+            .and_then(|r| {
+                Some((
+                    probes.first_answer_after(r)?,
+                    probes.first_answer_wait(r, every_ms)?,
+                ))
+            })
+            .map_or_else(
+                || "none".to_owned(),
+                |(after, wait)| format!("{after:.0} ms ({wait:.0} ms after a request was there)"),
+            );
         println!(
             "{method} {from} -> {to}: {} of {} requests unanswered, longest silence {:.0} ms \
              (downtime {:.2} ms), first answer after the resume {first}; \

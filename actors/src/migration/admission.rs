@@ -77,31 +77,10 @@ pub fn admit(offer: &Offer, capacity: &Capacity, used: Usage, exists: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::wire::{GuestKind, VmConfig};
+    use crate::migration::wire::GuestKind;
 
     fn offer(features: &[&str], memory_bytes: u64) -> Offer {
-        Offer {
-            migration_id: 1,
-            vm: VmConfig {
-                name: "web-1".into(),
-                memory_bytes,
-                vcpus: 1,
-                cpu_features: features.iter().map(|s| (*s).to_owned()).collect(),
-                mac: [0x52, 0x54, 0, 0, 0, 1],
-                kind: GuestKind::Synthetic {
-                    wss_bytes: 0,
-                    seed: 1,
-                    writes_per_sec: 1,
-                },
-                disks: Vec::new(),
-            },
-            generation: 1,
-            cold: false,
-            lanes: 4,
-            verify_memory: false,
-            storage: None,
-            trace_parent: String::new(),
-        }
+        crate::migration::wire::test_offer("web-1", memory_bytes, features)
     }
 
     fn capacity() -> Capacity {

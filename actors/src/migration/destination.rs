@@ -12,7 +12,8 @@ use super::timeline::{Figure, PhaseId, Timeline};
 use super::wire::{DestMsg, Mac, Offer, SourceMsg};
 
 /// Silence from the source for this long before the commit discards the
-/// shadow.
+/// shadow: no control message, no lane mark and no page data (a round may
+/// take many minutes on a slow link; only the data stopping counts).
 pub const IDLE_MAX: Duration = Duration::from_secs(30);
 
 /// What the pump must do for the destination.
@@ -85,6 +86,8 @@ pub struct DestMachine {
     lane_next_round: Vec<u32>,
     round_totals: Vec<(u64, u64)>,
     rounds_complete: u32,
+    /// Wire bytes the lanes have taken in so far, rounds finished or not.
+    arrived_bytes: u64,
     last_heard: Instant,
     committed: bool,
     shadow: bool,
@@ -110,6 +113,7 @@ impl DestMachine {
             lane_next_round: vec![0; lanes as usize],
             round_totals: Vec::new(),
             rounds_complete: 0,
+            arrived_bytes: 0,
             last_heard: now,
             committed: false,
             shadow: false,
@@ -161,7 +165,14 @@ impl DestMachine {
             downtime_ms: self.downtime_ms,
             rounds: self.rounds_complete,
             pages_received: self.round_totals.iter().map(|r| r.0).sum(),
-            bytes_received: self.round_totals.iter().map(|r| r.1).sum(),
+            // Data counted as it arrives runs ahead of the rounds' marks:
+            // a migration that ends inside a round still counts what crossed.
+            bytes_received: self
+                .round_totals
+                .iter()
+                .map(|r| r.1)
+                .sum::<u64>()
+                .max(self.arrived_bytes),
             phases: self.timeline.phases().to_vec(),
         }
     }
@@ -228,6 +239,16 @@ impl DestMachine {
                 )));
                 self.end(now, DestOutcome::Discarded(why));
             }
+        }
+    }
+
+    /// The lanes have taken in `total` wire bytes so far (a running
+    /// count): arriving data is a sign of life, so a first round that
+    /// takes minutes on a slow link is not mistaken for a silent source.
+    pub fn handle_data_arrived(&mut self, now: Instant, total: u64) {
+        if total > self.arrived_bytes {
+            self.arrived_bytes = total;
+            self.last_heard = now;
         }
     }
 
@@ -504,5 +525,62 @@ impl DestMachine {
         self.timeline.end_all(now);
         self.outcome = Some(outcome.clone());
         self.events.push_back(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer() -> Offer {
+        crate::migration::wire::test_offer("slow-link", 1 << 30, &[])
+    }
+
+    /// A destination receiving its first round (shadow made, accepted).
+    fn receiving(start: Instant) -> DestMachine {
+        let mut m = DestMachine::new(start, offer(), 1);
+        m.handle_shadow_created(start, Ok(()));
+        while m.poll_action().is_some() {}
+        m
+    }
+
+    fn aborted(m: &mut DestMachine) -> Option<String> {
+        std::iter::from_fn(|| m.poll_action()).find_map(|a| match a {
+            DestAction::Send(DestMsg::Aborted { reason }) => Some(reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_round_of_minutes_with_data_arriving_is_not_silence() {
+        let start = Instant::now();
+        let mut m = receiving(start);
+        // Five minutes of one round on a slow link: 1 MB every 10 s.
+        for step in 1..=30u64 {
+            let now = start + Duration::from_secs(10 * step);
+            m.handle_data_arrived(now, step << 20);
+            m.handle_timeout(now);
+            assert_eq!(aborted(&mut m), None, "aborted after {} s", 10 * step);
+        }
+        assert!(!m.is_done());
+        // The data stops: the watchdog fires IDLE_MAX after the last byte.
+        let last = start + Duration::from_secs(300);
+        m.handle_data_arrived(last + Duration::from_secs(10), 30 << 20);
+        m.handle_timeout(last + IDLE_MAX - Duration::from_secs(1));
+        assert_eq!(aborted(&mut m), None, "the same count is no new data");
+        m.handle_timeout(last + IDLE_MAX);
+        let reason = aborted(&mut m).expect("silence aborts");
+        assert!(reason.contains("no word from the source"), "{reason}");
+    }
+
+    #[test]
+    fn the_report_counts_the_bytes_of_an_unfinished_round() {
+        let start = Instant::now();
+        let mut m = receiving(start);
+        m.handle_data_arrived(start + Duration::from_secs(1), 300 << 20);
+        m.handle_failure(start + Duration::from_secs(2), "link lost".into());
+        let report = m.report(start + Duration::from_secs(2), "a", "b");
+        assert_eq!(report.bytes_received, 300 << 20);
+        assert_eq!(report.rounds, 0);
     }
 }

@@ -168,6 +168,9 @@ pub struct SourceMachine {
     round_started_at: Option<Instant>,
     round_pages: u64,
     rounds: Vec<RoundReport>,
+    /// Wire bytes the lanes handed to the link so far (rounds finished
+    /// or not).
+    sent_bytes: u64,
     throttle: u8,
     throttle_max: u8,
     logging: bool,
@@ -241,6 +244,7 @@ impl SourceMachine {
             round_started_at: None,
             round_pages: 0,
             rounds: Vec::new(),
+            sent_bytes: 0,
             throttle: 0,
             throttle_max: 0,
             logging: false,
@@ -866,6 +870,12 @@ impl SourceMachine {
         self.fail(now, reason);
     }
 
+    /// The lanes have handed `total` wire bytes to the link so far (a
+    /// running count): a migration that ends inside a round reports them.
+    pub fn handle_data_sent(&mut self, total: u64) {
+        self.sent_bytes = self.sent_bytes.max(total);
+    }
+
     /// The timer from [`Self::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) {
         let Some(deadline) = self.deadline else {
@@ -1000,7 +1010,14 @@ impl SourceMachine {
 
     /// Bytes per second over all rounds so far.
     fn bandwidth(&self) -> f64 {
-        let bytes: u64 = self.rounds.iter().map(|r| r.bytes).sum();
+        // The rounds count what the destination confirmed; the lanes'
+        // count runs ahead of it inside a round the migration ended in.
+        let bytes: u64 = self
+            .rounds
+            .iter()
+            .map(|r| r.bytes)
+            .sum::<u64>()
+            .max(self.sent_bytes);
         let ms: f64 = self.rounds.iter().map(|r| r.duration_ms).sum();
         #[allow(clippy::cast_precision_loss)]
         let rate = bytes as f64 / (ms / 1e3).max(1e-6);

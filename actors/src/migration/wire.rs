@@ -376,3 +376,30 @@ pub struct Resolution {
     /// resume.
     pub committed: bool,
 }
+
+/// An offer of a small synthetic VM, for the machines' unit tests.
+#[cfg(test)]
+pub(crate) fn test_offer(name: &str, memory_bytes: u64, features: &[&str]) -> Offer {
+    Offer {
+        migration_id: 1,
+        vm: VmConfig {
+            name: name.into(),
+            memory_bytes,
+            vcpus: 1,
+            cpu_features: features.iter().map(|s| (*s).to_owned()).collect(),
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            kind: GuestKind::Synthetic {
+                wss_bytes: 0,
+                seed: 1,
+                writes_per_sec: 1,
+            },
+            disks: Vec::new(),
+        },
+        generation: 1,
+        cold: false,
+        lanes: 4,
+        verify_memory: false,
+        storage: None,
+        trace_parent: String::new(),
+    }
+}

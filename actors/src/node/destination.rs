@@ -3,6 +3,7 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ferry_transport::{Connection, FrameKind, FrameReader, FrameWriter};
@@ -88,6 +89,8 @@ pub struct DestState<C: Connection> {
     hashes: Option<Arc<PageHashes>>,
     waiting_lanes: Vec<(u32, FrameReader<C::Recv>)>,
     lanes_seen: Vec<bool>,
+    /// Wire bytes every lane has taken in so far.
+    arrived: Arc<AtomicU64>,
     generation: u64,
     announce: Box<dyn Fn(Mac) + Send>,
     adopt: AdoptFn,
@@ -131,6 +134,7 @@ impl<C: Connection> Actor for MigrationDestination<C> {
             hashes: None,
             waiting_lanes: Vec::new(),
             lanes_seen: vec![false; lanes],
+            arrived: Arc::new(AtomicU64::new(0)),
             generation: 0,
             announce: args.announce,
             adopt: args.adopt,
@@ -167,7 +171,11 @@ impl<C: Connection> Actor for MigrationDestination<C> {
                     .handle_lane_mark(now(), r.lane, r.round, r.pages, r.bytes);
             }
             DestPump::Failed(why) => s.machine.handle_failure(now(), why),
-            DestPump::Tick => s.machine.handle_timeout(now()),
+            DestPump::Tick => {
+                let arrived = s.arrived.load(Ordering::Relaxed);
+                s.machine.handle_data_arrived(now(), arrived);
+                s.machine.handle_timeout(now());
+            }
         }
         pump(&myself, s).await;
         Ok(())
@@ -213,9 +221,10 @@ fn accept_lane<C: Connection>(
     // delivered the final round.
     let sink = unsafe { ram.lane(lane, lanes, s.hashes.clone()) };
     let me = myself.clone();
+    let arrived = s.arrived.clone();
     tokio::spawn(async move {
         let report = me.clone();
-        let result = lanes::receive_lane(reader, sink, lane, move |r| {
+        let result = lanes::receive_lane(reader, sink, lane, &arrived, move |r| {
             let _ = report.cast(DestPump::LaneRound(r));
         })
         .await;

@@ -5,6 +5,7 @@
 //! overtake an earlier one, and each receiving lane writes its own pages.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_transport::batch::{BatchBuilder, BatchKind};
 use ferry_transport::pool::BufferPool;
@@ -36,12 +37,13 @@ pub struct LaneJob {
 }
 
 /// Sends lane `lane` of `lanes`: for each job, its pages then a mark.
-/// Every batch waits for its turn on the link (`flow`).
+/// Every batch waits for its turn on the link (`flow`); its wire bytes
+/// are added to `sent` once the stream took them.
 pub async fn send_lane<S: SendStream>(
     mut writer: FrameWriter<S>,
     ram: GuestRam,
     (lane, lanes): (u32, u32),
-    flow: Flow,
+    (flow, sent): (Flow, Arc<AtomicU64>),
     mut jobs: mpsc::UnboundedReceiver<LaneJob>,
 ) -> Result<(), String> {
     let pool = BufferPool::new(BATCH_PAGES * ferry_transport::PAGE_BYTES, 8);
@@ -66,11 +68,11 @@ pub async fn send_lane<S: SendStream>(
                 pages += 1;
             }
             if batch.len() >= BATCH_PAGES {
-                send_batch(&mut writer, &flow, batch.finish()).await?;
+                send_batch(&mut writer, &flow, batch.finish(), &sent).await?;
             }
         }
         if !batch.is_empty() {
-            send_batch(&mut writer, &flow, batch.finish()).await?;
+            send_batch(&mut writer, &flow, batch.finish(), &sent).await?;
         }
         // The round is sent: the lane is quiet until the next one.
         drop(round);
@@ -90,9 +92,13 @@ async fn send_batch<S: SendStream>(
     writer: &mut FrameWriter<S>,
     flow: &Flow,
     batch: ferry_transport::batch::EncodedBatch,
+    sent: &AtomicU64,
 ) -> Result<(), String> {
-    let _turn = flow.turn(batch.wire_len() as u64).await;
-    writer.send_batch(batch).await.map_err(|e| e.to_string())
+    let bytes = batch.wire_len() as u64;
+    let _turn = flow.turn(bytes).await;
+    writer.send_batch(batch).await.map_err(|e| e.to_string())?;
+    sent.fetch_add(bytes, Ordering::Relaxed);
+    Ok(())
 }
 
 /// What a receiving lane reports after each round.
@@ -109,11 +115,13 @@ pub struct LaneRound {
 }
 
 /// Receives a lane into `sink` until the stream ends, reporting each
-/// round's mark through `on_round`.
+/// round's mark through `on_round` and adding every frame's wire bytes to
+/// `arrived` as it comes (the destination's sign of life mid-round).
 pub async fn receive_lane<R: RecvStream>(
     mut reader: FrameReader<R>,
     mut sink: PageLane,
     lane: u32,
+    arrived: &AtomicU64,
     on_round: impl Fn(LaneRound),
 ) -> Result<(), String> {
     let mut bytes = 0u64;
@@ -126,6 +134,7 @@ pub async fn receive_lane<R: RecvStream>(
                     .await
                     .map_err(|e| format!("lane {lane}: {e}"))?;
                 bytes += stats.wire_bytes as u64;
+                arrived.fetch_add(stats.wire_bytes as u64, Ordering::Relaxed);
             }
             FrameKind::Control => {
                 let body = reader
@@ -134,7 +143,9 @@ pub async fn receive_lane<R: RecvStream>(
                     .map_err(|e| e.to_string())?;
                 let mark: LaneMark = ferry_transport::message::decode_body(&body)
                     .map_err(|e| format!("lane {lane}: {e}"))?;
-                bytes += (FRAME_HEADER_BYTES + header.body_len) as u64;
+                let mark_bytes = (FRAME_HEADER_BYTES + header.body_len) as u64;
+                bytes += mark_bytes;
+                arrived.fetch_add(mark_bytes, Ordering::Relaxed);
                 sink.flush();
                 let pages = sink.pages - pages_before;
                 if pages != mark.pages {

@@ -2,6 +2,7 @@
 //! control stream and the lanes.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ferry_transport::{Connection, FrameKind, FrameReader, FrameWriter};
@@ -125,6 +126,8 @@ pub struct SourceState<C: Connection> {
     /// Opened with the first clean-up action after the end.
     cleanup: Option<tracing::Span>,
     flow: super::share::Flow,
+    /// Wire bytes the lanes have handed to their streams so far.
+    sent: std::sync::Arc<AtomicU64>,
     /// The guest is paused for the switchover.
     paused: bool,
 }
@@ -171,6 +174,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             on_end: Some(args.on_end),
             cleanup: None,
             flow: args.flow,
+            sent: std::sync::Arc::new(AtomicU64::new(0)),
             paused: false,
         })
     }
@@ -206,7 +210,11 @@ impl<C: Connection> Actor for MigrationSource<C> {
         match msg {
             SourcePump::Peer(m) => s.machine.handle_message(now(), m),
             SourcePump::Failed(why) => s.machine.handle_failure(now(), why),
-            SourcePump::Tick => s.machine.handle_timeout(now()),
+            SourcePump::Tick => {
+                let sent = s.sent.load(Ordering::Relaxed);
+                s.machine.handle_data_sent(sent);
+                s.machine.handle_timeout(now());
+            }
             SourcePump::Hashed(hash) => s.machine.handle_memory_hash(now(), hash),
             SourcePump::Resolved(committed) => s.machine.handle_resolution(now(), committed),
             SourcePump::ResolveFailed(why) => s.machine.handle_resolution_failed(now(), why),
@@ -576,7 +584,7 @@ async fn open_lanes<C: Connection>(
         let (tx, rx) = mpsc::unbounded_channel();
         let ram = s.ram.clone();
         let me = myself.clone();
-        let flow = s.flow.clone();
+        let flow = (s.flow.clone(), s.sent.clone());
         tokio::spawn(async move {
             if let Err(e) = lanes::send_lane(writer, ram, (lane, lanes), flow, rx).await {
                 let _ = me.cast(SourcePump::Failed(format!("lane {lane}: {e}")));

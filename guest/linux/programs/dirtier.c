@@ -6,7 +6,9 @@
  * previous pass before the next one. A page that a migration lost or
  * corrupted shows as a MISMATCH line. Every pass prints one line on the
  * console:  "ferry-dirtier pass N ok"  (few syscalls: they are slow on
- * the emulated guest kernel).
+ * the emulated guest kernel). It runs at the lowest priority (nice 19):
+ * it stands for a batch job, and the guest's services (the disk writer,
+ * the UDP responder) take the one vCPU whenever they have work.
  *
  * Usage: ferry-dirtier [MiB] [passes, 0 = forever]
  */
@@ -15,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/resource.h>
 
 #define PAGE 4096u
 
@@ -31,6 +34,9 @@ int main(int argc, char **argv)
 	uint64_t pages = mib * (1024 * 1024 / PAGE);
 	uint64_t *buf = malloc(pages * PAGE);
 	char line[96];
+
+	/* Best effort: without it the workload still runs, only greedier. */
+	(void)setpriority(PRIO_PROCESS, 0, 19);
 
 	if (!buf) {
 		fputs("ferry-dirtier: out of memory\n", stderr);

@@ -9,7 +9,8 @@
  * acknowledged. About twice a second it prints the newest acknowledged
  * write:  "ferry-diskwriter acked N"  (a checker proves every block holds
  * its newest write up to N). It starts after the newest write already on
- * the device, so a guest booted again continues the sequence.
+ * the device (found by a binary search, see newest_write), so a guest
+ * booted again continues the sequence.
  *
  * Usage: ferry-diskwriter DEVICE [gap in ms between writes]
  */
@@ -30,7 +31,6 @@
 
 #define BLOCK 4096u
 #define WORDS (BLOCK / 8)
-#define SCAN (256u * BLOCK)
 
 static const uint64_t K_SEQ = 0x9E3779B97F4A7C15ull;
 static const uint64_t K_BLOCK = 0xC2B2AE3D27D4EB4Full;
@@ -73,6 +73,47 @@ static uint64_t decode(uint64_t block, const uint64_t *w)
 	return seq;
 }
 
+/* The write the block at position S of a lap holds (S = 1 .. blocks: the
+ * block write S, S + blocks, S + 2 * blocks, ... go to), or 0. */
+static int held_at(int fd, uint64_t *buf, uint64_t s, uint64_t *seq)
+{
+	uint64_t block = block_of(s);
+	if (pread(fd, buf, BLOCK, (off_t)(block * BLOCK)) != (ssize_t)BLOCK)
+		return -1;
+	*seq = decode(block, buf);
+	return 0;
+}
+
+/*
+ * The newest write on the device, in about log2(blocks) reads rather than
+ * a pass over the whole disk (a pass over 256 MiB takes minutes through an
+ * emulated guest kernel). Writes go one at a time to positions 1, 2, ...,
+ * blocks, 1, 2, ... so, if the newest is at position R of lap L, the
+ * positions up to R hold lap L's writes and those after it lap L - 1's (or
+ * nothing): every one of the first is newer than the write at position 1
+ * and every one of the second older. The one write that may have been in
+ * flight when the guest stopped (position R + 1) holds either its new
+ * write (then it is the newest) or something that does not decode (0,
+ * older than everything): the split holds either way. Binary search finds
+ * R, the last position holding a write at least as new as position 1's.
+ */
+static int newest_write(int fd, uint64_t *buf, uint64_t *newest)
+{
+	uint64_t first, lo = 1, hi = blocks, seq;
+	if (held_at(fd, buf, 1, &first) != 0)
+		return -1;
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo + 1) / 2;
+		if (held_at(fd, buf, mid, &seq) != 0)
+			return -1;
+		if (seq >= first)
+			lo = mid;
+		else
+			hi = mid - 1;
+	}
+	return held_at(fd, buf, lo, newest);
+}
+
 static double now(void)
 {
 	struct timespec t;
@@ -100,19 +141,11 @@ int main(int argc, char **argv)
 	stride = (blocks / 8 * 5 > 1 ? blocks / 8 * 5 : 1) | 1;
 	while (gcd(stride, blocks) != 1)
 		stride += 2;
-	if (posix_memalign((void **)&buf, BLOCK, SCAN) != 0)
+	if (posix_memalign((void **)&buf, BLOCK, BLOCK) != 0)
 		return 1;
-	for (uint64_t at = 0; at < blocks * BLOCK; at += SCAN) {
-		uint64_t want = blocks * BLOCK - at < SCAN ? blocks * BLOCK - at : SCAN;
-		if (pread(fd, buf, want, at) != (ssize_t)want) {
-			perror("ferry-diskwriter: scan");
-			return 1;
-		}
-		for (uint64_t b = 0; b < want / BLOCK; b++) {
-			uint64_t s = decode(at / BLOCK + b, buf + b * WORDS);
-			if (s > newest)
-				newest = s;
-		}
+	if (newest_write(fd, buf, &newest) != 0) {
+		perror("ferry-diskwriter: finding the newest write");
+		return 1;
 	}
 	printf("ferry-diskwriter on %s: %llu blocks, stride %llu, from write %llu\n", dev,
 	       (unsigned long long)blocks, (unsigned long long)stride,

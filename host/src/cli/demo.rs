@@ -105,12 +105,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         if let Some(n) = &report.network {
             print_network(n, &report.migration.to);
         }
-        if let Some(d) = report.disk.as_ref().filter(|d| d.verified_blocks == 0) {
-            println!(
-                "  disk on {}: NOTHING to check: the guest acknowledged no disk write (newest {})",
-                report.migration.to, d.acked_after
-            );
-        } else if let (Some(ok), Some(d)) = (report.disk_verified, &report.disk) {
+        if let (Some(ok), Some(d)) = (report.disk_verified, &report.disk) {
             println!(
                 "  disk on {}: {} acknowledged writes before the move, {} by the end; every one {} ({} blocks checked)",
                 report.migration.to,
@@ -143,10 +138,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 }
 
 fn print_network(n: &NetworkReport, to: &str) {
-    let first = n.first_answer_after_resume_ms.map_or_else(
-        || format!("no answer came from {to} after its resume"),
-        |ms| format!("first answer {ms:.0} ms after the resume on {to}"),
-    );
+    let first = match (n.first_answer_after_resume_ms, n.first_answer_wait_ms) {
+        (Some(after), Some(wait)) => format!(
+            "first answer {after:.0} ms after the resume on {to} \
+             ({wait:.0} ms after a request was there to answer)"
+        ),
+        _ => format!("no answer came from {to} after its resume"),
+    };
     println!(
         "  network: asked every {:.0} ms: {} of {} requests unanswered during the migration, \
          longest silence {:.0} ms, {first}",
@@ -190,7 +188,7 @@ async fn demo(args: &DemoArgs, chosen: Chosen) -> anyhow::Result<DemoReport> {
     }
     let vm = "demo-vm";
     if let Chosen::Linux { image, .. } = &chosen {
-        say("the Linux guest boots (a minute or so here: its kernel code is emulated)...".into());
+        say("the Linux guest boots (under a minute here: its kernel code is emulated)...".into());
         local
             .start_linux_vm(
                 "host-a",
@@ -216,7 +214,17 @@ async fn demo(args: &DemoArgs, chosen: Chosen) -> anyhow::Result<DemoReport> {
     };
     let acked_before = if args.disk_mib > 0 {
         say("waiting (up to 60 s) for the guest's first acknowledged disk write...".into());
-        demo_guest::first_disk_writes(&local, vm, Duration::from_secs(60)).await?
+        let acked = demo_guest::first_disk_writes(&local, vm, Duration::from_secs(60)).await?;
+        if acked == 0 {
+            let console = local.client.vm(vm).console().await.unwrap_or_default();
+            anyhow::bail!(
+                "the guest acknowledged no disk write within 60 s, so the demo cannot show \
+                 that its disk moves whole (try --disk-mib 0 to leave the disk out); \
+                 the guest's console ends:\n{}",
+                demo_guest::console_tail(&console, 20)
+            );
+        }
+        acked
     } else {
         0
     };

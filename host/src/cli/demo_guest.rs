@@ -133,6 +133,9 @@ pub struct NetworkReport {
     /// From the destination's resume to the first answer, ms (`None`: no
     /// answer came after it).
     pub first_answer_after_resume_ms: Option<f64>,
+    /// The same, timed from when a request was there for the new host
+    /// to answer (leaves out the wait for the next request), ms.
+    pub first_answer_wait_ms: Option<f64>,
     /// Each request's fate: sent at (ms into the migration), answered
     /// after (ms) or `LOST`.
     pub fates: String,
@@ -166,13 +169,15 @@ impl NetWatch {
         let probes: Probes = self.prober.finish();
         let from = from_unix_ms.max(self.started_unix_ms);
         let outage = probes.outage(from, to);
+        let every_ms = PROBE_EVERY.as_secs_f64() * 1e3;
+        let resumed = resumed_unix_ms(migration);
         NetworkReport {
-            every_ms: PROBE_EVERY.as_secs_f64() * 1e3,
+            every_ms,
             sent: outage.sent,
             unanswered: outage.unanswered,
             longest_silence_ms: outage.longest_silence_ms,
-            first_answer_after_resume_ms: resumed_unix_ms(migration)
-                .and_then(|r| probes.first_answer_after(r)),
+            first_answer_after_resume_ms: resumed.and_then(|r| probes.first_answer_after(r)),
+            first_answer_wait_ms: resumed.and_then(|r| probes.first_answer_wait(r, every_ms)),
             fates: outage.fates,
         }
     }
@@ -229,7 +234,9 @@ impl DiskContinuity {
         acked_after: u64,
     ) -> Self {
         let verified_blocks = disks.iter().filter_map(|d| d.verified_blocks).sum();
-        let verified = !disks.is_empty()
+        // Nothing checked proves nothing: a disk with no acknowledged
+        // write does not count as verified.
+        let verified = verified_blocks > 0
             && disks
                 .iter()
                 .all(|d| d.verify_error.is_none() && d.verified_blocks.is_some());
@@ -250,7 +257,7 @@ pub async fn disk_writes(local: &LocalCluster, vm: &str) -> anyhow::Result<u64> 
 
 /// Waits (up to `limit`) for the disk workload's first acknowledged
 /// write, so the demo moves a disk that is being written; the newest
-/// acknowledged then (0 if none came in time: the report says so).
+/// acknowledged then (0 if none came in time: the demo then stops, as it has nothing to show).
 pub async fn first_disk_writes(
     local: &LocalCluster,
     vm: &str,
@@ -263,5 +270,57 @@ pub async fn first_disk_writes(
             return Ok(acked);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The last `lines` lines of a guest's console output, as text.
+pub fn console_tail(console: &[u8], lines: usize) -> String {
+    let text = String::from_utf8_lossy(console);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_actors::node::client::DiskView;
+
+    fn disk(verified_blocks: Option<u64>, verify_error: Option<&str>) -> DiskView {
+        DiskView {
+            name: "disk0".into(),
+            datastore: "local".into(),
+            path: "demo-vm/disk0.raw".into(),
+            len_bytes: 1 << 20,
+            writes: 3,
+            workload_acked: 3,
+            write_latency_us_p50: 100,
+            verified_blocks,
+            verify_error: verify_error.map(str::to_owned),
+            failing: None,
+        }
+    }
+
+    #[test]
+    fn a_disk_is_verified_only_when_blocks_were_checked_and_none_was_missing() {
+        assert!(DiskContinuity::of(&[disk(Some(3), None)], 1, 3).verified);
+        let nothing_checked = DiskContinuity::of(&[disk(Some(0), None)], 0, 0);
+        assert!(
+            !nothing_checked.verified,
+            "zero blocks checked proves nothing"
+        );
+        assert!(!DiskContinuity::of(&[disk(Some(3), Some("block 7 lost write 5"))], 1, 3).verified);
+        assert!(!DiskContinuity::of(&[disk(None, None)], 1, 3).verified);
+        assert!(!DiskContinuity::of(&[], 1, 3).verified);
+        let two = DiskContinuity::of(&[disk(Some(3), None), disk(Some(2), None)], 1, 3);
+        assert_eq!(two.verified_blocks, 5);
+        assert!(two.verified);
+    }
+
+    #[test]
+    fn the_console_tail_keeps_the_last_lines() {
+        let console = b"one\ntwo\nthree\nfour\n";
+        assert_eq!(console_tail(console, 2), "three\nfour");
+        assert_eq!(console_tail(console, 10), "one\ntwo\nthree\nfour");
+        assert_eq!(console_tail(b"", 3), "");
     }
 }

@@ -129,6 +129,30 @@ impl Probes {
             .reduce(f64::min)
     }
 
+    /// How long after a request was waiting for it the first answer at
+    /// or after `since` came (`None`: none came). A request waits from
+    /// `since` when one sent before it was still unanswered then (a lost
+    /// one only if sent within `every` before `since`), else from the
+    /// first request sent after `since`. Unlike
+    /// [`Self::first_answer_after`], this leaves out the time the next
+    /// request takes to come (up to `every`).
+    pub fn first_answer_wait(&self, since: f64, every: f64) -> Option<f64> {
+        let pending = self.sent.iter().zip(&self.answered).any(|(&sent, answer)| {
+            sent < since
+                && match answer {
+                    Some(at) => *at >= since,
+                    None => since - sent <= every,
+                }
+        });
+        let waiting_from = if pending {
+            since
+        } else {
+            self.sent.iter().copied().find(|&sent| sent >= since)?
+        };
+        let first = since + self.first_answer_after(since)?;
+        Some(first - waiting_from)
+    }
+
     /// The network over `[from, to]` (Unix ms).
     pub fn outage(&self, from: f64, to: f64) -> Outage {
         let inside: Vec<usize> = (0..self.sent.len())
@@ -195,6 +219,23 @@ mod tests {
         assert_eq!(p.first_answer_after(300.0), Some(120.0));
         assert_eq!(p.first_answer_after(500.0), None);
         assert_eq!((p.answered_count(), p.answered_since(100.0)), (3, 2));
+    }
+
+    #[test]
+    fn the_wait_for_an_answer_starts_when_a_request_is_there_to_answer() {
+        // A request pending at 250 (sent at 200, answered at 290).
+        let p = probes(&[0.0, 200.0, 400.0], &[Some(5.0), Some(290.0), Some(410.0)]);
+        assert_eq!(p.first_answer_wait(250.0, 200.0), Some(40.0));
+        // Nothing pending at 300: the wait starts with the request at 400.
+        assert_eq!(p.first_answer_wait(300.0, 200.0), Some(10.0));
+        assert_eq!(p.first_answer_after(300.0), Some(110.0));
+        // A request lost just before 250 was waiting; one lost long before was not.
+        let lost = probes(&[0.0, 200.0, 400.0], &[None, None, Some(430.0)]);
+        assert_eq!(lost.first_answer_wait(250.0, 200.0), Some(180.0));
+        assert_eq!(lost.first_answer_wait(300.0, 50.0), Some(30.0));
+        // No answer after `since`, or no request at all.
+        assert_eq!(lost.first_answer_wait(440.0, 200.0), None);
+        assert_eq!(Probes::default().first_answer_wait(0.0, 200.0), None);
     }
 
     #[test]
