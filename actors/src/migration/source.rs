@@ -1010,14 +1010,7 @@ impl SourceMachine {
 
     /// Bytes per second over all rounds so far.
     fn bandwidth(&self) -> f64 {
-        // The rounds count what the destination confirmed; the lanes'
-        // count runs ahead of it inside a round the migration ended in.
-        let bytes: u64 = self
-            .rounds
-            .iter()
-            .map(|r| r.bytes)
-            .sum::<u64>()
-            .max(self.sent_bytes);
+        let bytes: u64 = self.rounds.iter().map(|r| r.bytes).sum();
         let ms: f64 = self.rounds.iter().map(|r| r.duration_ms).sum();
         #[allow(clippy::cast_precision_loss)]
         let rate = bytes as f64 / (ms / 1e3).max(1e-6);
@@ -1140,7 +1133,14 @@ impl SourceMachine {
         self.state = State::Done;
         self.timeline.end_all(now);
         let started = self.started_at.unwrap_or(now);
-        let bytes: u64 = self.rounds.iter().map(|r| r.bytes).sum();
+        // The rounds count what the destination confirmed; the lanes'
+        // count runs ahead of it inside a round the migration ended in.
+        let bytes: u64 = self
+            .rounds
+            .iter()
+            .map(|r| r.bytes)
+            .sum::<u64>()
+            .max(self.sent_bytes);
         // Known whenever both sides hashed: a mismatch fails the migration
         // before the release, and its report says why.
         let memory_verified = match (self.source_hash, self.dest_hash) {
