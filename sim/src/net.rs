@@ -411,6 +411,10 @@ impl Connection for SimConnection {
     fn is_closed(&self) -> bool {
         self.inner.is_closed()
     }
+
+    fn rtt(&self) -> Duration {
+        self.net.latency(&self.local, &self.remote) * 2
+    }
 }
 
 enum Delivery {

@@ -429,6 +429,10 @@ impl Connection for QuicConnection {
     fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
     }
+
+    fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
 }
 
 /// Sending half of a QUIC stream.

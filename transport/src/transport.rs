@@ -99,4 +99,10 @@ pub trait Connection: Clone + Debug + Send + Sync + 'static {
     /// Whether the connection is gone (closed by either side or lost), so
     /// a cached one must be dialled again.
     fn is_closed(&self) -> bool;
+
+    /// The round-trip time as the connection measures it now (zero where
+    /// there is no wire).
+    fn rtt(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }

@@ -90,19 +90,30 @@ impl MigrationOptions {
 /// The smallest downtime budget a live migration may be given.
 pub const DOWNTIME_MAX_MIN: Duration = Duration::from_millis(1);
 
+/// One-way trips between the pause and the guest running on the
+/// destination: the switchover (state) out, the destination's readiness
+/// back, the commit out.
+pub const SWITCHOVER_ONE_WAY_TRIPS: u32 = 3;
+
+/// The least downtime a link allows: the switchover's one-way trips at
+/// `rtt` and the resume cost, with nothing left to send.
+pub fn downtime_floor(rtt: Duration, resume_cost: Duration) -> Duration {
+    rtt * SWITCHOVER_ONE_WAY_TRIPS / 2 + resume_cost
+}
+
 /// Downtime predicted for switching over with `dirty_bytes` left to send
-/// at `bandwidth_bytes_per_s`, plus `state_bytes` of device state and the
-/// resume cost.
+/// at `bandwidth_bytes_per_s`, plus `state_bytes` of device state, and the
+/// [`downtime_floor`] of a link with round trips of `rtt`.
 pub fn predicted_downtime(
     dirty_bytes: u64,
     state_bytes: u64,
     bandwidth_bytes_per_s: f64,
-    resume_cost: Duration,
+    (rtt, resume_cost): (Duration, Duration),
 ) -> Duration {
     let bandwidth = bandwidth_bytes_per_s.max(1.0);
     #[allow(clippy::cast_precision_loss)] // a prediction, not an account
     let transfer = (dirty_bytes + state_bytes) as f64 / bandwidth;
-    Duration::from_secs_f64(transfer.min(1e6)) + resume_cost
+    Duration::from_secs_f64(transfer.min(1e6)) + downtime_floor(rtt, resume_cost)
 }
 
 /// The throttle after a round that left `dirty_pages` where the round
@@ -138,8 +149,18 @@ mod tests {
 
     #[test]
     fn prediction_adds_transfer_state_and_resume() {
-        let d = predicted_downtime(1 << 20, 0, f64::from(1 << 30), Duration::from_millis(1));
+        let no_wire = (Duration::ZERO, Duration::from_millis(1));
+        let d = predicted_downtime(1 << 20, 0, f64::from(1 << 30), no_wire);
         assert!(d > Duration::from_micros(1900) && d < Duration::from_micros(2100));
+    }
+
+    #[test]
+    fn prediction_adds_the_switchover_round_trips_of_a_long_link() {
+        // 150 ms round trips: three one-way trips of 75 ms, then the resume.
+        let long = (Duration::from_millis(150), Duration::from_millis(1));
+        assert_eq!(downtime_floor(long.0, long.1), Duration::from_millis(226));
+        let d = predicted_downtime(1 << 20, 0, f64::from(1 << 30), long);
+        assert!(d > Duration::from_micros(226_900) && d < Duration::from_micros(227_100));
     }
 
     #[test]

@@ -4,7 +4,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::options::{MigrationOptions, next_throttle, predicted_downtime};
+use super::options::{
+    MigrationOptions, SWITCHOVER_ONE_WAY_TRIPS, downtime_floor, next_throttle, predicted_downtime,
+};
 use super::report::{MigrationReport, Outcome, Progress, RoundReport};
 use super::timeline::{Figure, PhaseId, Timeline};
 use super::wire::{DestMsg, Offer, SourceMsg, VmConfig};
@@ -171,6 +173,11 @@ pub struct SourceMachine {
     /// Wire bytes the lanes handed to the link so far (rounds finished
     /// or not).
     sent_bytes: u64,
+    /// The link's round-trip time, as the connection measures it.
+    rtt: Duration,
+    /// The budget was found below the link's [`downtime_floor`] (said
+    /// once).
+    floor_noted: bool,
     throttle: u8,
     throttle_max: u8,
     logging: bool,
@@ -245,6 +252,8 @@ impl SourceMachine {
             round_pages: 0,
             rounds: Vec::new(),
             sent_bytes: 0,
+            rtt: Duration::ZERO,
+            floor_noted: false,
             throttle: 0,
             throttle_max: 0,
             logging: false,
@@ -464,7 +473,7 @@ impl SourceMachine {
                     count * PAGE_BYTES,
                     self.state_bytes_estimate(),
                     self.bandwidth(),
-                    self.options.resume_cost,
+                    (self.rtt, self.options.resume_cost),
                 );
                 self.predicted = predicted;
                 self.note_dirty(count, predicted);
@@ -509,10 +518,11 @@ impl SourceMachine {
                     return self.fail(
                         now,
                         format!(
-                            "did not converge in {} rounds (predicted downtime {:.1} ms, budget {} ms)",
+                            "did not converge in {} rounds (predicted downtime {:.1} ms, budget {} ms{})",
                             round + 1,
                             predicted.as_secs_f64() * 1e3,
-                            self.options.downtime_max.as_millis()
+                            self.options.downtime_max.as_millis(),
+                            self.floor_hint()
                         ),
                     );
                 }
@@ -876,6 +886,56 @@ impl SourceMachine {
         self.sent_bytes = self.sent_bytes.max(total);
     }
 
+    /// The link's round-trip time now. A budget below what the link
+    /// allows ([`downtime_floor`]) is said at once, as a progress note and
+    /// in the report's phases, not found out when the rounds never
+    /// converge.
+    pub fn handle_rtt(&mut self, now: Instant, rtt: Duration) {
+        self.rtt = rtt;
+        let floor = downtime_floor(rtt, self.options.resume_cost);
+        if self.floor_noted || self.offer.cold || floor <= self.options.downtime_max {
+            return;
+        }
+        self.floor_noted = true;
+        let (floor_ms, budget_ms) = (
+            floor.as_secs_f64() * 1e3,
+            self.options.downtime_max.as_secs_f64() * 1e3,
+        );
+        self.timeline.instant(
+            now,
+            "budget_below_link",
+            None,
+            vec![
+                ("floor_ms", Figure::Value(floor_ms)),
+                ("budget_ms", Figure::Value(budget_ms)),
+                ("rtt_ms", Figure::Value(rtt.as_secs_f64() * 1e3)),
+            ],
+        );
+        self.progress_note(
+            "budget below the link",
+            format!(
+                "the downtime budget of {budget_ms:.0} ms is below what this link allows: \
+                 the switchover takes {SWITCHOVER_ONE_WAY_TRIPS} one-way trips of {:.1} ms \
+                 ({floor_ms:.0} ms with the resume); it cannot converge unless the budget \
+                 is raised (--downtime-ms)",
+                rtt.as_secs_f64() * 1e3 / 2.0
+            ),
+        );
+    }
+
+    /// For a failure to converge: the link's floor, where the budget is
+    /// below it.
+    fn floor_hint(&self) -> String {
+        if !self.floor_noted {
+            return String::new();
+        }
+        let floor = downtime_floor(self.rtt, self.options.resume_cost);
+        format!(
+            "; this link allows no less than {:.0} ms",
+            floor.as_secs_f64() * 1e3
+        )
+    }
+
     /// The timer from [`Self::poll_timeout`] fired.
     pub fn handle_timeout(&mut self, now: Instant) {
         let Some(deadline) = self.deadline else {
@@ -905,10 +965,11 @@ impl SourceMachine {
             State::Offered => format!("{} did not answer the offer", self.to),
             State::Copying { .. } | State::Collecting { .. } | State::WaitingForDisks { .. } => {
                 format!(
-                    "did not converge within {} s (predicted downtime {:.1} ms, budget {} ms)",
+                    "did not converge within {} s (predicted downtime {:.1} ms, budget {} ms{})",
                     self.options.precopy_time_max.as_secs(),
                     self.predicted.as_secs_f64() * 1e3,
-                    self.options.downtime_max.as_millis()
+                    self.options.downtime_max.as_millis(),
+                    self.floor_hint()
                 )
             }
             _ => format!(

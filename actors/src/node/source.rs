@@ -213,6 +213,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             SourcePump::Tick => {
                 let sent = s.sent.load(Ordering::Relaxed);
                 s.machine.handle_data_sent(sent);
+                s.machine.handle_rtt(now(), s.conn.rtt());
                 s.machine.handle_timeout(now());
             }
             SourcePump::Hashed(hash) => s.machine.handle_memory_hash(now(), hash),
