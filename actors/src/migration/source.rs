@@ -173,7 +173,9 @@ pub struct SourceMachine {
     /// Wire bytes the lanes handed to the link so far (rounds finished
     /// or not).
     sent_bytes: u64,
-    /// The link's round-trip time, as the connection measures it.
+    /// The link's least round-trip time seen (zero until one is seen):
+    /// the switchover runs on a quiet link, while a round's queues
+    /// inflate the connection's smoothed estimate.
     rtt: Duration,
     /// The budget was found below the link's [`downtime_floor`] (said
     /// once).
@@ -886,12 +888,20 @@ impl SourceMachine {
         self.sent_bytes = self.sent_bytes.max(total);
     }
 
-    /// The link's round-trip time now. A budget below what the link
-    /// allows ([`downtime_floor`]) is said at once, as a progress note and
-    /// in the report's phases, not found out when the rounds never
-    /// converge.
+    /// The link's round-trip time now (the least seen counts). A budget
+    /// below what the link allows ([`downtime_floor`]) is said at once, as
+    /// a progress note and in the report's phases, not found out when the
+    /// rounds never converge.
     pub fn handle_rtt(&mut self, now: Instant, rtt: Duration) {
-        self.rtt = rtt;
+        if rtt.is_zero() {
+            return;
+        }
+        self.rtt = if self.rtt.is_zero() {
+            rtt
+        } else {
+            self.rtt.min(rtt)
+        };
+        let rtt = self.rtt;
         let floor = downtime_floor(rtt, self.options.resume_cost);
         if self.floor_noted || self.offer.cold || floor <= self.options.downtime_max {
             return;

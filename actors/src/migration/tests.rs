@@ -757,3 +757,34 @@ fn a_cancel_while_the_guest_is_paused_resumes_it_on_the_source() {
     assert!(e.source_running && !e.dest_running);
     assert!(e.report.downtime_ms > 0.0, "it was paused: {:?}", e.report);
 }
+
+#[test]
+fn the_least_round_trip_counts_and_a_budget_below_the_link_is_said_once() {
+    let vm = super::wire::test_offer("far", 32 << 20, &[]).vm;
+    let options = MigrationOptions::default(); // a 50 ms budget
+    let mut src = SourceMachine::new(1, vm, 1, "a".into(), "b".into(), options);
+    let now = Instant::now();
+    let notes = |src: &mut SourceMachine| {
+        std::iter::from_fn(|| src.poll_event())
+            .filter(|e| matches!(e, SourceEvent::Progress(p) if p.phase.starts_with("budget below the link")))
+            .count()
+    };
+    // A loaded round inflates the estimate; the quiet link's 1 ms stays.
+    src.handle_rtt(now, Duration::from_millis(1));
+    src.handle_rtt(now, Duration::from_millis(80));
+    src.handle_rtt(now, Duration::ZERO);
+    assert_eq!(notes(&mut src), 0, "1 ms round trips allow a 50 ms budget");
+    // A long link: said once, however often the round trip is reported.
+    let vm = super::wire::test_offer("far", 32 << 20, &[]).vm;
+    let mut far = SourceMachine::new(
+        1,
+        vm,
+        1,
+        "a".into(),
+        "b".into(),
+        MigrationOptions::default(),
+    );
+    far.handle_rtt(now, Duration::from_millis(150));
+    far.handle_rtt(now, Duration::from_millis(160));
+    assert_eq!(notes(&mut far), 1);
+}
