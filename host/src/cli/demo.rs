@@ -67,8 +67,8 @@ pub struct DemoReport {
     /// The source host's MAC table points at the destination.
     pub mac_moved: bool,
     /// Every write the disk workload acknowledged, before and after the
-    /// move, is on the destination's disk (`None`: no disk; how many were
-    /// checked is in `disk`).
+    /// move, is on the destination's disk, and there was at least one
+    /// (`None`: no disk; how many were checked is in `disk`).
     pub disk_verified: Option<bool>,
     /// The disk workload's acknowledged writes around the move (`None`:
     /// no disk).
