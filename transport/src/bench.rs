@@ -35,6 +35,34 @@ pub struct BenchOptions {
     pub batch_pages: usize,
     /// QUIC settings.
     pub tuning: QuicTuning,
+    /// Where the two endpoints talk (`None`: loopback).
+    pub network: Option<std::sync::Arc<dyn BenchNetwork>>,
+}
+
+/// Where the benchmark's two endpoints live, when not on loopback: side 0
+/// is the source, side 1 the destination.
+pub trait BenchNetwork: std::fmt::Debug + Send + Sync {
+    /// A bound UDP socket for `side` with `buffer_bytes` socket buffers.
+    fn socket(&self, side: usize, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket>;
+    /// Where `from` sends datagrams meant for `target`.
+    fn reach(&self, from: usize, target: SocketAddr) -> std::io::Result<SocketAddr>;
+}
+
+fn endpoint(
+    opts: &BenchOptions,
+    side: usize,
+    creds: &crate::pki::Credentials,
+) -> Result<QuicTransport, crate::TransportError> {
+    let socket = match &opts.network {
+        Some(n) => n
+            .socket(side, opts.tuning.socket_buffer_bytes)
+            .map_err(|e| crate::TransportError::Setup(format!("bench socket: {e}")))?,
+        None => crate::quic::udp_socket(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            opts.tuning.socket_buffer_bytes,
+        )?,
+    };
+    QuicTransport::with_socket(socket, creds, &opts.tuning)
 }
 
 impl Default for BenchOptions {
@@ -46,6 +74,7 @@ impl Default for BenchOptions {
             connections: 1,
             batch_pages: 256,
             tuning: QuicTuning::loopback(),
+            network: None,
         }
     }
 }
@@ -111,15 +140,14 @@ pub async fn run(opts: &BenchOptions) -> anyhow_free::Result<BenchReport> {
         return Err("memory too small for that many streams".into());
     }
     let ca = ClusterCa::generate("bench")?;
-    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let dest = QuicTransport::bind(loopback, &ca.credentials("dest", Role::Host)?, &opts.tuning)?;
-    let source = QuicTransport::bind(
-        loopback,
-        &ca.credentials("source", Role::Host)?,
-        &opts.tuning,
-    )?;
+    let dest = endpoint(opts, 1, &ca.credentials("dest", Role::Host)?)?;
+    let source = endpoint(opts, 0, &ca.credentials("source", Role::Host)?)?;
+    let dest_socket = match &opts.network {
+        Some(n) => n.reach(0, dest.local_addr()?)?,
+        None => dest.local_addr()?,
+    };
     let addr = QuicAddr {
-        socket: dest.local_addr()?,
+        socket: dest_socket,
         name: "dest".into(),
     };
 

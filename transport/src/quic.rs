@@ -55,6 +55,21 @@ pub struct QuicTuning {
     pub keep_alive: Duration,
     /// Streams each side may open at once.
     pub streams_max: u32,
+    /// Largest UDP payload MTU discovery probes for (when `mtu_bytes` is
+    /// `None`): the link's MTU less the IP and UDP headers.
+    pub mtu_ceiling_bytes: u16,
+    /// The congestion controller.
+    pub congestion: Congestion,
+}
+
+/// Which congestion controller a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (loss-based; quinn's default).
+    Cubic,
+    /// BBR (model-based: keeps sending at the measured bottleneck rate
+    /// through random loss, which CUBIC takes for congestion).
+    Bbr,
 }
 
 impl Default for QuicTuning {
@@ -68,6 +83,8 @@ impl Default for QuicTuning {
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
             streams_max: 256,
+            mtu_ceiling_bytes: ETHERNET_UDP_PAYLOAD_BYTES,
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -77,6 +94,17 @@ impl QuicTuning {
     pub fn loopback() -> Self {
         Self {
             mtu_bytes: Some(LOOPBACK_MTU_BYTES),
+            ..Self::default()
+        }
+    }
+
+    /// Tuning for a network link whose MTU is `link_mtu` (1500 for plain
+    /// Ethernet, 9000 for jumbo frames): MTU discovery up to what the link
+    /// carries, segmentation offload on, BBR.
+    pub fn for_link(link_mtu: u16) -> Self {
+        Self {
+            mtu_ceiling_bytes: link_mtu.saturating_sub(IPV4_UDP_HEADER_BYTES).max(1200),
+            congestion: Congestion::Bbr,
             ..Self::default()
         }
     }
@@ -93,16 +121,38 @@ impl QuicTuning {
                 quinn::IdleTimeout::try_from(self.idle_timeout)
                     .unwrap_or(quinn::VarInt::MAX.into()),
             ));
+        // The initial window is 32 packets: Cubic's default (14720 bytes)
+        // is smaller than one jumbo packet, which would stall the
+        // connection at once.
+        let initial_window = u64::from(self.mtu_bytes.unwrap_or(self.mtu_ceiling_bytes)) * 32;
+        match self.congestion {
+            Congestion::Cubic => {
+                let mut cubic = quinn::congestion::CubicConfig::default();
+                cubic.initial_window(initial_window);
+                t.congestion_controller_factory(Arc::new(cubic));
+            }
+            Congestion::Bbr => {
+                let mut bbr = quinn::congestion::BbrConfig::default();
+                bbr.initial_window(initial_window);
+                t.congestion_controller_factory(Arc::new(bbr));
+            }
+        }
         if let Some(mtu) = self.mtu_bytes {
-            // Cubic's default initial window (14720 bytes) is smaller than
-            // one jumbo packet, which would stall the connection at once.
-            let mut cubic = quinn::congestion::CubicConfig::default();
-            cubic.initial_window(u64::from(mtu) * 32);
-            t.congestion_controller_factory(Arc::new(cubic));
             t.initial_mtu(mtu)
                 .min_mtu(mtu)
                 .mtu_discovery_config(None)
                 .enable_segmentation_offload(false);
+        } else {
+            let mut discovery = quinn::MtuDiscoveryConfig::default();
+            discovery.upper_bound(self.mtu_ceiling_bytes);
+            t.mtu_discovery_config(Some(discovery));
+            // quinn hands the kernel up to 10 packets per GSO send; with
+            // jumbo packets that is more than one UDP datagram may carry,
+            // the kernel answers EMSGSIZE and quinn falls back to small
+            // packets. Jumbo packets need no GSO to be cheap anyway.
+            let gso_fits =
+                usize::from(self.mtu_ceiling_bytes) * QUINN_GSO_SEGMENTS <= MAX_UDP_PAYLOAD_BYTES;
+            t.enable_segmentation_offload(gso_fits);
         }
         t
     }
@@ -112,6 +162,19 @@ impl QuicTuning {
 /// length in two bytes (under 16 KiB), so handshake packets cannot be larger
 /// even though loopback carries 64 KiB datagrams.
 pub const LOOPBACK_MTU_BYTES: u16 = 16_000;
+
+/// Packets quinn 0.11 puts in one segmentation-offload send.
+const QUINN_GSO_SEGMENTS: usize = 10;
+
+/// The most a UDP datagram (so a GSO send) may carry over IPv4.
+const MAX_UDP_PAYLOAD_BYTES: usize = 65_507;
+
+/// IPv4 and UDP headers: a link's MTU less this is the largest UDP payload.
+pub const IPV4_UDP_HEADER_BYTES: u16 = 28;
+
+/// The largest UDP payload a plain 1500-byte Ethernet link carries over
+/// IPv6 (so over IPv4 too): quinn's own default ceiling.
+pub const ETHERNET_UDP_PAYLOAD_BYTES: u16 = 1452;
 
 /// A quinn endpoint with the node's credentials.
 #[derive(Debug, Clone)]
@@ -134,14 +197,28 @@ impl QuicTransport {
         creds: &Credentials,
         tuning: &QuicTuning,
     ) -> Result<Self, TransportError> {
+        let socket = udp_socket(listen, tuning.socket_buffer_bytes)?;
+        Self::with_socket(socket, creds, tuning)
+    }
+
+    /// Serves and dials on `socket`, made with [`udp_socket`] (possibly in
+    /// another network namespace: a socket stays in the one it was made in).
+    pub fn with_socket(
+        socket: std::net::UdpSocket,
+        creds: &Credentials,
+        tuning: &QuicTuning,
+    ) -> Result<Self, TransportError> {
         let transport = Arc::new(tuning.transport_config());
         let (server, client) = configs(creds, &transport)?;
 
         let mut endpoint_config = quinn::EndpointConfig::default();
+        let largest = tuning
+            .mtu_bytes
+            .unwrap_or(tuning.mtu_ceiling_bytes)
+            .max(1500);
         endpoint_config
-            .max_udp_payload_size(tuning.mtu_bytes.unwrap_or(1500).max(1500))
+            .max_udp_payload_size(largest)
             .map_err(|e| setup("endpoint")(&e))?;
-        let socket = udp_socket(listen, tuning.socket_buffer_bytes)?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(server),
@@ -248,7 +325,7 @@ fn client_config(
 
 /// A UDP socket with large buffers. As root the kernel's `rmem_max` cap is
 /// bypassed with `SO_*BUFFORCE`; otherwise the capped size is used.
-fn udp_socket(
+pub fn udp_socket(
     listen: SocketAddr,
     buffer_bytes: usize,
 ) -> Result<std::net::UdpSocket, TransportError> {

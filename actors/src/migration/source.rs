@@ -20,6 +20,10 @@ pub const RESOLVE_RETRY: Duration = Duration::from_millis(500);
 /// for as long as it takes (an operator may fence with `vm recover --force`).
 pub const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// The least share of a round's time taken as sending when the round trip
+/// is taken out (guards against a round-trip estimate above the round).
+const MIN_SENDING_SHARE: f64 = 0.1;
+
 /// The wait before question number `attempt + 1` (0-based failures so far).
 pub fn resolve_retry(failures: u32) -> Duration {
     RESOLVE_RETRY
@@ -1079,12 +1083,20 @@ impl SourceMachine {
         u32::try_from(self.rounds.len()).expect("rounds are bounded by rounds_max")
     }
 
-    /// Bytes per second over all rounds so far.
-    fn bandwidth(&self) -> f64 {
+    /// Bytes per second over all rounds so far. A round's time runs from
+    /// its first page sent to its acknowledgement, so it holds one round
+    /// trip that carried no data; that trip is taken out here (the
+    /// switchover's own trips are counted apart, in the downtime floor),
+    /// or on a long link a small round would look many times slower than
+    /// the link is.
+    pub(crate) fn bandwidth(&self) -> f64 {
         let bytes: u64 = self.rounds.iter().map(|r| r.bytes).sum();
         let ms: f64 = self.rounds.iter().map(|r| r.duration_ms).sum();
+        #[allow(clippy::cast_precision_loss)] // a count of rounds
+        let trips_ms = self.rounds.len() as f64 * self.rtt.as_secs_f64() * 1e3;
+        let sending_ms = (ms - trips_ms).max(ms * MIN_SENDING_SHARE);
         #[allow(clippy::cast_precision_loss)]
-        let rate = bytes as f64 / (ms / 1e3).max(1e-6);
+        let rate = bytes as f64 / (sending_ms / 1e3).max(1e-6);
         rate
     }
 

@@ -788,3 +788,31 @@ fn the_least_round_trip_counts_and_a_budget_below_the_link_is_said_once() {
     far.handle_rtt(now, Duration::from_millis(160));
     assert_eq!(notes(&mut far), 1);
 }
+
+#[test]
+fn a_rounds_acknowledgement_trip_is_not_taken_for_slow_sending() {
+    let vm = super::wire::test_offer("far", 32 << 20, &[]).vm;
+    let mut src = SourceMachine::new(
+        1,
+        vm,
+        1,
+        "a".into(),
+        "b".into(),
+        MigrationOptions::default(),
+    );
+    let now = Instant::now();
+    src.start(now);
+    src.handle_rtt(now, Duration::from_millis(150));
+    src.handle_message(now, DestMsg::Accepted { lanes: 1 });
+    // 2 MB sent in 100 ms, acknowledged a round trip later.
+    src.handle_message(
+        now + Duration::from_millis(250),
+        DestMsg::RoundReceived {
+            round: 0,
+            pages: 488,
+            bytes: 2_000_000,
+        },
+    );
+    let mb_s = src.bandwidth() / 1e6;
+    assert!((19.0..21.0).contains(&mb_s), "{mb_s} MB/s, not 20");
+}

@@ -1,5 +1,5 @@
-//! `ferry bench migrate`: live migrations between two nodes on loopback,
-//! with medians.
+//! `ferry bench migrate`: live migrations between two nodes, on loopback or
+//! over a veth path (MTU, rate, delay, loss), with medians.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +7,10 @@ use std::time::Duration;
 use clap::Args;
 use ferry_actors::migration::MigrationReport;
 
+use super::thread_cpu::ThreadCpu;
+use crate::net::path::NetPath;
 use crate::node::factory::HostFactory;
-use crate::node::local::{LocalCapacity, LocalCluster};
+use crate::node::local::{LocalCapacity, LocalCluster, LocalNetwork};
 
 /// Options of `ferry bench migrate`.
 #[derive(Debug, Args)]
@@ -38,6 +40,22 @@ pub struct MigrateArgs {
     /// happens while pages arrive).
     #[arg(long)]
     pub no_pool: bool,
+    /// The path between the two nodes.
+    #[command(flatten)]
+    pub path: super::bench::PathArgs,
+}
+
+/// One run's figures.
+struct Run {
+    report: MigrationReport,
+    /// The nodes' CPU seconds (both sides; guest vCPUs and relay left out).
+    cpu_seconds: f64,
+}
+
+impl Run {
+    fn cpu_s_per_gb(&self) -> f64 {
+        self.cpu_seconds / (self.report.mb_sent() / 1e3).max(1e-9)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -51,20 +69,28 @@ pub fn run(args: &MigrateArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let reports = runtime.block_on(bench(args))?;
+    let path = args.path.build()?;
+    let runs = runtime.block_on(bench(args, path.clone()))?;
+    let reports: Vec<&MigrationReport> = runs.iter().map(|r| &r.report).collect();
     println!(
-        "median of {}: total {:.0} ms, downtime {:.2} ms, {:.0} MB/s, {} rounds, {:.0} MB sent",
+        "median of {}: total {:.0} ms, downtime {:.2} ms, {:.0} MB/s, {:.2} CPU-s/GB, {} rounds, {:.0} MB sent",
         reports.len(),
         median(reports.iter().map(|r| r.total_ms).collect()),
         median(reports.iter().map(|r| r.downtime_ms).collect()),
         median(reports.iter().map(|r| r.throughput_mb_s).collect()),
+        median(runs.iter().map(Run::cpu_s_per_gb).collect()),
         median(reports.iter().map(|r| f64::from(r.rounds)).collect()),
-        median(reports.iter().map(MigrationReport::mb_sent).collect()),
+        median(reports.iter().map(|r| r.mb_sent()).collect()),
     );
+    if let Some(p) = &path
+        && p.spec().impaired()
+    {
+        println!("relay dropped {} datagrams in all", p.dropped());
+    }
     Ok(())
 }
 
-async fn bench(args: &MigrateArgs) -> anyhow::Result<Vec<MigrationReport>> {
+async fn bench(args: &MigrateArgs, path: Option<Arc<NetPath>>) -> anyhow::Result<Vec<Run>> {
     let factory = if args.synthetic {
         HostFactory::synthetic_only()
     } else {
@@ -76,14 +102,19 @@ async fn bench(args: &MigrateArgs) -> anyhow::Result<Vec<MigrationReport>> {
     ];
     let pool = factory.pool().clone();
     let memory_bytes = args.memory << 20;
-    let local = LocalCluster::start(&hosts, Arc::new(factory)).await?;
+    let network = path
+        .clone()
+        .map_or(LocalNetwork::Loopback, LocalNetwork::Path);
+    let local = LocalCluster::start_on(&hosts, Arc::new(factory), &network).await?;
     println!(
-        "{} guest, {} MiB, working set {} MiB, budget {} ms, {} lanes",
+        "{} guest, {} MiB, working set {} MiB, budget {} ms, {} lanes, on {}",
         if local.kvm { "KVM" } else { "synthetic" },
         args.memory,
         args.wss,
         args.downtime_ms,
-        args.lanes
+        args.lanes,
+        path.as_ref()
+            .map_or("loopback".to_owned(), |p| p.spec().describe()),
     );
     let mut reports = Vec::new();
     for run in 0..args.runs {
@@ -102,6 +133,7 @@ async fn bench(args: &MigrateArgs) -> anyhow::Result<Vec<MigrationReport>> {
             })
             .await?;
         }
+        let cpu_before = ThreadCpu::sample();
         let r = local
             .client
             .vm(&vm)
@@ -110,16 +142,28 @@ async fn bench(args: &MigrateArgs) -> anyhow::Result<Vec<MigrationReport>> {
             .lanes(args.lanes)
             .verify_memory(args.verify)
             .await?;
+        let cpu_seconds = ThreadCpu::sample().migration_since(&cpu_before);
+        let run_figures = Run {
+            report: r.clone(),
+            cpu_seconds,
+        };
         println!(
-            "run {run}: {:?}, total {:.0} ms, downtime {:.2} ms (predicted {:.2}), {:.0} MB/s, {} rounds, throttle max {}%",
+            "run {run}: {:?}, total {:.0} ms, downtime {:.2} ms (predicted {:.2}), {:.0} MB/s, {:.2} CPU-s/GB, {} rounds, throttle max {}%",
             r.outcome,
             r.total_ms,
             r.downtime_ms,
             r.predicted_downtime_ms,
             r.throughput_mb_s,
+            run_figures.cpu_s_per_gb(),
             r.rounds,
             r.throttle_max_percent
         );
+        if let Some(floor) = r.phases.iter().find(|p| p.name == "budget_below_link") {
+            println!(
+                "  the budget is below this link's floor: {:?}",
+                floor.figures
+            );
+        }
         let node = if r.completed() { "host-b" } else { "host-a" };
         local.client.vm(&vm).stop().await?;
         local
@@ -130,7 +174,7 @@ async fn bench(args: &MigrateArgs) -> anyhow::Result<Vec<MigrationReport>> {
                 None,
             )
             .await?;
-        reports.push(r);
+        reports.push(run_figures);
     }
     Ok(reports)
 }

@@ -17,6 +17,7 @@ pub mod history;
 pub mod node;
 pub mod ops;
 pub mod progress;
+pub mod thread_cpu;
 pub mod vm;
 
 /// ferry: live migration of KVM virtual machines and their disks.

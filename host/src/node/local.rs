@@ -16,6 +16,7 @@ use ferry_transport::pki::ClusterCa;
 use ferry_transport::quic::{QuicAddr, QuicTransport, QuicTuning};
 
 use super::Node;
+use crate::net::path::NetPath;
 
 /// Nodes and a client, all on 127.0.0.1.
 pub struct LocalCluster {
@@ -55,18 +56,78 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// What joins the nodes of a [`LocalCluster`].
+#[derive(Debug, Clone)]
+pub enum LocalNetwork {
+    /// Every node and the client on 127.0.0.1.
+    Loopback,
+    /// Two nodes on the two sides of a [`NetPath`]; the client on the
+    /// first side.
+    Path(Arc<NetPath>),
+}
+
+impl LocalNetwork {
+    fn tuning(&self) -> QuicTuning {
+        match self {
+            Self::Loopback => QuicTuning::loopback(),
+            Self::Path(p) => p.tuning(),
+        }
+    }
+
+    fn check(&self, hosts: usize) -> anyhow::Result<()> {
+        if matches!(self, Self::Path(_)) && hosts != 2 {
+            anyhow::bail!("a network path joins two hosts, not {hosts}");
+        }
+        Ok(())
+    }
+
+    /// An endpoint for host `side` (the client: side 0).
+    fn bind(
+        &self,
+        side: usize,
+        creds: &ferry_transport::pki::Credentials,
+        tuning: &QuicTuning,
+    ) -> anyhow::Result<QuicTransport> {
+        Ok(match self {
+            Self::Loopback => QuicTransport::bind(loopback(), creds, tuning)?,
+            Self::Path(p) => {
+                let socket = p.bind_udp(side, tuning.socket_buffer_bytes)?;
+                QuicTransport::with_socket(socket, creds, tuning)?
+            }
+        })
+    }
+
+    /// Where host `from` reaches `target`.
+    fn reach(&self, from: usize, target: SocketAddr) -> anyhow::Result<SocketAddr> {
+        Ok(match self {
+            Self::Loopback => target,
+            Self::Path(p) => p.reach(from, target)?,
+        })
+    }
+}
+
 impl LocalCluster {
-    /// Starts `hosts` (name, capacity) with `factory`.
+    /// Starts `hosts` (name, capacity) with `factory` on loopback.
     pub async fn start(
         hosts: &[(&str, LocalCapacity)],
         factory: Arc<dyn GuestFactory>,
     ) -> anyhow::Result<Self> {
+        Self::start_on(hosts, factory, &LocalNetwork::Loopback).await
+    }
+
+    /// Starts `hosts` (name, capacity) with `factory` on `network`.
+    pub async fn start_on(
+        hosts: &[(&str, LocalCapacity)],
+        factory: Arc<dyn GuestFactory>,
+        network: &LocalNetwork,
+    ) -> anyhow::Result<Self> {
+        network.check(hosts.len())?;
         let ca = ClusterCa::generate("demo").context("cluster CA")?;
-        let tuning = QuicTuning::loopback();
+        let tuning = network.tuning();
         let mut endpoints = Vec::new();
-        for (name, _) in hosts {
+        for (side, (name, _)) in hosts.iter().enumerate() {
             let creds = ca.credentials(name, Role::Host)?;
-            let t = QuicTransport::bind(loopback(), &creds, &tuning)?;
+            let t = network.bind(side, &creds, &tuning)?;
             let addr = t.local_addr()?;
             endpoints.push((name.to_string(), Arc::new(t), addr));
         }
@@ -75,7 +136,7 @@ impl LocalCluster {
             .tempdir()
             .context("datastore folder")?;
         let mut nodes = Vec::new();
-        for ((name, t, _), (_, capacity)) in endpoints.iter().zip(hosts) {
+        for (side, ((name, t, _), (_, capacity))) in endpoints.iter().zip(hosts).enumerate() {
             let mut list = Vec::new();
             for (ds, dir) in [
                 ("local", storage.path().join(name).join("local")),
@@ -86,19 +147,17 @@ impl LocalCluster {
                 list.push((ds.to_owned(), dir));
             }
             let stores = Arc::new(crate::datastore::FileDatastores::open(&list)?);
-            let peers: BTreeMap<String, QuicAddr> = endpoints
-                .iter()
-                .filter(|(n, _, _)| n != name)
-                .map(|(n, _, a)| {
-                    (
-                        n.clone(),
-                        QuicAddr {
-                            socket: *a,
-                            name: n.clone(),
-                        },
-                    )
-                })
-                .collect();
+            let mut peers = BTreeMap::new();
+            for (n, _, a) in endpoints.iter().filter(|(n, _, _)| n != name) {
+                let socket = network.reach(side, *a)?;
+                peers.insert(
+                    n.clone(),
+                    QuicAddr {
+                        socket,
+                        name: n.clone(),
+                    },
+                );
+            }
             let capacity = Capacity {
                 memory_bytes: capacity.memory_mib << 20,
                 vcpus: capacity.vcpus,
@@ -122,7 +181,7 @@ impl LocalCluster {
             );
         }
         let client_creds = ca.credentials("demo-admin", Role::Admin)?;
-        let client_t = Arc::new(QuicTransport::bind(loopback(), &client_creds, &tuning)?);
+        let client_t = Arc::new(network.bind(0, &client_creds, &tuning)?);
         let client = Cluster::new(
             client_t,
             endpoints
