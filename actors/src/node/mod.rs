@@ -150,11 +150,6 @@ impl<T: Transport> NodeCtx<T> {
 
     /// The connection to `host`, dialled (and version-checked) on first use.
     pub async fn link(&self, host: &str) -> Result<T::Connection, NodeError> {
-        let addr = self.peers.get(host).ok_or_else(|| {
-            let mut known: Vec<&str> = self.peers.keys().map(String::as_str).collect();
-            known.sort_unstable();
-            NodeError::NoSuchHost(host.to_owned(), known.join(", "))
-        })?;
         let mut links = self.links.lock().await;
         if let Some(conn) = links.get(host) {
             if !conn.is_closed() {
@@ -163,6 +158,19 @@ impl<T: Transport> NodeCtx<T> {
             // Cut or closed since: dial again.
             links.remove(host);
         }
+        let conn = self.dial(host).await?;
+        links.insert(host.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    /// A new connection to `host` (version-checked) of the caller's own,
+    /// beside the shared link: bulk data spread over connections.
+    pub async fn dial(&self, host: &str) -> Result<T::Connection, NodeError> {
+        let addr = self.peers.get(host).ok_or_else(|| {
+            let mut known: Vec<&str> = self.peers.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            NodeError::NoSuchHost(host.to_owned(), known.join(", "))
+        })?;
         let link_err = |reason: String| NodeError::Link {
             host: host.to_owned(),
             reason,
@@ -187,7 +195,6 @@ impl<T: Transport> NodeCtx<T> {
                 session.version
             )));
         }
-        links.insert(host.to_owned(), conn.clone());
         Ok(conn)
     }
 

@@ -60,7 +60,8 @@ pub enum SourcePump {
     },
 }
 
-/// Dials the destination afresh (for asking how a migration ended).
+/// Dials the destination afresh (for asking how a migration ended, or for
+/// more lanes).
 pub type Redial<C> = std::sync::Arc<
     dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<C, String>> + Send>>
         + Send
@@ -85,6 +86,9 @@ pub struct SourceArgs<C: Connection> {
     pub on_vm_left: Box<dyn FnOnce(String) + Send>,
     /// A fresh connection to the destination.
     pub redial: Redial<C>,
+    /// Another connection to the destination, beside `conn` (which stays
+    /// up): for lanes.
+    pub dial_more: Redial<C>,
     /// The VM's disks.
     pub disks: super::vm_disks::MigratingDisks<C>,
     /// The node's metrics (progress of running migrations).
@@ -118,6 +122,7 @@ pub struct SourceState<C: Connection> {
     vm_name: String,
     migration_id: u64,
     redial: Redial<C>,
+    dial_more: Redial<C>,
     disks: super::vm_disks::MigratingDisks<C>,
     /// One span per phase, under the migration's root span.
     spans: Option<PhaseSpans>,
@@ -168,6 +173,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             vm_name,
             migration_id,
             redial: args.redial,
+            dial_more: args.dial_more,
             disks: args.disks,
             spans: Some(PhaseSpans::new(root)),
             metrics: args.metrics,
@@ -568,17 +574,34 @@ pub(crate) async fn ask_destination<C: Connection>(
     Ok(answer.committed)
 }
 
+/// Connections the lanes are spread over. One QUIC connection's packets
+/// are sealed and sent by one task, so on one connection the lanes share
+/// one core's worth of encryption; a second connection (a fresh dial, as
+/// QEMU's multifd opens a socket per channel) lets a second core work.
+/// Measured with `ferry bench transport --path veth`: 2 connections carry
+/// 27% more than 1 at MTU 1500 and 5% more at MTU 9000.
+const LANE_CONNECTIONS: u32 = 2;
+
 async fn open_lanes<C: Connection>(
     myself: &ActorRef<SourcePump>,
     s: &mut SourceState<C>,
 ) -> Result<(), String> {
     let lanes = s.machine.lanes();
+    let mut conns = vec![s.conn.clone()];
+    for _ in 1..LANE_CONNECTIONS.min(lanes) {
+        conns.push(
+            (s.dial_more)()
+                .await
+                .map_err(|e| format!("a second connection for the lanes: {e}"))?,
+        );
+    }
     for lane in 0..lanes {
         let intro = StreamIntro::Lane {
             migration_id: s.migration_id,
             lane,
         };
-        let (mut writer, _reader) = open_stream(&s.conn, &intro)
+        let conn = &conns[lane as usize % conns.len()];
+        let (mut writer, _reader) = open_stream(conn, &intro)
             .await
             .map_err(|e| format!("opening lane {lane}: {e}"))?;
         writer.set_priority(s.flow.stream_priority());

@@ -1573,6 +1573,7 @@ async fn start_migration<T: Transport>(
     let me = myself.clone();
     let ctx = s.ctx.clone();
     let dest = to.to_owned();
+    let (ctx2, dest2) = (ctx.clone(), dest.clone());
     let redial: super::source::Redial<Conn<T>> = Arc::new(move || {
         let ctx = ctx.clone();
         let dest = dest.clone();
@@ -1580,6 +1581,11 @@ async fn start_migration<T: Transport>(
             ctx.drop_link(&dest).await;
             ctx.link(&dest).await.map_err(|e| e.to_string())
         })
+    });
+    let dial_more: super::source::Redial<Conn<T>> = Arc::new(move || {
+        let ctx = ctx2.clone();
+        let dest = dest2.clone();
+        Box::pin(async move { ctx.dial(&dest).await.map_err(|e| e.to_string()) })
     });
     let entry = &s.vms[name];
     let copies_disks = options_storage.is_some() && !entry.config.disks.is_empty();
@@ -1630,6 +1636,7 @@ async fn start_migration<T: Transport>(
             let _ = me.cast(HostMsg::VmLeft(name));
         }),
         redial,
+        dial_more,
         disks: vm_disks,
         metrics: s.metrics.clone(),
         on_end: Box::new(move |report| {
