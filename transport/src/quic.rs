@@ -510,6 +510,13 @@ impl Connection for QuicConnection {
     fn rtt(&self) -> Duration {
         self.conn.rtt()
     }
+
+    fn loss_rate(&self) -> f64 {
+        let path = self.conn.stats().path;
+        #[allow(clippy::cast_precision_loss)] // a rate
+        let rate = path.lost_packets as f64 / path.sent_packets.max(1) as f64;
+        rate
+    }
 }
 
 /// Sending half of a QUIC stream.

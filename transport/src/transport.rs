@@ -105,4 +105,10 @@ pub trait Connection: Clone + Debug + Send + Sync + 'static {
     fn rtt(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+
+    /// The share (0 to 1) of packets sent so far that the connection
+    /// declared lost (zero where there is no wire).
+    fn loss_rate(&self) -> f64 {
+        0.0
+    }
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::options::{
-    MigrationOptions, SWITCHOVER_ONE_WAY_TRIPS, downtime_floor, next_throttle, predicted_downtime,
+    LinkFigures, MigrationOptions, SWITCHOVER_ONE_WAY_TRIPS, downtime_floor, next_throttle,
+    predicted_downtime,
 };
 use super::report::{MigrationReport, Outcome, Progress, RoundReport};
 use super::timeline::{Figure, PhaseId, Timeline};
@@ -181,6 +182,8 @@ pub struct SourceMachine {
     /// the switchover runs on a quiet link, while a round's queues
     /// inflate the connection's smoothed estimate.
     rtt: Duration,
+    /// Share of packets the link lost so far.
+    loss: f64,
     /// The budget was found below the link's [`downtime_floor`] (said
     /// once).
     floor_noted: bool,
@@ -259,6 +262,7 @@ impl SourceMachine {
             rounds: Vec::new(),
             sent_bytes: 0,
             rtt: Duration::ZERO,
+            loss: 0.0,
             floor_noted: false,
             throttle: 0,
             throttle_max: 0,
@@ -479,7 +483,11 @@ impl SourceMachine {
                     count * PAGE_BYTES,
                     self.state_bytes_estimate(),
                     self.bandwidth(),
-                    (self.rtt, self.options.resume_cost),
+                    LinkFigures {
+                        rtt: self.rtt,
+                        loss: self.loss,
+                        resume_cost: self.options.resume_cost,
+                    },
                 );
                 self.predicted = predicted;
                 self.note_dirty(count, predicted);
@@ -890,6 +898,12 @@ impl SourceMachine {
     /// running count): a migration that ends inside a round reports them.
     pub fn handle_data_sent(&mut self, total: u64) {
         self.sent_bytes = self.sent_bytes.max(total);
+    }
+
+    /// The share of packets the link to the destination has lost so far
+    /// (the prediction counts the recovery of a lost packet).
+    pub fn handle_loss(&mut self, loss: f64) {
+        self.loss = loss.clamp(0.0, 1.0);
     }
 
     /// The link's round-trip time now (the least seen counts). A budget

@@ -220,6 +220,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
                 let sent = s.sent.load(Ordering::Relaxed);
                 s.machine.handle_data_sent(sent);
                 s.machine.handle_rtt(now(), s.conn.rtt());
+                s.machine.handle_loss(s.conn.loss_rate());
                 s.machine.handle_timeout(now());
             }
             SourcePump::Hashed(hash) => s.machine.handle_memory_hash(now(), hash),
