@@ -123,6 +123,9 @@ pub struct SourceState<C: Connection> {
     migration_id: u64,
     redial: Redial<C>,
     dial_more: Redial<C>,
+    /// Connections dialled for lanes, held for the migration's life (a
+    /// connection whose every handle is gone may close under its streams).
+    lane_links: Vec<C>,
     disks: super::vm_disks::MigratingDisks<C>,
     /// One span per phase, under the migration's root span.
     spans: Option<PhaseSpans>,
@@ -174,6 +177,7 @@ impl<C: Connection> Actor for MigrationSource<C> {
             migration_id,
             redial: args.redial,
             dial_more: args.dial_more,
+            lane_links: Vec::new(),
             disks: args.disks,
             spans: Some(PhaseSpans::new(root)),
             metrics: args.metrics,
@@ -588,14 +592,15 @@ async fn open_lanes<C: Connection>(
     s: &mut SourceState<C>,
 ) -> Result<(), String> {
     let lanes = s.machine.lanes();
-    let mut conns = vec![s.conn.clone()];
     for _ in 1..LANE_CONNECTIONS.min(lanes) {
-        conns.push(
-            (s.dial_more)()
-                .await
-                .map_err(|e| format!("a second connection for the lanes: {e}"))?,
-        );
+        let more = (s.dial_more)()
+            .await
+            .map_err(|e| format!("a second connection for the lanes: {e}"))?;
+        s.lane_links.push(more);
     }
+    let conns: Vec<C> = std::iter::once(s.conn.clone())
+        .chain(s.lane_links.iter().cloned())
+        .collect();
     for lane in 0..lanes {
         let intro = StreamIntro::Lane {
             migration_id: s.migration_id,

@@ -10,11 +10,12 @@ use crate::net::path::{NetPath, PathSpec};
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Page batches over QUIC (mutual TLS) between two endpoints on loopback.
+    /// Page batches over QUIC (mutual TLS) between two endpoints, on
+    /// loopback or a veth path.
     Transport(TransportArgs),
     /// KVM building blocks: fill, dirty log, pause, state save/restore.
     Kvm(super::bench_kvm::KvmArgs),
-    /// Live migrations between two nodes on loopback.
+    /// Live migrations between two nodes, on loopback or a veth path.
     Migrate(super::bench_migrate::MigrateArgs),
     /// Storage moves by each method against a plain copy of the same file.
     Storage(super::bench_storage::StorageArgs),
