@@ -312,6 +312,9 @@ async fn pump<C: Connection>(myself: &ActorRef<SourcePump>, s: &mut SourceState<
             }
             SourceEvent::Finished(mut report) => {
                 s.flow.set_urgent(false);
+                for link in s.lane_links.drain(..) {
+                    link.close("migration ended");
+                }
                 report.started_unix_ms = crate::migration::report::unix_ms_ago(report.total_ms);
                 s.cleanup.take();
                 if let Some(spans) = s.spans.take() {
@@ -593,8 +596,13 @@ async fn open_lanes<C: Connection>(
 ) -> Result<(), String> {
     let lanes = s.machine.lanes();
     for _ in 1..LANE_CONNECTIONS.min(lanes) {
-        let more = (s.dial_more)()
+        // Dialled on a task of its own, outside the migration's span:
+        // quinn's connection task keeps the span current at the dial,
+        // which would hold the root span open (and unexported) for as
+        // long as the connection lives.
+        let more = tokio::spawn((s.dial_more)())
             .await
+            .map_err(|e| format!("a second connection for the lanes: {e}"))?
             .map_err(|e| format!("a second connection for the lanes: {e}"))?;
         s.lane_links.push(more);
     }
