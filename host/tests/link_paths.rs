@@ -11,11 +11,12 @@
 //! guests then run the same path). Namespaces need root: without it the
 //! tests say so loudly and check nothing else.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_actors::migration::MigrationReport;
-use ferry_host::kvm;
 use ferry_host::net::path::{NetPath, PathError, PathSpec};
 use ferry_host::node::factory::HostFactory;
 use ferry_host::node::local::{LocalCapacity, LocalCluster, LocalNetwork};
@@ -26,13 +27,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 const MEMORY_MIB: u64 = 64;
 
 fn factory(test: &str) -> HostFactory {
-    match kvm::available() {
-        Ok(()) => HostFactory::probe(),
-        Err(e) => {
-            println!("KVM MISSING for {test}: {e}; running it with synthetic guests instead");
-            HostFactory::synthetic_only()
-        }
-    }
+    common::kvm_or_synthetic(test)
 }
 
 /// Migrates a running guest from host-a to host-b over `spec` with

@@ -3,25 +3,20 @@
 //! Where /dev/kvm is missing the tests say so loudly and run the same
 //! nodes with synthetic guests, so the QUIC path is still covered.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_actors::migration::Outcome;
 use ferry_actors::node::vm::VmPhase;
-use ferry_host::kvm;
 use ferry_host::node::factory::HostFactory;
 use ferry_host::node::local::{LocalCapacity, LocalCluster};
 use ferry_transport::Connection;
 
 fn factory(test: &str) -> HostFactory {
-    match kvm::available() {
-        Ok(()) => HostFactory::probe(),
-        Err(e) => {
-            println!("KVM MISSING for {test}: {e}; running it with synthetic guests instead");
-            HostFactory::synthetic_only()
-        }
-    }
+    common::kvm_or_synthetic(test)
 }
 
 async fn cluster(test: &str, b: LocalCapacity) -> LocalCluster {

@@ -13,6 +13,19 @@ pub mod netns;
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
+/// KVM guests where /dev/kvm works; otherwise says so loudly for `test`
+/// and gives synthetic guests, so the rest of the test still runs.
+pub fn kvm_or_synthetic(test: &str) -> ferry_host::node::factory::HostFactory {
+    use ferry_host::node::factory::HostFactory;
+    match ferry_host::kvm::available() {
+        Ok(()) => HostFactory::probe(),
+        Err(e) => {
+            println!("KVM MISSING for {test}: {e}; running it with synthetic guests instead");
+            HostFactory::synthetic_only()
+        }
+    }
+}
+
 /// Runs `ferry ARGS` in `dir`, without a telemetry endpoint, and returns its
 /// output, whether it succeeded and its stderr.
 pub fn ferry_status(dir: &Path, args: &[&str]) -> (String, bool, String) {
